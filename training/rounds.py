@@ -1,0 +1,244 @@
+"""The iterative prune -> rewind -> retrain loop: the only place that knows about rounds.
+
+Round 0 trains the dense model. Round k >= 1 asks the struct mode for a plan
+from the trained weights of round k-1, rewinds the survivors (`--prune_type`),
+and retrains with a fresh optimiser and LR schedule. Every epoch may write
+`latest.pth.tar`; every round writes `<k>checkpoint.pth.tar`,
+`<k>model_best.pth.tar` and a lineage.json entry. All writes are atomic, so a
+run killed at any point resumes from its last complete state.
+"""
+import os
+import time
+from typing import Optional, Tuple
+
+import torch
+
+import data
+from models import classifier_of, create_model
+from pruners import create_struct
+from pruners.base import PruneContext, RoundPlan
+from pruners.masks import apply_masks, layer_sparsity, prunable_weights, remaining_fraction
+from training import start as starting
+from training.loop import MaskEnforcer, evaluate, train_epoch
+from training.optim import create_optimizer, effective_warmup, lr_at
+from training.session import RoundProgress, Session, cpu_state
+from utils import checkpoint, paths
+from utils.seeding import derived_seed, seed_everything
+from utils.tracking import Tracker, progress as progress_bar, truncate_metrics, write_config
+
+STREAM_TRAIN = 1
+
+
+class RoundRunner:
+    def __init__(self, session: Session, struct, tracker: Tracker, rewind: Optional[dict]):
+        self.session, self.struct, self.tracker, self.rewind = session, struct, tracker, rewind
+        self.config = session.config
+        self.last_save = 0.0
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self, progress: RoundProgress, round_complete: bool, optimizer_state: Optional[dict] = None) -> None:
+        if round_complete:
+            if progress.round + 1 >= self.config.pruning_times:
+                self.tracker.info(f"all {self.config.pruning_times} rounds are done in {self.session.directory}; "
+                                  f"nothing to run (raise --pruning_times to continue)")
+                return
+            progress = self.begin_round(progress.round + 1, progress.plan.final_masks, *self.round_parent(progress))
+        while True:
+            self.train_round(progress, optimizer_state)
+            optimizer_state = None
+            finished = self.end_round(progress)
+            if progress.round + 1 >= self.config.pruning_times:
+                return
+            progress = self.begin_round(progress.round + 1, finished.final_masks, *self.round_parent(progress))
+
+    def round_parent(self, progress: RoundProgress) -> Tuple[str, str]:
+        path = paths.round_checkpoint(self.session.directory, progress.round)
+        if os.path.exists(path):
+            return path, checkpoint.sha256_of(path)
+        return progress.parent, progress.parent_sha256  # branch start: the parent lives in another run
+
+    def begin_round(self, round_index: int, masks, parent: Optional[str], parent_sha: Optional[str]) -> RoundProgress:
+        session = self.session
+        if round_index == 0:
+            plan = session.dense_plan()
+        else:
+            ctx = PruneContext(model=session.model, weights=session.weights, config=self.config,
+                               round_index=round_index, calibration_batches=self.calibration_batches,
+                               log=self.tracker.info)
+            plan = self.struct.plan_round(ctx, masks)
+            self.rewind_weights()
+        apply_masks(session.weights, plan.train_masks)
+        if plan.penalty_masks is not None:
+            self.tracker.info(
+                f"round {round_index}: {self.struct.describe()} regularises the weights to be pruned toward zero "
+                f"and zeroes them only at the round's end, so the measured sparsity reads "
+                f"{100 * (1 - remaining_fraction(plan.train_masks)):.2f}% during the round and "
+                f"{100 * (1 - remaining_fraction(plan.final_masks)):.2f}% after it")
+        return RoundProgress(round=round_index, plan=plan, parent=parent, parent_sha256=parent_sha)
+
+    def rewind_weights(self) -> None:
+        if self.config.prune_type == "pt":
+            return
+        saved = checkpoint.load_file(paths.rewind_weights(self.session.directory))
+        self.session.model.load_state_dict(saved["model"])
+
+    def calibration_batches(self):
+        loader = self.session.loaders["calibration"]
+        for index, batch in enumerate(loader):
+            if index >= self.config.criteria_batches:
+                return
+            yield batch
+
+    # ---- one round --------------------------------------------------------------------------
+    def train_round(self, progress: RoundProgress, optimizer_state: Optional[dict]) -> None:
+        session, config = self.session, self.config
+        optimizer = create_optimizer(session.model, config)
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        plan = progress.plan
+        enforcer = MaskEnforcer(session.weights, plan.train_masks, plan.penalty_masks)
+        loader = session.loaders["train"]
+        steps, warmup, milestones = len(loader), effective_warmup(config), config.milestones()
+        total_steps = steps * config.epochs
+        regularized = plan.penalty_masks is not None
+        for epoch in range(progress.epoch, config.epochs):
+            started = time.time()
+            loader.set_epoch_seed(derived_seed(config.seed, STREAM_TRAIN, progress.round, epoch))
+
+            def set_step(step: int, epoch=epoch) -> float:
+                lr = lr_at(config.lr, epoch, step, steps, warmup, milestones)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                return self.struct.reg_lambda((epoch * steps + step) / total_steps) if regularized else 0.0
+
+            batches = progress_bar(loader, steps, f"round {progress.round} epoch {epoch + 1}/{config.epochs}",
+                                   config.progress)
+            result = train_epoch(session.model, batches, optimizer, enforcer, set_step, session.device, config.amp)
+            val = self.validate(plan)
+            progress.epoch = epoch + 1
+            if val > progress.best_val:
+                progress.best_val, progress.best_epoch = val, progress.epoch
+                progress.best_model = self.final_state(plan)
+            elapsed = time.time() - started
+            self.tracker.epoch({
+                "round": progress.round, "epoch": progress.epoch, "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": result.loss, "train_top1": result.accuracy, "val_top1": val,
+                "reg_lambda": set_step(steps - 1), "penalized_l2": enforcer.penalized_norm(),
+                "remaining_pct": 100 * remaining_fraction(plan.train_masks), "epoch_seconds": elapsed,
+                "images_per_second": result.samples / max(elapsed, 1e-9)})
+            if progress.round == 0 and config.prune_type == "rewind_lt" and progress.epoch == config.rewind_epoch:
+                self.save_rewind(progress.epoch)
+            progress.last_train_loss = result.loss
+            self.maybe_save_epoch(progress, optimizer)
+
+    def validate(self, plan: RoundPlan) -> float:
+        """Validation accuracy of the weights the round will end with (final masks applied)."""
+        session = self.session
+        if plan.penalty_masks is None:
+            return evaluate(session.model, session.loaders["val"], session.device, self.config.amp).accuracy
+        saved = {name: session.weights[name].detach().clone() for name in plan.final_masks}
+        apply_masks(session.weights, plan.final_masks)
+        try:
+            return evaluate(session.model, session.loaders["val"], session.device, self.config.amp).accuracy
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    session.weights[name].copy_(value)
+
+    def final_state(self, plan: RoundPlan) -> dict:
+        state = {k: v.detach().clone() for k, v in self.session.model.state_dict().items()}
+        for name, mask in plan.final_masks.items():
+            state[name].mul_(mask)
+        return state
+
+    def maybe_save_epoch(self, progress: RoundProgress, optimizer) -> None:
+        interval = self.config.checkpoint_interval
+        if progress.epoch == self.config.epochs:
+            return  # the round checkpoint follows at once
+        if interval > 0 and time.time() - self.last_save < interval:
+            return
+        checkpoint.save(paths.latest_checkpoint(self.session.directory),
+                        self.session.payload("epoch", progress, optimizer, rewind=self.rewind))
+        self.last_save = time.time()
+
+    def save_rewind(self, epoch: int) -> None:
+        path = paths.rewind_weights(self.session.directory)
+        sha = checkpoint.save(path, {"kind": "rewind", "prune_type": self.config.prune_type, "epoch": epoch,
+                                     "model": cpu_state(self.session.model)})
+        self.rewind = {"path": os.path.basename(path), "sha256": sha, "prune_type": self.config.prune_type,
+                       "epoch": epoch}
+
+    # ---- round end --------------------------------------------------------------------------
+    def end_round(self, progress: RoundProgress) -> RoundPlan:
+        session, plan, directory = self.session, progress.plan, self.session.directory
+        apply_masks(session.weights, plan.final_masks)
+        final_state = cpu_state(session.model)
+        if progress.best_model is not None:
+            session.model.load_state_dict(progress.best_model)
+        test = evaluate(session.model, session.loaders["test"], session.device, self.config.amp).accuracy
+        best_model = cpu_state(session.model)
+        session.model.load_state_dict(final_state)
+        session.best_test_over_rounds = max(session.best_test_over_rounds, test)
+        ckpt_path = paths.round_checkpoint(directory, progress.round)
+        metrics = {"round": progress.round, "epochs": progress.epoch, "val_top1": progress.best_val,
+                   "best_epoch": progress.best_epoch, "test_top1": test,
+                   "train_loss": progress.last_train_loss,
+                   "remaining_pct": 100 * remaining_fraction(plan.final_masks),
+                   "best_test_top1": session.best_test_over_rounds, "checkpoint": ckpt_path}
+        sha = checkpoint.save(ckpt_path, session.payload("round", progress, metrics=metrics, rewind=self.rewind))
+        best_payload = session.payload("round", progress, metrics=metrics, rewind=self.rewind)
+        best_payload["model"] = best_model
+        checkpoint.save(paths.round_best(directory, progress.round), best_payload)
+        checkpoint.record_round(directory, {
+            "round": progress.round, "checkpoint": os.path.basename(ckpt_path), "sha256": sha,
+            "test_top1": test, "val_top1": progress.best_val, "remaining_pct": metrics["remaining_pct"],
+            "parent": progress.parent, "parent_sha256": progress.parent_sha256},
+            header={"config_hash": self.config.config_hash(), "run_dir": os.path.abspath(directory)})
+        checkpoint.remove_quietly([paths.latest_checkpoint(directory)])
+        self.tracker.round({**metrics, "layer_sparsity": layer_sparsity(plan.final_masks)})
+        return plan
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(config) -> str:
+    """Run (or resume, or branch) an experiment; returns its run directory."""
+    directory = paths.run_dir(config)
+    starting.check_run_dir(config, directory)
+    device = resolve_device(config.device)
+    seed_everything(config.seed, config.deterministic)
+    model = create_model(config.arch, data.DATASETS[config.dataset].num_classes).to(device)
+    struct = create_struct(config)
+    struct.check_model(model)
+    splits = data.load(config.dataset, config.data, config.val_size)
+    weights = prunable_weights(model, exclude=() if config.prune_classifier else (classifier_of(model),))
+    session = Session(config=config, directory=directory, device=device, model=model, weights=weights,
+                      splits=splits)
+    begin = starting.resolve(session)
+    os.makedirs(directory, exist_ok=True)
+    starting.install_branch_rewind(begin, directory)
+    if begin.source and config.resume:
+        p = begin.progress
+        truncate_metrics(directory, p.round, p.epoch, begin.round_complete)
+    write_config(directory, config)
+    tracker = Tracker(directory, config, resuming=bool(begin.source))
+    try:
+        tracker.info(f"run dir {directory}: {config.arch} on {config.dataset}, struct {struct.describe()}, "
+                     f"rate {config.rate}, {config.pruning_times} rounds x {config.epochs} epochs, device {device}")
+        if begin.source:
+            tracker.info(f"{'resuming' if config.resume else 'branching'} from {begin.source} "
+                         f"(round {begin.progress.round}, epoch {begin.progress.epoch})")
+        runner = RoundRunner(session, struct, tracker, begin.rewind)
+        if begin.source is None and (config.prune_type == "lt" or
+                                     (config.prune_type == "rewind_lt" and config.rewind_epoch == 0)):
+            runner.save_rewind(0)
+            begin.progress.parent = paths.rewind_weights(directory)
+            begin.progress.parent_sha256 = runner.rewind["sha256"]
+        runner.run(begin.progress, begin.round_complete, begin.optimizer_state)
+    finally:
+        tracker.close()
+    return directory

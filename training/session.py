@@ -1,0 +1,110 @@
+"""Everything a run holds in memory, and its conversion to and from checkpoints.
+
+A Session owns the model, its prunable weights, the loaders, the struct mode,
+the current round's plan and best-validation state. `payload()` turns it into a
+checkpoint dict of plain types and tensors; `restore()` does the reverse.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from data import DataSplits
+from data.loader import TensorLoader
+from pruners.base import RoundPlan
+from pruners.masks import Masks, dense_masks, from_storage, to_storage
+from utils import checkpoint
+from utils.config import RunConfig
+from utils.seeding import capture_rng_state, restore_rng_state
+
+EVAL_BATCH = 1024
+
+
+def cpu_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+@dataclass
+class RoundProgress:
+    """Where the current round stands."""
+    round: int
+    plan: RoundPlan
+    epoch: int = 0  # epochs completed
+    best_val: float = -1.0
+    best_epoch: int = -1
+    best_model: Optional[Dict[str, torch.Tensor]] = None
+    last_train_loss: float = float("nan")
+    parent: Optional[str] = None  # the checkpoint this round continues from
+    parent_sha256: Optional[str] = None
+
+
+@dataclass
+class Session:
+    config: RunConfig
+    directory: str
+    device: torch.device
+    model: torch.nn.Module
+    weights: Dict[str, torch.Tensor]
+    splits: DataSplits
+    best_test_over_rounds: float = -1.0
+    loaders: Dict[str, TensorLoader] = field(default_factory=dict)
+
+    def __post_init__(self):
+        spec, device, config = self.splits.spec, self.device, self.config
+        self.loaders = {
+            "train": TensorLoader(self.splits.train, config.batch_size, spec.mean, spec.std, device, True, True),
+            "val": TensorLoader(self.splits.val, EVAL_BATCH, spec.mean, spec.std, device, False),
+            "test": TensorLoader(self.splits.test, EVAL_BATCH, spec.mean, spec.std, device, False),
+            "calibration": TensorLoader(self.splits.train, config.batch_size, spec.mean, spec.std, device, False),
+        }
+
+    def dense_plan(self) -> RoundPlan:
+        ones = dense_masks(self.weights)
+        return RoundPlan(train_masks=ones, final_masks=ones)
+
+    def masks_from(self, payload: dict, key: str) -> Optional[Masks]:
+        stored = payload.get(key)
+        return None if stored is None else from_storage(stored, self.weights)
+
+    def payload(self, kind: str, progress: RoundProgress, optimizer=None, metrics=None,
+                rewind: Optional[dict] = None) -> dict:
+        plan = progress.plan
+        record = {
+            "format": checkpoint.FORMAT, "kind": kind, "round": progress.round, "epoch": progress.epoch,
+            "epochs": self.config.epochs, "model": cpu_state(self.model),
+            "masks": to_storage(plan.final_masks if kind == "round" else plan.train_masks),
+            "config": self.config.to_dict(), "config_hash": self.config.config_hash(),
+            "best": {"val_top1": progress.best_val, "epoch": progress.best_epoch,
+                     "best_test_over_rounds": self.best_test_over_rounds,
+                     "last_train_loss": progress.last_train_loss},
+            "rng": capture_rng_state(), "rewind": rewind, "metrics": metrics or {},
+            "lineage": checkpoint.lineage_record(self.config.config_hash(), progress.parent, progress.parent_sha256),
+        }
+        if kind == "epoch":
+            record["final_masks"] = to_storage(plan.final_masks)
+            record["penalty_masks"] = None if plan.penalty_masks is None else to_storage(plan.penalty_masks)
+            record["optimizer"] = optimizer.state_dict() if optimizer is not None else None
+            record["scheduler"] = {"epoch": progress.epoch, "steps_per_epoch": len(self.loaders["train"])}
+            record["best_model"] = progress.best_model
+        return record
+
+    def restore(self, payload: dict) -> RoundProgress:
+        """Load weights, masks and RNG from a checkpoint; returns the round it describes."""
+        self.model.load_state_dict(payload["model"])
+        restore_rng_state(payload["rng"])
+        self.best_test_over_rounds = payload["best"]["best_test_over_rounds"]
+        masks = self.masks_from(payload, "masks")
+        if payload["kind"] == "round":
+            return RoundProgress(round=payload["round"], epoch=payload["epoch"],
+                                 plan=RoundPlan(train_masks=masks, final_masks=masks),
+                                 best_val=payload["best"]["val_top1"], best_epoch=payload["best"]["epoch"])
+        best_model = payload.get("best_model")
+        if best_model is not None:
+            best_model = {k: v.to(self.device) for k, v in best_model.items()}
+        plan = RoundPlan(train_masks=masks, final_masks=self.masks_from(payload, "final_masks"),
+                         penalty_masks=self.masks_from(payload, "penalty_masks"))
+        lineage = payload["lineage"]
+        return RoundProgress(round=payload["round"], epoch=payload["epoch"], plan=plan,
+                             best_val=payload["best"]["val_top1"], best_epoch=payload["best"]["epoch"],
+                             best_model=best_model, parent=lineage["parent"], parent_sha256=lineage["parent_sha256"],
+                             last_train_loss=payload["best"]["last_train_loss"])

@@ -1,0 +1,1 @@
+"""Shared plumbing: config, registries, paths, checkpoints, tracking, seeding."""

@@ -1,0 +1,183 @@
+"""Checkpoints: atomic writes, safe validated loads, newest-valid lookup, lineage.
+
+A checkpoint is a plain dict of tensors and plain Python types, so it loads with
+`torch.load(weights_only=True)`: nothing in a file can execute code.
+"""
+import datetime
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tempfile
+import warnings
+from typing import Iterable, Optional
+
+import torch
+
+from utils import paths
+from utils.errors import CheckpointError
+
+FORMAT = "imp-runner/1"
+REQUIRED_KEYS = ("format", "kind", "round", "epoch", "model", "masks", "config", "config_hash", "lineage")
+
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save(path: str, payload: dict) -> str:
+    """Atomically save `payload`; returns the sha256 of the bytes written."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_file(path: str) -> dict:
+    """Load any of our .pth.tar files safely; errors name the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: empty file (zero bytes), not a checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated/foreign/unsafe files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({reason[:200]})") from None
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (holds a {type(payload).__name__})")
+    return payload
+
+
+def load(path: str) -> dict:
+    """Load and validate a round/epoch checkpoint."""
+    payload = load_file(path)
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: not a runner checkpoint (missing {', '.join(missing)})")
+    if payload["format"] != FORMAT:
+        raise CheckpointError(f"{path}: unknown checkpoint format {payload['format']!r}, expected {FORMAT!r}")
+    extra = set(payload["masks"]) - set(payload["model"])
+    if extra:
+        raise CheckpointError(f"{path}: masks name parameters the model lacks: {sorted(extra)[:3]}")
+    for name, mask in payload["masks"].items():
+        if tuple(mask.shape) != tuple(payload["model"][name].shape):
+            raise CheckpointError(f"{path}: mask {name} has shape {tuple(mask.shape)}, "
+                                  f"weight has {tuple(payload['model'][name].shape)}")
+    return payload
+
+
+def check_compatible(path: str, payload: dict, model_state: dict, config_dict: dict) -> None:
+    """The checkpoint must come from the same architecture and dataset as this run."""
+    saved = payload["config"]
+    for key in ("arch", "dataset"):
+        if saved.get(key) != config_dict.get(key):
+            raise CheckpointError(f"{path}: checkpoint is for --{key} {saved.get(key)}, this run uses "
+                                  f"--{key} {config_dict.get(key)}")
+    theirs, ours = payload["model"], model_state
+    if set(theirs) != set(ours):
+        diff = sorted(set(theirs) ^ set(ours))
+        raise CheckpointError(f"{path}: model keys differ from --arch {config_dict.get('arch')} ({diff[:3]})")
+    for name, tensor in ours.items():
+        if tuple(theirs[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(theirs[name].shape)}, "
+                                  f"the model expects {tuple(tensor.shape)}")
+
+
+def progress_key(payload: dict) -> tuple:
+    """Order of progress: later round first, then more epochs, then a finished round."""
+    return (payload["round"], payload["epoch"], payload["kind"] == "round")
+
+
+def find_latest_valid(directory: str, log=warnings.warn) -> Optional[tuple]:
+    """(path, payload) of the most advanced valid checkpoint in a run dir, or None.
+
+    Corrupt or truncated candidates are skipped with a warning naming them.
+    """
+    candidates = [paths.latest_checkpoint(directory)] + paths.numbered_checkpoints(directory)
+    best = None
+    for path in candidates:
+        if not os.path.exists(path):
+            continue
+        try:
+            payload = load(path)
+        except CheckpointError as exc:
+            log(f"skipping unusable checkpoint: {exc}")
+            continue
+        if best is None or progress_key(payload) > progress_key(best[1]):
+            best = (path, payload)
+        if paths.round_index_of(path) is not None:
+            break  # numbered files come newest first: an older one can't be more advanced
+    return best
+
+
+def git_commit() -> Optional[str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def lineage_record(config_hash: str, parent: Optional[str], parent_sha256: Optional[str]) -> dict:
+    return {"config_hash": config_hash, "parent": parent, "parent_sha256": parent_sha256,
+            "git_commit": git_commit(), "created": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def read_lineage(directory: str) -> dict:
+    path = paths.lineage_file(directory)
+    if not os.path.exists(path):
+        return {"rounds": []}
+    with open(path) as f:
+        return json.load(f)
+
+
+def record_round(directory: str, entry: dict, header: dict) -> None:
+    """Add or replace this round's entry in lineage.json (idempotent, atomic)."""
+    lineage = read_lineage(directory)
+    lineage.update(header)
+    rounds = [r for r in lineage.get("rounds", []) if r["round"] != entry["round"]] + [entry]
+    lineage["rounds"] = sorted(rounds, key=lambda r: r["round"])
+    atomic_write_text(paths.lineage_file(directory), json.dumps(lineage, indent=2) + "\n")
+
+
+def remove_quietly(paths_to_remove: Iterable[str]) -> None:
+    for path in paths_to_remove:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

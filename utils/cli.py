@@ -1,0 +1,174 @@
+"""The command line: the original RSST / fillback flags -> a validated RunConfig.
+
+Every rejected value exits with code 2 and one line naming the flag, before any
+run directory is created.
+"""
+import argparse
+import sys
+from typing import List, Optional, Sequence
+
+import torch
+
+from utils.config import RunConfig
+from utils.errors import UsageError
+
+CRITERIA = ("remain", "magnitude", "l1", "l2", "saliency")
+SCHEDULES = ("x", "x^2", "x^3", "exp", "exp_custom", "exp_custom_exponents")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _milestones(text: str) -> List[int]:
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 60,90 or '60 90', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RunConfig()
+    p = OneLineParser(prog="main_imp_fillback.py", description="Iterative pruning (IMP / refill / RSST) runner "
+                      "with numbered checkpoints, resume and lineage.")
+    g = p.add_argument_group("model and data")
+    g.add_argument("--arch", default=d.arch, help="res20s, res56s, res18, vit_tiny, vit_small, or a timm model name")
+    g.add_argument("--dataset", default=d.dataset, help="cifar10, cifar100 or synthetic")
+    g.add_argument("--data", default=d.data, help="folder holding cifar-10-batches-py / cifar-100-python")
+    g.add_argument("--val_size", type=int, default=None, help="training images held out for model selection "
+                   "(default 5000; 10%% for synthetic)")
+    g = p.add_argument_group("rounds")
+    g.add_argument("--struct", default=d.struct, help="none, refill, regroup, rsst, ...")
+    g.add_argument("--rate", type=float, default=d.rate, help="fraction of the remaining weights pruned per round")
+    g.add_argument("--pruning_times", type=int, default=d.pruning_times, help="rounds, including dense round 0")
+    g.add_argument("--prune_type", default=d.prune_type, choices=("lt", "rewind_lt", "pt"),
+                   help="lt: rewind to init; rewind_lt: to --rewind_epoch of round 0; pt: keep trained weights")
+    g.add_argument("--rewind_epoch", type=int, default=d.rewind_epoch)
+    g.add_argument("--prune_classifier", action="store_true", help="prune the classifier layer too")
+    g = p.add_argument_group("optimisation (per round)")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--batch_size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--weight_decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up epochs (default 20, or a sixth of a "
+                   "shorter round)")
+    g.add_argument("--decreasing_lr", type=_milestones, default=None, help="LR x0.1 milestones (default: 50%% "
+                   "and 75%% of --epochs)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--amp", default=d.amp, choices=("none", "bf16", "fp16"), help="autocast dtype")
+    g = p.add_argument_group("structured modes")
+    g.add_argument("--criteria", default=d.criteria, choices=CRITERIA)
+    g.add_argument("--criteria_batches", type=int, default=d.criteria_batches,
+                   help="training batches used by the l1/l2/saliency criteria")
+    g.add_argument("--fillback_rate", type=float, default=d.fillback_rate)
+    g.add_argument("--vit_structured", action="store_true", help="head-level quasi-structured ViT pruning")
+    g.add_argument("--vit_prune_target", default=d.vit_prune_target, choices=("head", "mlp", "both"))
+    g.add_argument("--RST_schedule", default=d.RST_schedule, choices=SCHEDULES)
+    g.add_argument("--reg_granularity_prune", type=float, default=d.reg_granularity_prune)
+    g.add_argument("--exponents", type=int, default=d.exponents)
+    g = p.add_argument_group("run control")
+    g.add_argument("--save_dir", default=None, help="run dir (default <dataset>_<struct>_output_<exp_name>)")
+    g.add_argument("--exp_name", default=d.exp_name)
+    g.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint of the run dir")
+    g.add_argument("--resume_from", default=None, help="branch a new run from a numbered checkpoint of any run")
+    g.add_argument("--checkpoint_interval", type=float, default=d.checkpoint_interval,
+                   help="seconds between epoch-level checkpoints (0: every epoch)")
+    g.add_argument("--workers", type=int, default=d.workers, help="accepted for compatibility; data is in memory")
+    g.add_argument("--print_freq", type=int, default=d.print_freq)
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume on CPU)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("tracking")
+    g.add_argument("--no_wandb", action="store_true")
+    g.add_argument("--wandb_project", default=d.wandb_project)
+    g.add_argument("--wandb_mode", default=d.wandb_mode, choices=("offline", "online", "disabled"))
+    return p
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def validate(args: argparse.Namespace) -> RunConfig:
+    from data import DATASETS
+    from models import MODELS, is_known_arch
+    from pruners import STRUCTS
+
+    _check(is_known_arch(args.arch), f"--arch: unknown architecture {args.arch!r}; choose from "
+           f"{', '.join(MODELS.names())} or a timm model name")
+    DATASETS[args.dataset]
+    STRUCTS[args.struct]
+    _check(0.0 < args.rate < 1.0, f"--rate {args.rate}: must be between 0 and 1 (exclusive)")
+    _check(args.pruning_times >= 1, f"--pruning_times {args.pruning_times}: must be at least 1")
+    _check(args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1")
+    _check(args.batch_size >= 1, f"--batch_size {args.batch_size}: must be at least 1")
+    _check(args.lr > 0, f"--lr {args.lr}: must be positive")
+    _check(0.0 <= args.momentum < 1.0, f"--momentum {args.momentum}: must be in [0, 1)")
+    _check(args.weight_decay >= 0, f"--weight_decay {args.weight_decay}: must be non-negative")
+    if args.warmup is not None:
+        _check(0 <= args.warmup < args.epochs, f"--warmup {args.warmup}: must be in [0, --epochs {args.epochs})")
+    milestones = tuple(args.decreasing_lr or ())
+    for m in milestones:
+        _check(0 < m < args.epochs, f"--decreasing_lr {m}: milestones must lie inside the round "
+               f"(1..{args.epochs - 1} for --epochs {args.epochs}); one at or past the end does nothing")
+    _check(list(milestones) == sorted(set(milestones)), f"--decreasing_lr {milestones}: must be increasing")
+    if args.prune_type == "rewind_lt":
+        _check(0 <= args.rewind_epoch < args.epochs, f"--rewind_epoch {args.rewind_epoch}: must be in "
+               f"[0, --epochs {args.epochs}) for --prune_type rewind_lt")
+    _check(args.val_size is None or args.val_size >= 1, f"--val_size {args.val_size}: must be at least 1")
+    _check(args.criteria_batches >= 1, f"--criteria_batches {args.criteria_batches}: must be at least 1")
+    _check(0.0 <= args.fillback_rate <= 1.0, f"--fillback_rate {args.fillback_rate}: must be in [0, 1]")
+    _check(args.reg_granularity_prune >= 0, f"--reg_granularity_prune {args.reg_granularity_prune}: "
+           f"must be non-negative")
+    _check(args.exponents >= 1, f"--exponents {args.exponents}: must be at least 1")
+    _check(args.workers >= 0, f"--workers {args.workers}: must be non-negative")
+    _check(args.print_freq >= 1, f"--print_freq {args.print_freq}: must be at least 1")
+    _check(args.checkpoint_interval >= 0, f"--checkpoint_interval {args.checkpoint_interval}: must be >= 0")
+    _check_device(args.device)
+    return RunConfig(
+        arch=args.arch, dataset=args.dataset, data=args.data, val_size=args.val_size, struct=args.struct,
+        rate=args.rate, pruning_times=args.pruning_times, prune_type=args.prune_type,
+        rewind_epoch=args.rewind_epoch, prune_classifier=args.prune_classifier, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        warmup=RunConfig.warmup if args.warmup is None else args.warmup, decreasing_lr=milestones,
+        seed=args.seed, amp=args.amp, criteria=args.criteria, criteria_batches=args.criteria_batches,
+        fillback_rate=args.fillback_rate, vit_structured=args.vit_structured,
+        vit_prune_target=args.vit_prune_target, RST_schedule=args.RST_schedule,
+        reg_granularity_prune=args.reg_granularity_prune, exponents=args.exponents, save_dir=args.save_dir,
+        exp_name=args.exp_name, resume=args.resume, resume_from=args.resume_from,
+        checkpoint_interval=args.checkpoint_interval, workers=args.workers, print_freq=args.print_freq,
+        no_wandb=args.no_wandb, wandb_project=args.wandb_project, wandb_mode=args.wandb_mode,
+        deterministic=args.deterministic, device=args.device, progress=not args.no_progress)
+
+
+def _check_device(name: str) -> None:
+    if name in ("auto", "cpu"):
+        return
+    _check(name == "cuda" or name.startswith("cuda:"), f"--device {name}: use auto, cpu, cuda or cuda:N")
+    _check(torch.cuda.is_available(), f"--device {name}: CUDA is not available on this machine")
+    if ":" in name:
+        index = name.split(":", 1)[1]
+        _check(index.isdigit() and int(index) < torch.cuda.device_count(),
+               f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
+    return validate(build_parser().parse_args(argv))
+
+
+def main(argv: Optional[Sequence[str]] = None, run=None) -> int:
+    try:
+        config = parse_config(argv)
+        if run is None:
+            from training.rounds import run
+        run(config)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

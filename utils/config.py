@@ -1,0 +1,99 @@
+"""RunConfig: every flag of a run in one frozen, hashable dataclass.
+
+The config is stored (as plain types) in every checkpoint; its hash over the
+fields that define the experiment names lineage. Run-control fields (where to
+write, whether to resume, how to log) are left out of the hash, and so is
+`pruning_times`, so a finished run can be extended without breaking lineage.
+"""
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+RUN_CONTROL_FIELDS = frozenset({
+    "data", "save_dir", "exp_name", "resume", "resume_from", "workers", "print_freq", "no_wandb",
+    "wandb_project", "wandb_mode", "device", "pruning_times", "deterministic", "progress", "checkpoint_interval",
+})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # model and data
+    arch: str = "res20s"
+    dataset: str = "cifar100"
+    data: str = "data"
+    val_size: Optional[int] = None
+    # rounds
+    struct: str = "rsst"
+    rate: float = 0.2
+    pruning_times: int = 20
+    prune_type: str = "lt"
+    rewind_epoch: int = 24
+    prune_classifier: bool = False
+    # optimisation, per round
+    epochs: int = 120
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup: int = 20
+    decreasing_lr: Tuple[int, ...] = ()
+    seed: int = 1
+    amp: str = "none"
+    # structured modes
+    criteria: str = "l1"
+    criteria_batches: int = 4
+    fillback_rate: float = 0.0
+    vit_structured: bool = False
+    vit_prune_target: str = "both"
+    RST_schedule: str = "exp_custom_exponents"
+    reg_granularity_prune: float = 1.0
+    exponents: int = 4
+    # run control
+    save_dir: Optional[str] = None
+    exp_name: str = ""
+    resume: bool = False
+    resume_from: Optional[str] = None
+    checkpoint_interval: float = 30.0
+    workers: int = 2
+    print_freq: int = 50
+    no_wandb: bool = False
+    wandb_project: str = "RSST"
+    wandb_mode: str = "offline"
+    deterministic: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["decreasing_lr"] = list(self.decreasing_lr)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in values.items() if k in known}
+        kwargs["decreasing_lr"] = tuple(kwargs.get("decreasing_lr", ()))
+        return cls(**kwargs)
+
+    def experiment_fields(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL_FIELDS}
+
+    def config_hash(self) -> str:
+        canonical = json.dumps(self.experiment_fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def milestones(self) -> Tuple[int, ...]:
+        """LR milestones: the given ones, else 50 % and 75 % of the round's epochs."""
+        if self.decreasing_lr:
+            return self.decreasing_lr
+        return (self.epochs // 2, (self.epochs * 3) // 4)
+
+
+def config_differences(old: dict, new: dict) -> list:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
