@@ -19,6 +19,8 @@ from utils import paths
 from utils.errors import CheckpointError
 
 FORMAT = "imp-runner/1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 REQUIRED_KEYS = ("format", "kind", "round", "epoch", "model", "masks", "config", "config_hash", "lineage")
 
 
@@ -27,6 +29,7 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=directory)
     try:
+        os.fchmod(handle, 0o666 & ~_UMASK)
         with os.fdopen(handle, "wb") as f:
             f.write(payload)
             f.flush()

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fillback_rate", type=float, default=d.fillback_rate)
     g.add_argument("--vit_structured", action="store_true", help="head-level quasi-structured ViT pruning")
     g.add_argument("--vit_prune_target", default=d.vit_prune_target, choices=("head", "mlp", "both"))
+    g.add_argument("--block_size", type=int, default=d.block_size,
+                   help="regroup: rows per partition group (the height of a dense block)")
+    g.add_argument("--block_density", type=float, default=d.block_density,
+                   help="regroup: a block column is kept only if at least this fraction of it survives")
     g.add_argument("--RST_schedule", default=d.RST_schedule, choices=SCHEDULES)
     g.add_argument("--reg_granularity_prune", type=float, default=d.reg_granularity_prune)
     g.add_argument("--exponents", type=int, default=d.exponents)
@@ -121,6 +125,8 @@ def validate(args: argparse.Namespace) -> RunConfig:
     _check(args.val_size is None or args.val_size >= 1, f"--val_size {args.val_size}: must be at least 1")
     _check(args.criteria_batches >= 1, f"--criteria_batches {args.criteria_batches}: must be at least 1")
     _check(0.0 <= args.fillback_rate <= 1.0, f"--fillback_rate {args.fillback_rate}: must be in [0, 1]")
+    _check(args.block_size >= 1, f"--block_size {args.block_size}: must be at least 1")
+    _check(0.0 < args.block_density <= 1.0, f"--block_density {args.block_density}: must be in (0, 1]")
     _check(args.reg_granularity_prune >= 0, f"--reg_granularity_prune {args.reg_granularity_prune}: "
            f"must be non-negative")
     _check(args.exponents >= 1, f"--exponents {args.exponents}: must be at least 1")
@@ -136,7 +142,8 @@ def validate(args: argparse.Namespace) -> RunConfig:
         warmup=RunConfig.warmup if args.warmup is None else args.warmup, decreasing_lr=milestones,
         seed=args.seed, amp=args.amp, criteria=args.criteria, criteria_batches=args.criteria_batches,
         fillback_rate=args.fillback_rate, vit_structured=args.vit_structured,
-        vit_prune_target=args.vit_prune_target, RST_schedule=args.RST_schedule,
+        vit_prune_target=args.vit_prune_target, block_size=args.block_size, block_density=args.block_density,
+        RST_schedule=args.RST_schedule,
         reg_granularity_prune=args.reg_granularity_prune, exponents=args.exponents, save_dir=args.save_dir,
         exp_name=args.exp_name, resume=args.resume, resume_from=args.resume_from,
         checkpoint_interval=args.checkpoint_interval, workers=args.workers, print_freq=args.print_freq,

@@ -47,6 +47,8 @@ class RunConfig:
     fillback_rate: float = 0.0
     vit_structured: bool = False
     vit_prune_target: str = "both"
+    block_size: int = 8
+    block_density: float = 0.5
     RST_schedule: str = "exp_custom_exponents"
     reg_granularity_prune: float = 1.0
     exponents: int = 4
