@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from pruners.masks import Masks, global_magnitude_masks
 from utils.config import RunConfig
+from utils.errors import UsageError
 
 
 @dataclass
@@ -39,12 +40,16 @@ class StructMode:
 
     name = "base"
     regularized = False
+    accepts_vit_structured = False
 
     def __init__(self, config: RunConfig):
         self.config = config
 
     def check_model(self, model: nn.Module) -> None:
         """Raise UsageError, before any work, when this mode cannot prune `model`."""
+        if self.config.vit_structured and not self.accepts_vit_structured:
+            raise UsageError(f"--vit_structured: not used by --struct {self.config.struct}; "
+                             f"use --struct refill or rsst")
 
     def element_masks(self, ctx: PruneContext, masks: Masks) -> Masks:
         return global_magnitude_masks(ctx.weights, masks, self.config.rate)

@@ -63,6 +63,10 @@ def intersect(a: Masks, b: Masks) -> Masks:
     return {name: a[name] * b[name] for name in a}
 
 
+def union(a: Masks, b: Masks) -> Masks:
+    return {name: torch.maximum(a[name], b[name]) for name in a}
+
+
 def difference(keep: Masks, drop_from: Masks) -> Masks:
     """Entries alive in `keep` but dead in `drop_from` (e.g. element-wise kept, structure dropped)."""
     return {name: keep[name] * (1 - drop_from[name]) for name in keep}

@@ -1,0 +1,112 @@
+"""Regroupers: element-wise masks -> channel- or head-level masks for a whole model.
+
+`ChannelStructure` regroups every prunable layer to output channels (refill);
+`VitStructure` regroups attention blocks to heads and MLPs to neurons
+(`--vit_structured`, `--vit_prune_target`). Both score groups with
+`--criteria` on the trained weights, print a per-layer report and return new
+masks; the pure math lives in channels.py and heads.py.
+"""
+from typing import Dict, List
+
+import torch.nn as nn
+
+from pruners.base import PruneContext
+from pruners.channels import regroup_to_channels
+from pruners.criteria import output_scores
+from pruners.heads import (find_attention_groups, find_mlp_groups, format_head_report, head_scores,
+                           regroup_to_heads, regroup_to_neurons)
+from pruners.masks import Masks
+from utils.errors import UsageError
+
+
+def _weight(name: str) -> str:
+    return f"{name}.weight"
+
+
+def _sparsity(*masks) -> float:
+    return 1.0 - sum(float((m != 0).sum()) for m in masks) / sum(m.numel() for m in masks)
+
+
+class ChannelStructure:
+    label = "Channel-level Structured Pruning (refill)"
+
+    def __init__(self, config):
+        self.config = config
+
+    def check_model(self, model: nn.Module) -> None:
+        """Any conv/linear model works."""
+
+    def __call__(self, ctx: PruneContext, element: Masks) -> Masks:
+        modules = dict(ctx.model.named_modules())
+        layers = {name[:-len(".weight")]: modules[name[:-len(".weight")]] for name in element}
+        scores = output_scores(self.config.criteria, layers, element, ctx.model, ctx.calibration_batches)
+        out = dict(element)
+        lines = [f"[{self.label}] criteria={self.config.criteria} rate={self.config.rate} "
+                 f"fillback_rate={self.config.fillback_rate}"]
+        for name in layers:
+            key = _weight(name)
+            out[key] = regroup_to_channels(element[key], scores[name], self.config.fillback_rate)
+            kept = int((out[key].reshape(out[key].shape[0], -1)[:, 0] != 0).sum())
+            lines.append(f"  {name}  keep {kept}/{element[key].shape[0]} channels  sparsity: element-wise "
+                         f"{100 * _sparsity(element[key]):.2f}% -> channel-level {100 * _sparsity(out[key]):.2f}%")
+        ctx.log("\n".join(lines))
+        return out
+
+
+class VitStructure:
+    label = "ViT Head-level Quasi-Structured Pruning"
+
+    def __init__(self, config, mode_label: str):
+        self.config, self.mode_label = config, mode_label
+
+    def check_model(self, model: nn.Module) -> None:
+        if not find_attention_groups(model):
+            raise UsageError(f"--vit_structured: --arch {self.config.arch} has no ViT attention blocks "
+                             f"(modules with qkv, proj and num_heads); use it with vit_tiny, vit_small or a timm ViT")
+
+    def __call__(self, ctx: PruneContext, element: Masks) -> Masks:
+        out = dict(element)
+        target = self.config.vit_prune_target
+        lines = [f"[{self.label}] criteria={self.config.criteria} rate={self.config.rate} "
+                 f"mode={self.mode_label} (mask only) target={target}"]
+        if target in ("head", "both"):
+            lines += self._heads(ctx, element, out)
+        if target in ("mlp", "both"):
+            lines += self._neurons(ctx, element, out)
+        ctx.log("\n".join(lines))
+        return out
+
+    def _scores(self, ctx: PruneContext, names: List[str], element: Masks) -> Dict:
+        modules = dict(ctx.model.named_modules())
+        return output_scores(self.config.criteria, {n: modules[n] for n in names}, element, ctx.model,
+                             ctx.calibration_batches)
+
+    def _heads(self, ctx: PruneContext, element: Masks, out: Masks) -> List[str]:
+        groups = [g for g in find_attention_groups(ctx.model) if _weight(g.qkv) in element and _weight(g.proj)
+                  in element]
+        row_scores = self._scores(ctx, [g.qkv for g in groups], element)
+        lines = []
+        for group in groups:
+            qkv, proj = element[_weight(group.qkv)], element[_weight(group.proj)]
+            scores = head_scores(row_scores[group.qkv], group.num_heads)
+            new_qkv, new_proj, keep = regroup_to_heads(qkv, proj, scores)
+            out[_weight(group.qkv)], out[_weight(group.proj)] = new_qkv, new_proj
+            lines.append(format_head_report(group.qkv, qkv.shape, group.num_heads, scores, keep,
+                                            _sparsity(qkv, proj), _sparsity(new_qkv, new_proj)))
+        return lines
+
+    def _neurons(self, ctx: PruneContext, element: Masks, out: Masks) -> List[str]:
+        groups = [g for g in find_mlp_groups(ctx.model) if _weight(g.fc1) in element and _weight(g.fc2) in element]
+        neuron_scores = self._scores(ctx, [g.fc1 for g in groups], element)
+        lines = []
+        for group in groups:
+            fc1, fc2 = element[_weight(group.fc1)], element[_weight(group.fc2)]
+            new_fc1, new_fc2, keep = regroup_to_neurons(fc1, fc2, neuron_scores[group.fc1])
+            out[_weight(group.fc1)], out[_weight(group.fc2)] = new_fc1, new_fc2
+            lines.append(f"{group.fc1}  keep {int(keep.sum())}/{keep.numel()} neurons  sparsity: element-wise "
+                         f"{100 * _sparsity(fc1, fc2):.2f}% -> neuron-level {100 * _sparsity(new_fc1, new_fc2):.2f}%")
+        return lines
+
+
+def create_structure(config, mode_label: str):
+    return VitStructure(config, mode_label) if config.vit_structured else ChannelStructure(config)

@@ -1,0 +1,182 @@
+"""report_runs.py / utils.reports: table, lineage tree, plot and errors, on run dirs written by hand.
+
+The fixtures write lineage.json, metrics.jsonl and config.json in exactly the
+format training/rounds.py and utils/tracking.py produce, so these tests run in
+well under a second and need no training; one slow test runs the real thing.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import report_runs
+from utils import reports
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PARENT_ROUNDS = [(0, 100.0, 70.5, 69.0), (1, 50.0, 71.25, 70.0), (2, 25.0, 66.0, 65.5)]  # round, rem, test, val
+BRANCH_ROUNDS = [(2, 35.0, 72.0, 71.0), (3, 12.25, 64.5, 63.0)]
+
+
+def config_record(**overrides) -> dict:
+    config = {"arch": "res20s", "dataset": "synthetic", "struct": "none", "rate": 0.5, "criteria": "l1",
+              "vit_structured": False, "exp_name": "", "epochs": 2, "pruning_times": 3, "save_dir": None}
+    config.update(overrides)
+    return {"config": config, "config_hash": "0123456789abcdef"}
+
+
+def write_run(directory, rounds, config, first_parent):
+    """A run dir as the runner leaves it; `first_parent` is the parent file of the first round."""
+    os.makedirs(directory)
+    lineage, lines = {"rounds": [], "config_hash": config["config_hash"], "run_dir": str(directory)}, []
+    parent = first_parent
+    for index, remaining, test, val in rounds:
+        checkpoint = f"{index}checkpoint.pth.tar"
+        for epoch in (1, 2):
+            lines.append({"type": "epoch", "round": index, "epoch": epoch, "lr": 0.01, "train_loss": 1.5,
+                          "train_top1": 60.0, "val_top1": val, "reg_lambda": 0.0, "penalized_l2": 0.0,
+                          "remaining_pct": remaining, "epoch_seconds": 1.0, "images_per_second": 100.0})
+        lines.append({"type": "round", "round": index, "epochs": 2, "val_top1": val, "best_epoch": 2,
+                      "test_top1": test, "train_loss": 1.4, "remaining_pct": remaining, "best_test_top1": test,
+                      "checkpoint": os.path.join(str(directory), checkpoint),
+                      "layer_sparsity": {"conv1.weight": 1 - remaining / 100}})
+        lineage["rounds"].append({"round": index, "checkpoint": checkpoint, "sha256": "ab" * 32,
+                                  "test_top1": test, "val_top1": val, "remaining_pct": remaining,
+                                  "parent": parent, "parent_sha256": "cd" * 32 if parent else None})
+        parent = os.path.join(str(directory), checkpoint)
+        open(os.path.join(directory, checkpoint), "wb").close()
+    with open(os.path.join(directory, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
+    with open(os.path.join(directory, "lineage.json"), "w") as f:
+        json.dump(lineage, f, indent=2)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return str(directory)
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """A parent run (rounds 0-2) and a branch started from the parent's round-1 checkpoint."""
+    parent = write_run(tmp_path / "runs" / "parent", PARENT_ROUNDS, config_record(),
+                       str(tmp_path / "runs" / "parent" / "rewind.pth.tar"))
+    branch = write_run(tmp_path / "runs" / "branch", BRANCH_ROUNDS, config_record(rate=0.3, exp_name="br"),
+                       os.path.join(parent, "1checkpoint.pth.tar"))
+    return parent, branch
+
+
+def table_rows(table: str) -> list:
+    return [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
+
+
+def test_table_lists_every_round_and_a_best_row_per_run(sweep):
+    runs, warnings = reports.load_runs(list(sweep))
+    assert warnings == []
+    rows = table_rows(reports.markdown_table(runs))
+    parent_label = "none res20s synthetic rate=0.5 crit=l1"
+    branch_label = "none res20s synthetic rate=0.3 crit=l1 [br]"
+    assert rows == [
+        [parent_label, "0", "100.00", "70.50", "69.00", "2"],
+        [parent_label, "1", "50.00", "71.25", "70.00", "2"],
+        [parent_label, "2", "25.00", "66.00", "65.50", "2"],
+        [parent_label, "**best** (round 1)", "50.00", "**71.25**", "", ""],
+        [branch_label, "2", "35.00", "72.00", "71.00", "2"],
+        [branch_label, "3", "12.25", "64.50", "63.00", "2"],
+        [branch_label, "**best** (round 2)", "35.00", "**72.00**", "", ""],
+    ]
+
+
+def test_tree_hangs_the_branch_under_its_parent_at_round_1(sweep):
+    parent, branch = sweep
+    runs, _ = reports.load_runs([branch, parent])  # order given must not matter
+    lines = reports.lineage_tree(runs).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("none res20s synthetic rate=0.5 crit=l1  rounds 0-2") and parent in lines[0]
+    assert lines[1].startswith("└── branch at round 1: none res20s synthetic rate=0.3 crit=l1 [br]  rounds 2-3")
+    assert branch in lines[1] and "not in this report" not in lines[1]
+
+
+def test_nested_branches_draw_as_a_tree(sweep, tmp_path):
+    parent, branch = sweep
+    early = write_run(tmp_path / "runs" / "early", [(1, 80.0, 70.0, 69.0)], config_record(rate=0.2),
+                      os.path.join(parent, "0checkpoint.pth.tar"))
+    deep = write_run(tmp_path / "runs" / "deep", [(3, 20.0, 60.0, 59.0)], config_record(exp_name="deep"),
+                     os.path.join(branch, "2checkpoint.pth.tar"))
+    runs, _ = reports.load_runs([deep, early, branch, parent])
+    prefixes = [line.split(": ")[0] if ": " in line else "" for line in reports.lineage_tree(runs).splitlines()]
+    # siblings sorted by the round they branched at, whatever order the dirs were given in
+    assert prefixes == ["", "├── branch at round 0", "└── branch at round 1", "    └── branch at round 2"]
+    assert [run.directory for run in runs] == [parent, early, branch, deep]
+
+
+def test_a_folder_of_runs_is_expanded_and_an_absent_parent_is_named(sweep, tmp_path):
+    parent, branch = sweep
+    runs, _ = reports.load_runs([str(tmp_path / "runs")])
+    assert [run.directory for run in runs] == [parent, branch]
+    alone, _ = reports.load_runs([branch])
+    assert f"[branched from {parent}/1checkpoint.pth.tar, not in this report]" in reports.lineage_tree(alone)
+
+
+def test_cli_writes_a_png_and_report_md(sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert report_runs.main([*sweep, "--out", str(out), "--title", "IMP sweep"]) == 0
+    png = (out / "accuracy_vs_remaining.png").read_bytes()
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
+    markdown = (out / "report.md").read_text()
+    assert markdown.startswith("# IMP sweep\n") and "![IMP sweep](accuracy_vs_remaining.png)" in markdown
+    assert "| **best** (round 1) |" in markdown.replace("  ", "")
+    assert "```\nnone res20s synthetic rate=0.5 crit=l1" in markdown and "└── branch at round 1" in markdown
+    printed = capsys.readouterr().out
+    assert "└── branch at round 1" in printed and "71.25" in printed
+    assert sorted(os.listdir(out)) == ["accuracy_vs_remaining.png", "report.md"]  # no temp files left
+
+
+def test_bad_path_exits_2_with_one_line_naming_it(tmp_path):
+    missing = str(tmp_path / "no_such_run")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "report_runs.py"), missing, "--out",
+                             str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {missing}: no such directory"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda d: d.mkdir(), "not a run dir"),
+    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("")), "no finished rounds yet"),
+    (lambda d: d.write_text("x"), "not a directory"),
+])
+def test_unusable_inputs_exit_2(make, needle, tmp_path, capsys):
+    target = tmp_path / "target"
+    make(target)
+    assert report_runs.main([str(target), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(target) in err and needle in err
+
+
+def test_truncated_and_partial_metrics_lines_are_skipped(sweep):
+    parent, _ = sweep
+    metrics = os.path.join(parent, "metrics.jsonl")
+    with open(metrics) as f:
+        lines = f.readlines()
+    cut = lines[-1][: len(lines[-1]) // 2]  # round 2's record, cut by a crash mid-write
+    with open(metrics, "w") as f:
+        f.writelines(lines[:3] + ['{"type": "round", "round": 1\n', "[1, 2]\n"] + lines[3:-1] + [cut])
+    os.remove(os.path.join(parent, "lineage.json"))  # metrics.jsonl is now the only source of rounds
+    runs, warnings = reports.load_runs([parent])
+    assert [(r.round, r.test_top1, r.epochs) for r in runs[0].rounds] == [(0, 70.5, 2), (1, 71.25, 2)]
+    assert warnings == [f"{metrics}: skipped 3 unreadable line(s)"]
+
+
+@pytest.mark.slow
+def test_report_on_a_real_two_round_run(tmp_path):
+    run_dir = str(tmp_path / "real")
+    subprocess.run([sys.executable, os.path.join(ROOT, "main_imp_fillback.py"), "--dataset", "synthetic",
+                    "--arch", "res20s", "--struct", "none", "--pruning_times", "2", "--epochs", "1",
+                    "--rate", "0.5", "--no_wandb", "--save_dir", run_dir], cwd=ROOT, check=True,
+                   capture_output=True, timeout=600, env=dict(os.environ, WANDB_MODE="disabled"))
+    out = tmp_path / "report"
+    assert report_runs.main([run_dir, "--out", str(out)]) == 0
+    runs, _ = reports.load_runs([run_dir])
+    assert [r.round for r in runs[0].rounds] == [0, 1] and runs[0].rounds[1].remaining_pct == pytest.approx(50)
+    assert (out / "accuracy_vs_remaining.png").read_bytes().startswith(PNG_SIGNATURE)

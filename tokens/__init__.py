@@ -1,0 +1,11 @@
+"""Token-level compression for ViT / CLIP image encoders.
+
+Training-free anchor token pruning (SPEC section 4): `select_tokens` scores
+tokens per sample (tokens/anchor.py), `apply_pruning_to_model` attaches it to a
+timm or open_clip ViT and returns a handle whose `restore()` gives the original
+model back (tokens/patching.py).
+"""
+from tokens.anchor import Selection, check_budget, select_tokens
+from tokens.patching import PruningHandle, apply_pruning_to_model
+
+__all__ = ["Selection", "check_budget", "select_tokens", "PruningHandle", "apply_pruning_to_model"]
