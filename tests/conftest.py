@@ -9,7 +9,7 @@ SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-FAST = ["--dataset", "synthetic", "--arch", "res20s", "--no_wandb", "--no_progress", "--batch_size", "256",
+FAST = ["--dataset", "synthetic", "--arch", "res20s", "--no_wandb", "--no_progress", "--batch_size", "64",
         "--lr", "0.05"]
 
 

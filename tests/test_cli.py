@@ -86,3 +86,9 @@ def test_config_hash_ignores_run_control():
     b = parse_config(["--exp_name", "b", "--pruning_times", "20", "--resume", "--no_wandb"])
     c = parse_config(["--rate", "0.3"])
     assert a.config_hash() == b.config_hash() != c.config_hash()
+
+
+def test_short_rounds_drop_milestones_at_epoch_zero():
+    assert parse_config(["--epochs", "1"]).milestones() == ()
+    assert parse_config(["--epochs", "2"]).milestones() == (1,)
+    assert parse_config(["--epochs", "4"]).milestones() == (2, 3)

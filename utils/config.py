@@ -90,10 +90,14 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
     def milestones(self) -> Tuple[int, ...]:
-        """LR milestones: the given ones, else 50 % and 75 % of the round's epochs."""
+        """LR milestones: the given ones, else 50 % and 75 % of the round's epochs.
+
+        In a round too short for both, a default milestone at epoch 0 would decay the LR
+        from the first step, so defaults below epoch 1 are dropped and equal ones merged.
+        """
         if self.decreasing_lr:
             return self.decreasing_lr
-        return (self.epochs // 2, (self.epochs * 3) // 4)
+        return tuple(sorted({m for m in (self.epochs // 2, (self.epochs * 3) // 4) if m > 0}))
 
 
 def config_differences(old: dict, new: dict) -> list:
