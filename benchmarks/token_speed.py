@@ -3,7 +3,8 @@
 Measures images/s and latency of random-weight ViT-B/16 encoders (open_clip
 ViT-B-16 visual tower, timm vit_base_patch16_224) at 197 tokens and pruned
 (k_anchors=10, top_m=50: 61 tokens from block `start_block` on), at batch 1 and
-256, in bf16 on CUDA with CUDA-event timing, warm-up and medians. It also
+256, in bf16 on CUDA with CUDA-event timing, warm-up and medians, both eager
+and replayed from a CUDA graph (batch 1 is launch-bound when eager). It also
 reports the ideal speedup from the tokens each block processes (FLOPs of the
 blocks: 24*N*D^2 for the linear layers, 4*N^2*D for attention, plus the patch
 embedding) and the fraction of it achieved. Scoring costs one extra key
@@ -80,36 +81,62 @@ def percentile(values: List[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], None]:
+    """Capture fn() (fixed input tensor) in a CUDA graph: at batch 1 a ViT is bound by kernel launches,
+    and a replay launches them all at once, so this shows what pruning saves without that overhead."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def run_mode(model, target, images, mode: str, execution: str, args, device) -> dict:
+    handle = None
+    tokens = [target.num_tokens] * len(target.blocks)
+    if mode == "pruned":
+        handle = apply_pruning_to_model(model, args.k_anchors, args.top_m, args.alpha, args.start_block)
+        tokens = handle.tokens_per_block()
+    row = {"batch": images.shape[0], "execution": execution, "mode": mode, "tokens_per_block": tokens}
+    try:
+        with torch.inference_mode():
+            step = (lambda: model(images)) if execution == "eager" else graphed(lambda: model(images), device)
+            times = time_forward(step, device, args.warmup, args.iters)
+    except RuntimeError as exc:  # one failed capture should not cost the other rows of an unattended run
+        return dict(row, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+    finally:
+        if handle is not None:
+            handle.restore()
+    median = statistics.median(times)
+    return dict(row, median_ms=round(median, 4), p10_ms=round(percentile(times, 0.1), 4),
+                p90_ms=round(percentile(times, 0.9), 4), images_per_s=round(images.shape[0] / median * 1e3, 2))
+
+
 def measure(name: str, model: torch.nn.Module, args, device: torch.device, dtype: torch.dtype) -> List[dict]:
     model = model.to(device=device, dtype=dtype).eval()
     target = find_target(model)
     width = target.readers[0].num_heads * target.readers[0].head_dim
     patches = target.num_tokens - target.num_prefix_tokens
+    executions = ["eager", "cuda_graph"] if device.type == "cuda" and not args.no_cuda_graph else ["eager"]
     rows = []
     for batch in args.batch_sizes:
         images = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
-        results = {}
-        for mode in ("baseline", "pruned"):
-            handle = None
-            tokens = [target.num_tokens] * len(target.blocks)
-            if mode == "pruned":
-                handle = apply_pruning_to_model(model, args.k_anchors, args.top_m, args.alpha, args.start_block)
-                tokens = handle.tokens_per_block()
-            with torch.inference_mode():
-                times = time_forward(lambda: model(images), device, args.warmup, args.iters)
-            if handle is not None:
-                handle.restore()
-            median = statistics.median(times)
-            results[mode] = {"model": name, "batch": batch, "mode": mode, "tokens_per_block": tokens,
-                             "median_ms": round(median, 4), "p10_ms": round(percentile(times, 0.1), 4),
-                             "p90_ms": round(percentile(times, 0.9), 4),
-                             "images_per_s": round(batch / median * 1e3, 2),
-                             "gflops_per_image": round(encoder_flops(tokens, width, patches, 3 * 16 * 16) / 1e9, 3)}
-        base, pruned = results["baseline"], results["pruned"]
-        speedup = base["median_ms"] / pruned["median_ms"]
-        ideal = base["gflops_per_image"] / pruned["gflops_per_image"]
-        pruned.update(speedup=round(speedup, 3), ideal_speedup=round(ideal, 3), achieved_of_ideal=round(speedup / ideal, 3))
-        rows += [base, pruned]
+        for execution in executions:
+            base, pruned = (dict(run_mode(model, target, images, mode, execution, args, device), model=name)
+                            for mode in ("baseline", "pruned"))
+            for row in (base, pruned):
+                row["gflops_per_image"] = round(encoder_flops(row["tokens_per_block"], width, patches, 768) / 1e9, 3)
+            if "error" not in base and "error" not in pruned:
+                speedup = base["median_ms"] / pruned["median_ms"]
+                ideal = base["gflops_per_image"] / pruned["gflops_per_image"]
+                pruned.update(speedup=round(speedup, 3), ideal_speedup=round(ideal, 3),
+                              achieved_of_ideal=round(speedup / ideal, 3))
+            rows += [base, pruned]
     return rows
 
 
@@ -123,12 +150,18 @@ def compact(tokens: List[int]) -> str:
 
 
 def table(rows: List[dict]) -> str:
-    head = ["model", "batch", "mode", "tokens/block", "median ms", "p10 ms", "p90 ms", "images/s", "speedup",
-            "ideal", "achieved"]
-    body = [[r["model"], str(r["batch"]), r["mode"], compact(r["tokens_per_block"]), f"{r['median_ms']:.3f}",
-             f"{r['p10_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['images_per_s']:.1f}",
-             f"{r['speedup']:.2f}x" if "speedup" in r else "", f"{r['ideal_speedup']:.2f}x" if "speedup" in r else "",
-             f"{r['achieved_of_ideal']:.0%}" if "speedup" in r else ""] for r in rows]
+    head = ["model", "batch", "execution", "mode", "tokens/block", "median ms", "p10 ms", "p90 ms", "images/s",
+            "speedup", "ideal", "achieved"]
+    body = []
+    for r in rows:
+        line = [r["model"], str(r["batch"]), r["execution"], r["mode"], compact(r["tokens_per_block"])]
+        if "error" in r:
+            body.append(line + [r["error"]] + [""] * 6)
+            continue
+        line += [f"{r['median_ms']:.3f}", f"{r['p10_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['images_per_s']:.1f}"]
+        if "speedup" in r:
+            line += [f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x", f"{r['achieved_of_ideal']:.0%}"]
+        body.append(line + [""] * (len(head) - len(line)))
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head] + body)
 
@@ -142,6 +175,7 @@ def parse_args(argv=None):
     p.add_argument("--top_m", type=int, default=50)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--start_block", type=int, default=1)
+    p.add_argument("--no_cuda_graph", action="store_true", help="GPU: skip the CUDA-graph rows (eager only)")
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     args = p.parse_args(argv)

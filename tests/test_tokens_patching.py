@@ -197,6 +197,27 @@ def test_bad_arguments_and_models_are_rejected(vit_tiny):
                                global_pool="avg")
     with pytest.raises(ValueError, match="class token"):
         apply_pruning_to_model(no_cls, 2, 3, 0.5)
+    with pytest.raises(ValueError, match="top_m must be >= 0"):
+        apply_pruning_to_model(vit_tiny, 4, -1, 0.5)
+    with apply_pruning_to_model(vit_tiny, 60, 20, 0.5, prune=False, record=True):  # recording only: no budget
+        pass
     with apply_pruning_to_model(vit_tiny, 4, 8, 0.5):
         with pytest.raises(RuntimeError, match="already has anchor pruning"):
             apply_pruning_to_model(vit_tiny, 4, 8, 0.5)
+
+
+@torch.no_grad()
+def test_open_clip_scaled_cosine_reader_matches_the_formula():
+    from tokens.anchor import attention_rows
+    from tokens.backends import find_target
+    visual = small_clip_vit(block_type="custom", scaled_cosine_attn=True)
+    block, reader = visual.transformer.resblocks[1], find_target(visual).readers[1]
+    x = torch.randn(2, 17, 64)
+    keys, rows = reader(x)
+    got = attention_rows(rows(torch.zeros(2, 1, dtype=torch.long)), keys, logit_scale=reader.logit_scale_value())
+    q, k, _ = torch.nn.functional.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, -1)
+    q, k = (t.unflatten(-1, (2, 32)).transpose(1, 2) for t in (q, k))
+    scale = torch.clamp(block.attn.logit_scale, max=block.attn.logit_scale_max).exp()
+    cosine = torch.nn.functional.normalize(q[:, :, :1], dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-1, -2)
+    expected = torch.softmax(cosine * scale, dim=-1).mean(1)
+    assert torch.allclose(got, expected, atol=1e-6)

@@ -9,9 +9,10 @@ third-party forward: blocks are read, never patched. The attribute layout this
 relies on is checked structurally for every block, and versions outside the
 tested ranges get a warning.
 
-Tested: timm 1.0.31, open_clip_torch 3.3.0 (batch-first blocks) and 2.24.0
-(sequence-first blocks). Expected to hold for timm >= 0.9 and
-open_clip_torch >= 2.0 (sequence-first before 2.26, `Transformer.batch_first` after).
+Tested: timm 1.0.31, 1.0.29 and 0.9.16; open_clip_torch 3.3.0 (batch-first
+blocks) and 2.24.0 (sequence-first blocks); torch 2.14 (CPU) and 2.11 (H100).
+Expected to hold for timm >= 0.9 and open_clip_torch >= 2.0; other versions
+get a warning (SUPPORTED below).
 """
 import importlib.metadata
 import warnings
@@ -83,8 +84,11 @@ class Target:
 
 
 def _timm_reader(block: nn.Module, index: int) -> QKReader:
-    from timm.layers import Attention
     from timm.models.vision_transformer import Block
+    try:
+        from timm.layers import Attention  # timm >= 1.0
+    except ImportError:
+        from timm.models.vision_transformer import Attention  # timm 0.9
     if not isinstance(block, Block) or not isinstance(block.attn, Attention):
         raise TypeError(f"block {index} is a {type(block).__name__} with {type(getattr(block, 'attn', None)).__name__}; "
                         "anchor pruning supports timm's pre-norm Block with timm.layers.Attention")
@@ -121,10 +125,9 @@ def _open_clip_reader(block: nn.Module, index: int) -> QKReader:
                         head_dim, head_dim ** -0.5)
     custom = getattr(oct, "Attention", None)
     if custom is not None and isinstance(attn, custom):
-        logit_scale = None
-        if getattr(attn, "logit_scale", None) is not None:
-            def logit_scale():  # open_clip clamps then exponentiates its learned cosine-attention scale
-                return torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp()
+        def cosine_scale():  # open_clip clamps, then exponentiates its learned cosine-attention scale
+            return torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp()
+        logit_scale = cosine_scale if getattr(attn, "logit_scale", None) is not None else None
         return QKReader(block.ln_1, attn, lambda: (attn.in_proj_weight, attn.in_proj_bias), attn.num_heads,
                         attn.head_dim, attn.scale, getattr(attn, "ln_q", None), getattr(attn, "ln_k", None), logit_scale)
     raise TypeError(f"block {index}: attention {type(attn).__name__} is not supported "

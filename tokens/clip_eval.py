@@ -18,7 +18,11 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
+
+if TYPE_CHECKING:  # names for annotations; Session.load imports what it needs when a model is built
+    from tokens.patching import PruningHandle
+    from tokens.stats import EncoderStats
 
 MODEL_TYPE = "open_clip_pruned"
 NO_WEIGHTS = ("", "none", "None", "random")
@@ -98,8 +102,8 @@ def validate(options: argparse.Namespace, models: List[str]) -> None:
 class Run:
     model_name: str
     pretrained: str
-    stats: object
-    handle: object
+    stats: "EncoderStats"
+    handle: "Optional[PruningHandle]"
 
 
 class Session:
@@ -148,15 +152,20 @@ class Session:
                             num_prefix_tokens=run.handle.target.num_prefix_tokens)
                 run.handle.recorder.save(path, meta)
                 summary["attention_output"] = path
-            if run.handle is not None:
-                run.handle.restore()
-            run.stats.close()
             summaries.append(summary)
             print(f"[anchor pruning] {run.model_name}: pruning={'on' if o.enable_pruning else 'off'} "
                   f"tokens/block={summary['tokens_per_block']} images/s={summary['images_per_s']}")
+        self.close()
         if len(summaries) == 1 and output and "{" not in output and os.path.isfile(output):
             add_to_result(output, summaries[0])
         return summaries
+
+    def close(self) -> None:
+        """Detach pruning and hooks from every loaded model (also after a failed evaluation)."""
+        for run in self.runs:
+            if run.handle is not None:
+                run.handle.restore()
+            run.stats.close()
 
 
 def add_to_result(path: str, summary: dict) -> None:
@@ -193,7 +202,11 @@ def run(argv: List[str]) -> List[dict]:
     session = Session(options)
     register(session)
     model_type = [] if view.model_type else ["--model_type", MODEL_TYPE]
-    _call_benchmark(["eval", *rest, *model_type])
+    try:
+        _call_benchmark(["eval", *rest, *model_type])
+    except BaseException:
+        session.close()
+        raise
     return session.finish(view.output)
 
 

@@ -3,12 +3,15 @@
 Method: SPEC section 4 (anchors by CLS attention, importance + diversity
 scores; EViT, ICLR 2022; Long et al., CVPR 2023), scored in tokens/anchor.py.
 
-Each block from `start_block` on is replaced in its ModuleList/Sequential by an
+The block at `start_block` is replaced in its ModuleList/Sequential by an
 `AnchorPruningBlock` that scores the tokens entering it from the block's own q/k
 weights (one CLS query row plus k anchor rows; keys for all tokens), gathers
 the kept tokens per sample, and then calls the untouched original block, which
 runs its own fused attention (F.scaled_dot_product_attention / MHA fast path)
-on the shorter sequence. Later blocks therefore see prefix + k + m tokens.
+on the shorter sequence. Later blocks therefore see prefix + k + m tokens; they
+are wrapped too, only to restrict an attention mask given for the full
+sequence to the kept tokens (and to record CLS attention when asked); scoring
+them again would keep every token, since the count already is prefix + k + m.
 `restore()` puts the original block objects back, so the model is the same
 object graph, with the same parameters, as before: outputs are bit-identical.
 """
@@ -38,9 +41,9 @@ class PruningPlan:
 
 
 class _ForwardState:
-    """Original positions of the tokens still in the sequence, for the current forward pass."""
+    """The kept positions chosen by the pruning block in the current forward pass (blocks run in order)."""
     def __init__(self):
-        self.positions: Optional[torch.Tensor] = None
+        self.kept: Optional[torch.Tensor] = None
 
 
 def fit_mask(mask: torch.Tensor, positions: torch.Tensor, num_heads: int, flat_heads: bool) -> torch.Tensor:
@@ -67,17 +70,24 @@ def fit_mask(mask: torch.Tensor, positions: torch.Tensor, num_heads: int, flat_h
     return mask
 
 
-class AnchorPruningBlock(nn.Module):
-    """Scores and drops tokens, then runs the wrapped block unchanged."""
+OBSERVE, PRUNE, FOLLOW = "observe", "prune", "follow"
 
-    def __init__(self, block: nn.Module, index: int, reader: QKReader, plan: PruningPlan, state: _ForwardState,
-                 prune: bool, first: bool, sequence_first: bool, flat_mask: bool,
-                 recorder: Optional[AttentionRecorder]):
+
+class AnchorPruningBlock(nn.Module):
+    """Runs the wrapped block unchanged, around it:
+
+    prune   (the start block): score the incoming tokens, keep prefix + k + m per sample;
+    follow  (later blocks): tokens are already pruned; fit an attention mask given for the
+            full sequence to the kept tokens; no rescoring (the count is already prefix + k + m);
+    observe (earlier blocks, or prune=False): only record CLS attention when recording.
+    """
+
+    def __init__(self, block: nn.Module, index: int, role: str, reader: QKReader, plan: PruningPlan,
+                 state: _ForwardState, sequence_first: bool, flat_mask: bool, recorder: Optional[AttentionRecorder]):
         super().__init__()
         self.block = block
-        self.index, self.reader, self.plan, self.state = index, reader, plan, state
-        self.prune, self.first, self.sequence_first, self.flat_mask = prune, first, sequence_first, flat_mask
-        self.recorder = recorder
+        self.index, self.role, self.reader, self.plan, self.state = index, role, reader, plan, state
+        self.sequence_first, self.flat_mask, self.recorder = sequence_first, flat_mask, recorder
         names = [p for p in inspect.signature(block.forward).parameters][1:]
         self.mask_arg = names.index("attn_mask") if "attn_mask" in names else None
 
@@ -91,51 +101,57 @@ class AnchorPruningBlock(nn.Module):
                 raise
             return getattr(block, name)
 
-    def _score(self, tokens: torch.Tensor, will_prune: bool):
+    def _batch_first(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1) if self.sequence_first else x
+
+    def _prune(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, plan = self._batch_first(x), self.plan
+        check_budget(tokens.shape[1], plan.k_anchors, plan.top_m, plan.num_prefix_tokens)
         keys, rows = self.reader(tokens)
-        logit_scale = self.reader.logit_scale_value()
-        if will_prune:
-            plan = self.plan
-            return select_tokens(tokens, keys, rows, plan.k_anchors, plan.top_m, plan.alpha, plan.num_prefix_tokens,
-                                 self.reader.scale, logit_scale)
+        sel = select_tokens(tokens, keys, rows, plan.k_anchors, plan.top_m, plan.alpha, plan.num_prefix_tokens,
+                            self.reader.scale, self.reader.logit_scale_value())
+        self.state.kept = sel.keep
+        if self.recorder is not None:
+            self.recorder.add(self.index, sel.cls_attention, _all_positions(tokens), sel.keep, sel.anchors)
+        tokens = gather_tokens(tokens, sel.keep)
+        return tokens.transpose(0, 1).contiguous() if self.sequence_first else tokens
+
+    def _observe(self, x: torch.Tensor) -> None:
+        tokens = self._batch_first(x)
+        keys, rows = self.reader(tokens)
         cls = torch.zeros(tokens.shape[0], 1, dtype=torch.long, device=tokens.device)
-        return attention_rows(rows(cls), keys, self.reader.scale, logit_scale)[:, 0]
+        cls_attention = attention_rows(rows(cls), keys, self.reader.scale, self.reader.logit_scale_value())[:, 0]
+        positions = self.state.kept if self.role == FOLLOW else _all_positions(tokens)
+        self.recorder.add(self.index, cls_attention, positions, None, None)
 
     def _fit_masks(self, args, kwargs):
-        positions = self.state.positions
-        if self.mask_arg is not None and len(args) > self.mask_arg:
-            mask = args[self.mask_arg]
-            if mask is not None and mask.shape[-1] != positions.shape[1]:
-                args = list(args)
-                args[self.mask_arg] = fit_mask(mask, positions, self.reader.num_heads, self.flat_mask)
-        mask = kwargs.get("attn_mask")
-        if mask is not None and mask.shape[-1] != positions.shape[1]:
-            kwargs = dict(kwargs, attn_mask=fit_mask(mask, positions, self.reader.num_heads, self.flat_mask))
+        kept = self.state.kept
+        if self.mask_arg is not None and len(args) > self.mask_arg and args[self.mask_arg] is not None:
+            args = list(args)
+            args[self.mask_arg] = self._fit(args[self.mask_arg], kept)
+        if kwargs.get("attn_mask") is not None:
+            kwargs = dict(kwargs, attn_mask=self._fit(kwargs["attn_mask"], kept))
         return args, kwargs
+
+    def _fit(self, mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        if mask.shape[-1] == kept.shape[1]:
+            return mask
+        return fit_mask(mask, kept, self.reader.num_heads, self.flat_mask)
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
         if any(a is not None for a in args[: (self.mask_arg or 0)]) or kwargs.get("k_x") is not None:
             raise ValueError("anchor pruning wraps self-attention blocks only; got separate key/value inputs")
-        tokens = x.transpose(0, 1) if self.sequence_first else x
-        batch, count = tokens.shape[:2]
-        if self.first or self.state.positions is None or self.state.positions.shape[0] != batch:
-            self.state.positions = torch.arange(count, device=x.device).expand(batch, count)
-        if self.prune and self.index == self.plan.start_block:
-            check_budget(count, self.plan.k_anchors, self.plan.top_m, self.plan.num_prefix_tokens)
-        will_prune = self.prune and count > self.plan.keep
-        if will_prune or self.recorder is not None:
-            scored = self._score(tokens, will_prune)
-            before = self.state.positions
-            if will_prune:
-                tokens = gather_tokens(tokens, scored.keep)
-                self.state.positions = before.gather(1, scored.keep)
-                x = tokens.transpose(0, 1).contiguous() if self.sequence_first else tokens
-            if self.recorder is not None:
-                cls_attention = scored.cls_attention if will_prune else scored
-                anchors = before.gather(1, scored.anchors) if will_prune else None
-                self.recorder.add(self.index, cls_attention, before, self.state.positions if will_prune else None, anchors)
-        args, kwargs = self._fit_masks(args, kwargs)
+        if self.role == PRUNE:
+            x = self._prune(x)
+        elif self.recorder is not None:
+            self._observe(x)
+        if self.role != OBSERVE:
+            args, kwargs = self._fit_masks(args, kwargs)
         return self.block(x, *args, **kwargs)
+
+
+def _all_positions(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
 
 
 class PruningHandle:
@@ -189,19 +205,17 @@ def apply_pruning_to_model(model: nn.Module, k_anchors: int, top_m: int, alpha: 
     depth = len(target.blocks)
     if not 0 <= start_block < depth:
         raise ValueError(f"start_block must be in [0, {depth - 1}] for this {depth}-block model, got {start_block}")
-    if target.num_tokens is not None:
+    if k_anchors < 0 or top_m < 0:
+        raise ValueError(f"k_anchors and top_m must be >= 0, got k_anchors={k_anchors}, top_m={top_m}")
+    if prune and target.num_tokens is not None:  # else checked in the pruning block, once sizes are known
         check_budget(target.num_tokens, k_anchors, top_m, target.num_prefix_tokens)
-    elif k_anchors < 0 or top_m < 0:
-        check_budget(k_anchors + top_m + target.num_prefix_tokens + 1, k_anchors, top_m, target.num_prefix_tokens)
     plan = PruningPlan(k_anchors, top_m, float(alpha), start_block, target.num_prefix_tokens)
     recorder = AttentionRecorder() if record else None
-    first = 0 if record else start_block
     state, originals = _ForwardState(), {}
-    for index in range(first, depth):
+    for index in range(0 if record else start_block, len(target.blocks)):
+        role = OBSERVE if not prune or index < start_block else PRUNE if index == start_block else FOLLOW
         original = target.blocks[index]
-        target.blocks[index] = AnchorPruningBlock(
-            original, index, target.readers[index], plan, state, prune=prune and index >= start_block,
-            first=index == first, sequence_first=target.sequence_first, flat_mask=target.library == "open_clip",
-            recorder=recorder)
+        target.blocks[index] = AnchorPruningBlock(original, index, role, target.readers[index], plan, state,
+                                                  target.sequence_first, target.library == "open_clip", recorder)
         originals[index] = original
     return PruningHandle(target, plan, originals, prune, recorder)

@@ -70,8 +70,8 @@ def cifar10_npz_samples(path: str, limit: int = 0) -> Tuple[List[Tuple[bytes, in
     """Test-split JPEGs of the project's CIFAR-10 bundle, copied byte for byte (no re-encoding)."""
     bundle = np.load(path)
     offsets, labels, test = bundle["offsets"], bundle["labels"], np.flatnonzero(~bundle["is_train"])
-    if limit:
-        test = test[:limit] if limit >= 10 else test[np.linspace(0, len(test) - 1, limit).astype(int)]
+    if limit:  # the bundle is sorted by class: spread the subset evenly so every class is in it
+        test = test[np.linspace(0, len(test) - 1, limit).astype(int)]
     jpeg = bundle["jpeg"]
     samples = [(jpeg[offsets[i]:offsets[i + 1]].tobytes(), int(labels[i])) for i in test]
     return samples, [str(c) for c in bundle["classes"]]
