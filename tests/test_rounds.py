@@ -125,8 +125,9 @@ def _kill_when(process, metrics, predicate, timeout=300):
 
 
 def test_killed_run_resumes_bit_identically(tmp_path):
-    args = [*FAST, "--struct", "rsst", "--rate", "0.5", "--pruning_times", "2", "--epochs", "3",
-            "--deterministic", "--checkpoint_interval", "0", "--criteria", "magnitude"]
+    args = [*FAST, "--arch", "test_vit", "--struct", "rsst", "--vit_structured", "--rate", "0.5",
+            "--pruning_times", "2", "--epochs", "3", "--deterministic", "--checkpoint_interval", "0",
+            "--criteria", "saliency"]
     reference = str(tmp_path / "reference")
     run_main(*args, "--save_dir", reference)
     killed = str(tmp_path / "killed")

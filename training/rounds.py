@@ -92,6 +92,7 @@ class RoundRunner:
     # ---- one round --------------------------------------------------------------------------
     def train_round(self, progress: RoundProgress, optimizer_state: Optional[dict]) -> None:
         session, config = self.session, self.config
+        self.struct.configure_model(session.model, progress.round)
         optimizer = create_optimizer(session.model, config)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regroup: rows per partition group (the height of a dense block)")
     g.add_argument("--block_density", type=float, default=d.block_density,
                    help="regroup: a block column is kept only if at least this fraction of it survives")
+    g.add_argument("--token_keep", type=_milestones, default=None,
+                   help="token: kept patch tokens per round from round 1 (default: (1-rate)^k of them)")
+    g.add_argument("--k_anchors", type=int, default=d.k_anchors, help="token: anchors per image")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="token: importance vs diversity weight")
+    g.add_argument("--token_start_block", type=int, default=d.token_start_block,
+                   help="token: the block whose attention selects the tokens")
     g.add_argument("--RST_schedule", default=d.RST_schedule, choices=SCHEDULES)
     g.add_argument("--reg_granularity_prune", type=float, default=d.reg_granularity_prune)
     g.add_argument("--exponents", type=int, default=d.exponents)
@@ -127,6 +133,10 @@ def validate(args: argparse.Namespace) -> RunConfig:
     _check(0.0 <= args.fillback_rate <= 1.0, f"--fillback_rate {args.fillback_rate}: must be in [0, 1]")
     _check(args.block_size >= 1, f"--block_size {args.block_size}: must be at least 1")
     _check(0.0 < args.block_density <= 1.0, f"--block_density {args.block_density}: must be in (0, 1]")
+    _check(args.k_anchors >= 0, f"--k_anchors {args.k_anchors}: must be non-negative")
+    _check(0.0 <= args.alpha <= 1.0, f"--alpha {args.alpha}: must be in [0, 1]")
+    _check(args.token_start_block >= 0, f"--token_start_block {args.token_start_block}: must be non-negative")
+    _check(all(t >= 1 for t in args.token_keep or ()), f"--token_keep {args.token_keep}: counts must be >= 1")
     _check(args.reg_granularity_prune >= 0, f"--reg_granularity_prune {args.reg_granularity_prune}: "
            f"must be non-negative")
     _check(args.exponents >= 1, f"--exponents {args.exponents}: must be at least 1")
@@ -143,7 +153,8 @@ def validate(args: argparse.Namespace) -> RunConfig:
         seed=args.seed, amp=args.amp, criteria=args.criteria, criteria_batches=args.criteria_batches,
         fillback_rate=args.fillback_rate, vit_structured=args.vit_structured,
         vit_prune_target=args.vit_prune_target, block_size=args.block_size, block_density=args.block_density,
-        RST_schedule=args.RST_schedule,
+        token_keep=tuple(args.token_keep or ()), k_anchors=args.k_anchors, alpha=args.alpha,
+        token_start_block=args.token_start_block, RST_schedule=args.RST_schedule,
         reg_granularity_prune=args.reg_granularity_prune, exponents=args.exponents, save_dir=args.save_dir,
         exp_name=args.exp_name, resume=args.resume, resume_from=args.resume_from,
         checkpoint_interval=args.checkpoint_interval, workers=args.workers, print_freq=args.print_freq,

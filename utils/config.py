@@ -49,6 +49,10 @@ class RunConfig:
     vit_prune_target: str = "both"
     block_size: int = 8
     block_density: float = 0.5
+    token_keep: Tuple[int, ...] = ()
+    k_anchors: int = 10
+    alpha: float = 0.5
+    token_start_block: int = 1
     RST_schedule: str = "exp_custom_exponents"
     reg_granularity_prune: float = 1.0
     exponents: int = 4
