@@ -55,6 +55,10 @@ class StructMode:
         """Called at the start of every round (also a resumed one) before training: modes that
         change how the model runs rather than its weights (token pruning) set it up here."""
 
+    def round_metrics(self) -> dict:
+        """Extra numbers for the round record (e.g. tokens kept); plain floats/ints."""
+        return {}
+
     def element_masks(self, ctx: PruneContext, masks: Masks) -> Masks:
         return global_magnitude_masks(ctx.weights, masks, self.config.rate)
 

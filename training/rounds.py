@@ -185,7 +185,8 @@ class RoundRunner:
                    "best_epoch": progress.best_epoch, "test_top1": test,
                    "train_loss": progress.last_train_loss,
                    "remaining_pct": 100 * remaining_fraction(plan.final_masks),
-                   "best_test_top1": session.best_test_over_rounds, "checkpoint": ckpt_path}
+                   "best_test_top1": session.best_test_over_rounds, "checkpoint": ckpt_path,
+                   **self.struct.round_metrics()}
         sha = checkpoint.save(ckpt_path, session.payload("round", progress, metrics=metrics, rewind=self.rewind))
         best_payload = session.payload("round", progress, metrics=metrics, rewind=self.rewind)
         best_payload["model"] = best_model
