@@ -72,15 +72,12 @@ class RunConfig:
     progress: bool = True
 
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["decreasing_lr"] = list(self.decreasing_lr)
-        return out
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in values.items() if k in known}
-        kwargs["decreasing_lr"] = tuple(kwargs.get("decreasing_lr", ()))
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
         return cls(**kwargs)
 
     def experiment_fields(self) -> dict:

@@ -1,0 +1,34 @@
+"""Sweep scripts are resumable: a finished run is skipped, saved configs replay exactly."""
+import json
+import os
+import subprocess
+
+from conftest import ROOT
+from utils.cli import parse_config
+from utils.replay_flags import flags_for
+
+
+def test_replayed_flags_rebuild_the_same_config():
+    config = parse_config(["--arch", "vit_tiny", "--struct", "rsst", "--vit_structured", "--criteria", "l2",
+                           "--rate", "0.3", "--decreasing_lr", "20,30", "--epochs", "40", "--no_wandb",
+                           "--exp_name", "x", "--token_keep", "30,20", "--no_progress"])
+    again = parse_config(flags_for(config))
+    assert again == config
+
+
+def test_sweep_script_runs_then_skips(tmp_path):
+    env = dict(os.environ, ARCH="test_vit", DATASET="synthetic", RATES="0.5", ROUNDS="2", EPOCHS="1",
+               OUT=str(tmp_path), STRUCT="none", WANDB_MODE="disabled")
+    extra = ["--no_wandb", "--no_progress", "--batch_size", "64", "--lr", "0.05"]
+    script = os.path.join(ROOT, "run_scripts", "sweep_rates.sh")
+    first = subprocess.run(["bash", script, *extra], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    run_dir = tmp_path / "synthetic_none_test_vit_rate0.5"
+    assert (run_dir / "1checkpoint.pth.tar").is_file()
+    again = subprocess.run(["bash", script, *extra], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to run" in again.stdout
+    resumed = subprocess.run(["bash", os.path.join(ROOT, "run_scripts", "resume_sweep.sh"), str(tmp_path)],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "nothing to run" in resumed.stdout, resumed.stderr
+    saved = json.load(open(run_dir / "config.json"))["config"]
+    assert saved["rate"] == 0.5 and saved["arch"] == "test_vit"
