@@ -23,6 +23,8 @@ class EpochResult:
     loss: float
     accuracy: float
     samples: int
+    bad_step: Optional[int] = None  # first step whose loss was not finite (policy "stop")
+    skipped: int = 0  # batches skipped for a non-finite loss (policy "skip_batch")
 
 
 class MaskEnforcer:
@@ -65,29 +67,39 @@ def autocast(device: torch.device, amp: str):
 
 def train_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, enforcer: MaskEnforcer,
                 set_step: Callable[[int], float], device: torch.device, amp: str = "none",
-                on_step: Optional[Callable[[int], None]] = None) -> EpochResult:
-    """`set_step(i)` sets the LR for step i and returns the regulariser strength for it."""
+                nan_policy: str = "stop") -> EpochResult:
+    """`set_step(i)` sets the LR for step i and returns the regulariser strength for it.
+
+    A non-finite loss is found without a per-step host sync under the "stop" policy
+    (the first bad step is tracked on the device and read at the epoch's end);
+    "skip_batch" must look at every loss before stepping, so it syncs each step.
+    """
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    seen, skipped = 0, 0
     for step, (images, labels) in enumerate(batches):
         reg_lambda = set_step(step)
         with autocast(device, amp):
             logits = model(images)
             loss = F.cross_entropy(logits, labels)
+        finite = torch.isfinite(loss.detach())
+        if nan_policy == "skip_batch" and not bool(finite):
+            skipped += 1
+            continue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         enforcer.after_backward(reg_lambda)
         optimizer.step()
         enforcer.after_step()
+        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
         loss_sum += loss.detach().float() * len(labels)
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += len(labels)
-        if on_step is not None:
-            on_step(step)
+    bad = int(first_bad)
     return EpochResult(loss=float(loss_sum) / max(seen, 1), accuracy=100.0 * int(correct) / max(seen, 1),
-                       samples=seen)
+                       samples=seen, bad_step=None if bad < 0 else bad, skipped=skipped)
 
 
 @torch.no_grad()

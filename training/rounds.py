@@ -23,6 +23,8 @@ from training.loop import MaskEnforcer, evaluate, train_epoch
 from training.optim import create_optimizer, effective_warmup, lr_at
 from training.session import RoundProgress, Session, cpu_state
 from utils import checkpoint, paths
+from utils.errors import NumericalError
+from utils.interrupts import Interrupted, StopRequest
 from utils.seeding import derived_seed, seed_everything
 from utils.tracking import Tracker, progress as progress_bar, truncate_metrics, write_config
 
@@ -30,9 +32,11 @@ STREAM_TRAIN = 1
 
 
 class RoundRunner:
-    def __init__(self, session: Session, struct, tracker: Tracker, rewind: Optional[dict]):
+    def __init__(self, session: Session, struct, tracker: Tracker, rewind: Optional[dict],
+                 stop: Optional[StopRequest] = None):
         self.session, self.struct, self.tracker, self.rewind = session, struct, tracker, rewind
         self.config = session.config
+        self.stop = stop or StopRequest()
         self.last_save = 0.0
 
     # ---- the loop -------------------------------------------------------------------------
@@ -49,6 +53,8 @@ class RoundRunner:
             finished = self.end_round(progress)
             if progress.round + 1 >= self.config.pruning_times:
                 return
+            if self.stop.requested:
+                raise Interrupted(self.stop.signum, paths.round_checkpoint(self.session.directory, progress.round))
             progress = self.begin_round(progress.round + 1, finished.final_masks, *self.round_parent(progress))
 
     def round_parent(self, progress: RoundProgress) -> Tuple[str, str]:
@@ -114,7 +120,13 @@ class RoundRunner:
 
             batches = progress_bar(loader, steps, f"round {progress.round} epoch {epoch + 1}/{config.epochs}",
                                    config.progress)
-            result = train_epoch(session.model, batches, optimizer, enforcer, set_step, session.device, config.amp)
+            result = train_epoch(session.model, batches, optimizer, enforcer, set_step, session.device, config.amp,
+                                 nan_policy=config.nan_policy)
+            if result.bad_step is not None:
+                raise NumericalError(
+                    f"round {progress.round} epoch {epoch + 1} step {result.bad_step}: the loss is not finite; "
+                    f"stopped without saving this epoch (last good checkpoint: {self.last_good_checkpoint(progress)}); "
+                    f"lower --lr, or pass --nan_policy skip_batch")
             val = self.validate(plan)
             progress.epoch = epoch + 1
             if val > progress.best_val:
@@ -126,11 +138,14 @@ class RoundRunner:
                 "train_loss": result.loss, "train_top1": result.accuracy, "val_top1": val,
                 "reg_lambda": set_step(steps - 1), "penalized_l2": enforcer.penalized_norm(),
                 "remaining_pct": 100 * remaining_fraction(plan.train_masks), "epoch_seconds": elapsed,
+                "skipped_batches": result.skipped,
                 "images_per_second": result.samples / max(elapsed, 1e-9)})
             if progress.round == 0 and config.prune_type == "rewind_lt" and progress.epoch == config.rewind_epoch:
                 self.save_rewind(progress.epoch)
             progress.last_train_loss = result.loss
             self.maybe_save_epoch(progress, optimizer)
+            if self.stop.requested and progress.epoch < config.epochs:
+                raise Interrupted(self.stop.signum, paths.latest_checkpoint(session.directory))
 
     def validate(self, plan: RoundPlan) -> float:
         """Validation accuracy of the weights the round will end with (final masks applied)."""
@@ -156,11 +171,17 @@ class RoundRunner:
         interval = self.config.checkpoint_interval
         if progress.epoch == self.config.epochs:
             return  # the round checkpoint follows at once
-        if interval > 0 and time.time() - self.last_save < interval:
+        if interval > 0 and time.time() - self.last_save < interval and not self.stop.requested:
             return
         checkpoint.save(paths.latest_checkpoint(self.session.directory),
                         self.session.payload("epoch", progress, optimizer, rewind=self.rewind))
         self.last_save = time.time()
+
+    def last_good_checkpoint(self, progress: RoundProgress) -> str:
+        latest = paths.latest_checkpoint(self.session.directory)
+        if os.path.exists(latest):
+            return latest
+        return progress.parent or "none yet"
 
     def save_rewind(self, epoch: int) -> None:
         path = paths.rewind_weights(self.session.directory)
@@ -229,18 +250,20 @@ def run(config) -> str:
     write_config(directory, config)
     tracker = Tracker(directory, config, resuming=bool(begin.source))
     try:
+        stop = StopRequest(log=tracker.info)
         tracker.info(f"run dir {directory}: {config.arch} on {config.dataset}, struct {struct.describe()}, "
                      f"rate {config.rate}, {config.pruning_times} rounds x {config.epochs} epochs, device {device}")
         if begin.source:
             tracker.info(f"{'resuming' if config.resume else 'branching'} from {begin.source} "
                          f"(round {begin.progress.round}, epoch {begin.progress.epoch})")
-        runner = RoundRunner(session, struct, tracker, begin.rewind)
+        runner = RoundRunner(session, struct, tracker, begin.rewind, stop)
         if begin.source is None and (config.prune_type == "lt" or
                                      (config.prune_type == "rewind_lt" and config.rewind_epoch == 0)):
             runner.save_rewind(0)
             begin.progress.parent = paths.rewind_weights(directory)
             begin.progress.parent_sha256 = runner.rewind["sha256"]
-        runner.run(begin.progress, begin.round_complete, begin.optimizer_state)
+        with stop:
+            runner.run(begin.progress, begin.round_complete, begin.optimizer_state)
     finally:
         tracker.close()
     return directory

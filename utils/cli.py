@@ -10,7 +10,8 @@ from typing import List, Optional, Sequence
 import torch
 
 from utils.config import RunConfig
-from utils.errors import UsageError
+from utils.errors import NumericalError, UsageError
+from utils.interrupts import Interrupted
 
 CRITERIA = ("remain", "magnitude", "l1", "l2", "saliency")
 SCHEDULES = ("x", "x^2", "x^3", "exp", "exp_custom", "exp_custom_exponents")
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "and 75%% of --epochs)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--amp", default=d.amp, choices=("none", "bf16", "fp16"), help="autocast dtype")
+    g.add_argument("--nan_policy", default=d.nan_policy, choices=("stop", "skip_batch"),
+                   help="on a non-finite loss: stop the run (keeping the last good checkpoint) or skip the batch")
     g = p.add_argument_group("structured modes")
     g.add_argument("--criteria", default=d.criteria, choices=CRITERIA)
     g.add_argument("--criteria_batches", type=int, default=d.criteria_batches,
@@ -150,7 +153,7 @@ def validate(args: argparse.Namespace) -> RunConfig:
         rewind_epoch=args.rewind_epoch, prune_classifier=args.prune_classifier, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         warmup=RunConfig.warmup if args.warmup is None else args.warmup, decreasing_lr=milestones,
-        seed=args.seed, amp=args.amp, criteria=args.criteria, criteria_batches=args.criteria_batches,
+        seed=args.seed, amp=args.amp, nan_policy=args.nan_policy, criteria=args.criteria, criteria_batches=args.criteria_batches,
         fillback_rate=args.fillback_rate, vit_structured=args.vit_structured,
         vit_prune_target=args.vit_prune_target, block_size=args.block_size, block_density=args.block_density,
         token_keep=tuple(args.token_keep or ()), k_anchors=args.k_anchors, alpha=args.alpha,
@@ -186,6 +189,12 @@ def main(argv: Optional[Sequence[str]] = None, run=None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NumericalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except Interrupted as exc:
+        print(f"{exc}; saved {exc.checkpoint}; continue with the same command plus --resume", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -41,6 +41,7 @@ class RunConfig:
     decreasing_lr: Tuple[int, ...] = ()
     seed: int = 1
     amp: str = "none"
+    nan_policy: str = "stop"
     # structured modes
     criteria: str = "l1"
     criteria_batches: int = 4

@@ -7,3 +7,7 @@ class UsageError(Exception):
 
 class CheckpointError(UsageError):
     """A checkpoint file is unreadable, foreign or inconsistent; the message names the file."""
+
+
+class NumericalError(Exception):
+    """The loss stopped being finite; the message names round, epoch and step."""

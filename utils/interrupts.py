@@ -1,0 +1,53 @@
+"""Graceful stops: SIGTERM (Slurm preemption) and Ctrl-C finish the current epoch, save, exit.
+
+The handler only records the request; the round loop checks it at epoch
+boundaries, writes an epoch checkpoint and raises `Interrupted`. A second
+signal while waiting falls through to the default behaviour (immediate exit).
+"""
+import signal
+import threading
+from typing import Optional
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, checkpoint: Optional[str]):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopRequest:
+    """Context manager that turns SIGTERM/SIGINT into a request checked between epochs."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log=print):
+        self.signum: Optional[int] = None
+        self.log = log
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, _frame):
+        if self.signum is not None:  # asked twice: stop now
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+        self.signum = signum
+        self.log(f"{signal.Signals(signum).name} received: finishing this epoch, saving a checkpoint, then stopping "
+                 f"(send it again to stop at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
