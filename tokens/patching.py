@@ -3,24 +3,32 @@
 Method: SPEC section 4 (anchors by CLS attention, importance + diversity
 scores; EViT, ICLR 2022; Long et al., CVPR 2023), scored in tokens/anchor.py.
 
-The block at `start_block` is replaced in its ModuleList/Sequential by an
-`AnchorPruningBlock` that scores the tokens entering it from the block's own q/k
-weights (one CLS query row plus k anchor rows; keys for all tokens), gathers
-the kept tokens per sample, and then calls the untouched original block, which
-runs its own fused attention (F.scaled_dot_product_attention / MHA fast path)
-on the shorter sequence. Later blocks therefore see prefix + k + m tokens; they
-are wrapped too, only to restrict an attention mask given for the full
-sequence to the kept tokens (and to record CLS attention when asked); scoring
-them again would keep every token, since the count already is prefix + k + m.
-`restore()` puts the original block objects back, so the model is the same
-object graph, with the same parameters, as before: outputs are bit-identical.
+A forward pre-hook on the block at `start_block` scores the tokens entering it
+from the block's own q/k weights (one CLS query row plus k anchor rows; keys
+for all tokens) and hands the block only the kept tokens, per sample; the
+untouched block then runs its own fused attention (F.scaled_dot_product_attention
+/ MHA fast path) on the shorter sequence. Later blocks therefore see
+prefix + k + m tokens; their hooks only restrict an attention mask given for
+the full sequence to the kept tokens (and record CLS attention when asked):
+scoring them again would keep every token, since the count already is
+prefix + k + m.
+
+Hooks rather than wrapper modules, so the module tree is never changed:
+`state_dict()` keys and parameter names are the same attached or not (a
+checkpoint written while pruning is active loads into a plain model), and
+`restore()` removes the hooks, leaving outputs bit-identical. The selection
+(top-k indices) is not differentiable, so it is computed without autograd;
+the kept tokens are gathered with it, so in training gradients flow through
+them into every weight.
 """
 import inspect
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.hooks import RemovableHandle
 
 from tokens.anchor import attention_rows, check_budget, gather_tokens, select_tokens
 from tokens.backends import QKReader, Target, find_target
@@ -73,8 +81,8 @@ def fit_mask(mask: torch.Tensor, positions: torch.Tensor, num_heads: int, flat_h
 OBSERVE, PRUNE, FOLLOW = "observe", "prune", "follow"
 
 
-class AnchorPruningBlock(nn.Module):
-    """Runs the wrapped block unchanged, around it:
+class AnchorPruningHook:
+    """Forward pre-hook of one block; the block itself runs unchanged on what the hook returns.
 
     prune   (the start block): score the incoming tokens, keep prefix + k + m per sample;
     follow  (later blocks): tokens are already pruned; fit an attention mask given for the
@@ -84,22 +92,11 @@ class AnchorPruningBlock(nn.Module):
 
     def __init__(self, block: nn.Module, index: int, role: str, reader: QKReader, plan: PruningPlan,
                  state: _ForwardState, sequence_first: bool, flat_mask: bool, recorder: Optional[AttentionRecorder]):
-        super().__init__()
-        self.block = block
         self.index, self.role, self.reader, self.plan, self.state = index, role, reader, plan, state
         self.sequence_first, self.flat_mask, self.recorder = sequence_first, flat_mask, recorder
-        names = [p for p in inspect.signature(block.forward).parameters][1:]
-        self.mask_arg = names.index("attn_mask") if "attn_mask" in names else None
-
-    def __getattr__(self, name: str):
-        # Callers reach into blocks (open_clip's get_cast_dtype -> resblocks[0].get_weight_dtype()).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            block = self.__dict__.get("_modules", {}).get("block")
-            if block is None:
-                raise
-            return getattr(block, name)
+        # positions in the block's call, the token input x included (args[0])
+        self.arg_names = list(inspect.signature(block.forward).parameters)
+        self.mask_arg = self.arg_names.index("attn_mask") if "attn_mask" in self.arg_names else None
 
     def _batch_first(self, x: torch.Tensor) -> torch.Tensor:
         return x.transpose(0, 1) if self.sequence_first else x
@@ -107,15 +104,17 @@ class AnchorPruningBlock(nn.Module):
     def _prune(self, x: torch.Tensor) -> torch.Tensor:
         tokens, plan = self._batch_first(x), self.plan
         check_budget(tokens.shape[1], plan.k_anchors, plan.top_m, plan.num_prefix_tokens)
-        keys, rows = self.reader(tokens)
-        sel = select_tokens(tokens, keys, rows, plan.k_anchors, plan.top_m, plan.alpha, plan.num_prefix_tokens,
-                            self.reader.scale, self.reader.logit_scale_value())
+        with torch.no_grad():  # top-k indices carry no gradient; scoring with autograd would only cost memory
+            keys, rows = self.reader(tokens)
+            sel = select_tokens(tokens, keys, rows, plan.k_anchors, plan.top_m, plan.alpha, plan.num_prefix_tokens,
+                                self.reader.scale, self.reader.logit_scale_value())
         self.state.kept = sel.keep
         if self.recorder is not None:
             self.recorder.add(self.index, sel.cls_attention, _all_positions(tokens), sel.keep, sel.anchors)
-        tokens = gather_tokens(tokens, sel.keep)
+        tokens = gather_tokens(tokens, sel.keep)  # differentiable: the kept tokens train the layers before
         return tokens.transpose(0, 1).contiguous() if self.sequence_first else tokens
 
+    @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         tokens = self._batch_first(x)
         keys, rows = self.reader(tokens)
@@ -124,43 +123,60 @@ class AnchorPruningBlock(nn.Module):
         positions = self.state.kept if self.role == FOLLOW else _all_positions(tokens)
         self.recorder.add(self.index, cls_attention, positions, None, None)
 
-    def _fit_masks(self, args, kwargs):
-        kept = self.state.kept
-        if self.mask_arg is not None and len(args) > self.mask_arg and args[self.mask_arg] is not None:
-            args = list(args)
-            args[self.mask_arg] = self._fit(args[self.mask_arg], kept)
-        if kwargs.get("attn_mask") is not None:
-            kwargs = dict(kwargs, attn_mask=self._fit(kwargs["attn_mask"], kept))
-        return args, kwargs
-
     def _fit(self, mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         if mask.shape[-1] == kept.shape[1]:
             return mask
         return fit_mask(mask, kept, self.reader.num_heads, self.flat_mask)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        if any(a is not None for a in args[: (self.mask_arg or 0)]) or kwargs.get("k_x") is not None:
+    def _fit_masks(self, args: list, kwargs: dict):
+        kept = self.state.kept
+        if self.mask_arg is not None and len(args) > self.mask_arg and args[self.mask_arg] is not None:
+            args[self.mask_arg] = self._fit(args[self.mask_arg], kept)
+        if kwargs.get("attn_mask") is not None:
+            kwargs = dict(kwargs, attn_mask=self._fit(kwargs["attn_mask"], kept))
+        return args, kwargs
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        args = list(args)
+        from_kwargs = not args  # open_clip blocks may be called as block(q_x=...)
+        x = kwargs[self.arg_names[0]] if from_kwargs else args[0]
+        separate = args[1:self.mask_arg] if self.mask_arg is not None else []  # open_clip: (q_x, k_x, v_x, attn_mask)
+        if any(a is not None for a in separate) or kwargs.get("k_x") is not None or kwargs.get("v_x") is not None:
             raise ValueError("anchor pruning wraps self-attention blocks only; got separate key/value inputs")
         if self.role == PRUNE:
             x = self._prune(x)
         elif self.recorder is not None:
             self._observe(x)
-        if self.role != OBSERVE:
-            args, kwargs = self._fit_masks(args, kwargs)
-        return self.block(x, *args, **kwargs)
+        if self.role == OBSERVE:
+            return None  # inputs unchanged
+        args, kwargs = self._fit_masks(args, kwargs)
+        if from_kwargs:
+            kwargs = dict(kwargs, **{self.arg_names[0]: x})
+        else:
+            args[0] = x
+        return tuple(args), kwargs
 
 
 def _all_positions(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
 
 
+# blocks container -> its active handle; weak, so a model that is dropped takes its entry along
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
+
+
+def pruning_attached(model: nn.Module) -> bool:
+    """Whether anchor pruning is attached anywhere in `model` (and not restored yet)."""
+    return any(module in _ATTACHED for module in model.modules())
+
+
 class PruningHandle:
     """What apply_pruning_to_model attached; restore() (or leaving a `with`) detaches it."""
 
-    def __init__(self, target: Target, plan: PruningPlan, originals: Dict[int, nn.Module], prune: bool,
-                 recorder: Optional[AttentionRecorder]):
+    def __init__(self, target: Target, plan: PruningPlan, hooks: Dict[int, RemovableHandle],
+                 prune: bool, recorder: Optional[AttentionRecorder]):
         self.target, self.plan, self.prune, self.recorder = target, plan, prune, recorder
-        self._originals = originals
+        self._hooks = hooks
         self.restored = False
 
     def tokens_per_block(self, num_tokens: Optional[int] = None) -> List[int]:
@@ -176,11 +192,9 @@ class PruningHandle:
     def restore(self) -> None:
         if self.restored:
             return
-        blocks = self.target.blocks
-        for index, original in self._originals.items():
-            if not (isinstance(blocks[index], AnchorPruningBlock) and blocks[index].block is original):
-                raise RuntimeError(f"block {index} was replaced after anchor pruning was applied; cannot restore it")
-            blocks[index] = original
+        for hook in self._hooks.values():
+            hook.remove()
+        _ATTACHED.pop(self.target.blocks, None)
         self.restored = True
 
     def __enter__(self) -> "PruningHandle":
@@ -192,12 +206,12 @@ class PruningHandle:
 
 def apply_pruning_to_model(model: nn.Module, k_anchors: int, top_m: int, alpha: float, start_block: int = 1, *,
                            prune: bool = True, record: bool = False) -> PruningHandle:
-    """Wrap the blocks of a timm / open_clip ViT so that tokens are pruned from `start_block` on.
+    """Hook the blocks of a timm / open_clip ViT so that tokens are pruned from `start_block` on.
 
     prune=False with record=True only records CLS attention (an unpruned baseline).
     Raises ValueError when prefix + k_anchors + top_m leaves nothing to prune.
     """
-    if any(isinstance(m, AnchorPruningBlock) for m in model.modules()):
+    if pruning_attached(model):
         raise RuntimeError("this model already has anchor pruning attached; restore() its handle first")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -207,15 +221,18 @@ def apply_pruning_to_model(model: nn.Module, k_anchors: int, top_m: int, alpha: 
         raise ValueError(f"start_block must be in [0, {depth - 1}] for this {depth}-block model, got {start_block}")
     if k_anchors < 0 or top_m < 0:
         raise ValueError(f"k_anchors and top_m must be >= 0, got k_anchors={k_anchors}, top_m={top_m}")
-    if prune and target.num_tokens is not None:  # else checked in the pruning block, once sizes are known
+    if prune and target.num_tokens is not None:  # else checked in the pruning hook, once sizes are known
         check_budget(target.num_tokens, k_anchors, top_m, target.num_prefix_tokens)
     plan = PruningPlan(k_anchors, top_m, float(alpha), start_block, target.num_prefix_tokens)
     recorder = AttentionRecorder() if record else None
-    state, originals = _ForwardState(), {}
-    for index in range(0 if record else start_block, len(target.blocks)):
+    state, hooks = _ForwardState(), {}
+    for index in range(0 if record else start_block, depth):
         role = OBSERVE if not prune or index < start_block else PRUNE if index == start_block else FOLLOW
-        original = target.blocks[index]
-        target.blocks[index] = AnchorPruningBlock(original, index, role, target.readers[index], plan, state,
-                                                  target.sequence_first, target.library == "open_clip", recorder)
-        originals[index] = original
-    return PruningHandle(target, plan, originals, prune, recorder)
+        block = target.blocks[index]
+        hook = AnchorPruningHook(block, index, role, target.readers[index], plan, state, target.sequence_first,
+                                 target.library == "open_clip", recorder)
+        # prepend: hooks registered earlier (token counters, tokens/stats.py) must see the pruned sequence
+        hooks[index] = block.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    handle = PruningHandle(target, plan, hooks, prune, recorder)
+    _ATTACHED[target.blocks] = handle
+    return handle

@@ -1,9 +1,11 @@
 """Image-encoder throughput and per-block token counts, measured with forward hooks.
 
 Used to put baseline and anchor-pruned runs (SPEC section 4) side by side. Hooks
-sit on the encoder and on the original block modules (which pruning wrappers
-call with the shortened sequence), so the counts are the tokens each block
-really processed, pruned or not. `close()` removes every hook.
+sit on the encoder and on the block modules (the pruning pre-hooks are
+prepended, so these see the shortened sequence), so the counts are the tokens
+each block really processed, pruned or not. `eval_only` times only forward
+passes in eval mode (inference throughput inside a training run).
+`close()` removes every hook.
 """
 import time
 from typing import List, Optional
@@ -14,8 +16,8 @@ from tokens.backends import Target
 
 
 class EncoderStats:
-    def __init__(self, target: Target):
-        self.target = target
+    def __init__(self, target: Target, eval_only: bool = False):
+        self.target, self.eval_only = target, eval_only
         self.images = 0
         self.seconds = 0.0
         self.tokens: List[Optional[int]] = [None] * len(target.blocks)
@@ -38,10 +40,15 @@ class EncoderStats:
             torch.cuda.synchronize(tensor.device)
 
     def _begin(self, module, args):
+        if self.eval_only and module.training:
+            self._start = None
+            return
         self._sync(args[0])
         self._start = time.perf_counter()
 
     def _end(self, module, args, output):
+        if self._start is None:
+            return
         self._sync(args[0])
         self.seconds += time.perf_counter() - self._start
         self.images += int(args[0].shape[0])
