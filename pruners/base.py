@@ -51,7 +51,7 @@ class StructMode:
             raise UsageError(f"--vit_structured: not used by --struct {self.config.struct}; "
                              f"use --struct refill or rsst")
 
-    def configure_model(self, model: nn.Module, round_index: int) -> None:
+    def configure_model(self, model: nn.Module, round_index: int, log: Callable[[str], None] = print) -> None:
         """Called at the start of every round (also a resumed one) before training: modes that
         change how the model runs rather than its weights (token pruning) set it up here."""
 

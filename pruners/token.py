@@ -9,7 +9,7 @@ repeats), else round(patches x (1 - rate)^k). The model retrains with the
 pruning active: the selection itself has no gradient, everything it keeps
 trains. Weights are never masked, so the remaining weights stay at 100 %.
 """
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch.nn as nn
 
@@ -75,7 +75,7 @@ class TokenPruning(StructMode):
                 raise UsageError(f"{flag}: round {round_index} would keep {budget} of the {self.num_patches} "
                                  f"patch tokens of --arch {config.arch}; a budget must be below {self.num_patches}")
 
-    def configure_model(self, model: nn.Module, round_index: int) -> None:
+    def configure_model(self, model: nn.Module, round_index: int, log: Callable[[str], None] = print) -> None:
         self.detach()
         self.budget = self.budget_for(round_index)
         if round_index > 0:
@@ -88,8 +88,8 @@ class TokenPruning(StructMode):
             how = "all tokens"
         # eval-mode forwards only: validation and test passes give the round's inference images/s
         self.stats = EncoderStats(find_target(model), eval_only=True)
-        print(f"round {round_index}: --struct token keeps {self.num_prefix} prefix + {self.budget}/"
-              f"{self.num_patches} patch tokens ({how})", flush=True)
+        log(f"round {round_index}: --struct token keeps {self.num_prefix} prefix + {self.budget}/"
+            f"{self.num_patches} patch tokens ({how})")
 
     def detach(self) -> None:
         if self.handle is not None:

@@ -98,7 +98,7 @@ class RoundRunner:
     # ---- one round --------------------------------------------------------------------------
     def train_round(self, progress: RoundProgress, optimizer_state: Optional[dict]) -> None:
         session, config = self.session, self.config
-        self.struct.configure_model(session.model, progress.round)
+        self.struct.configure_model(session.model, progress.round, self.tracker.info)
         optimizer = create_optimizer(session.model, config)
         if optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
@@ -122,6 +122,7 @@ class RoundRunner:
                                    config.progress)
             result = train_epoch(session.model, batches, optimizer, enforcer, set_step, session.device, config.amp,
                                  nan_policy=config.nan_policy)
+            train_seconds = time.time() - started
             if result.bad_step is not None:
                 raise NumericalError(
                     f"round {progress.round} epoch {epoch + 1} step {result.bad_step}: the loss is not finite; "
@@ -138,8 +139,8 @@ class RoundRunner:
                 "train_loss": result.loss, "train_top1": result.accuracy, "val_top1": val,
                 "reg_lambda": set_step(steps - 1), "penalized_l2": enforcer.penalized_norm(),
                 "remaining_pct": 100 * remaining_fraction(plan.train_masks), "epoch_seconds": elapsed,
-                "skipped_batches": result.skipped,
-                "images_per_second": result.samples / max(elapsed, 1e-9)})
+                "skipped_batches": result.skipped, "train_seconds": train_seconds,
+                "images_per_second": result.samples / max(train_seconds, 1e-9)})
             if progress.round == 0 and config.prune_type == "rewind_lt" and progress.epoch == config.rewind_epoch:
                 self.save_rewind(progress.epoch)
             progress.last_train_loss = result.loss
