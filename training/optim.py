@@ -6,8 +6,6 @@ state to save: a resumed run recomputes it.
 """
 from typing import Sequence
 
-import torch
-
 from utils.config import RunConfig
 
 
@@ -21,10 +19,3 @@ def lr_at(base_lr: float, epoch: int, step: int, steps_per_epoch: int, warmup: i
 def effective_warmup(config: RunConfig) -> int:
     """The default warm-up (20 epochs) shrinks to a sixth of a short round; an explicit one is kept."""
     return config.warmup if config.warmup < config.epochs else config.epochs // 6
-
-
-def create_optimizer(model: torch.nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    """SGD with momentum and weight decay on every parameter, as in the RSST/IMP code users come from."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                           foreach=True)

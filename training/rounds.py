@@ -19,8 +19,9 @@ from pruners import create_struct
 from pruners.base import PruneContext, RoundPlan
 from pruners.masks import apply_masks, layer_sparsity, prunable_weights, remaining_fraction
 from training import start as starting
-from training.loop import MaskEnforcer, evaluate, train_epoch
-from training.optim import create_optimizer, effective_warmup, lr_at
+from training.loop import evaluate, train_epoch
+from training.optim import effective_warmup, lr_at
+from training.step import TrainStep, resolve_amp
 from training.session import RoundProgress, Session, cpu_state
 from utils import checkpoint, paths
 from utils.errors import NumericalError
@@ -99,11 +100,10 @@ class RoundRunner:
     def train_round(self, progress: RoundProgress, optimizer_state: Optional[dict]) -> None:
         session, config = self.session, self.config
         self.struct.configure_model(session.model, progress.round, self.tracker.info)
-        optimizer = create_optimizer(session.model, config)
+        plan, step = progress.plan, session.step
+        step.start_round(plan)
         if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
-        plan = progress.plan
-        enforcer = MaskEnforcer(session.weights, plan.train_masks, plan.penalty_masks)
+            step.load_state_dict(optimizer_state)
         loader = session.loaders["train"]
         steps, warmup, milestones = len(loader), effective_warmup(config), config.milestones()
         total_steps = steps * config.epochs
@@ -112,16 +112,13 @@ class RoundRunner:
             started = time.time()
             loader.set_epoch_seed(derived_seed(config.seed, STREAM_TRAIN, progress.round, epoch))
 
-            def set_step(step: int, epoch=epoch) -> float:
-                lr = lr_at(config.lr, epoch, step, steps, warmup, milestones)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                return self.struct.reg_lambda((epoch * steps + step) / total_steps) if regularized else 0.0
+            def schedule(index: int, epoch=epoch) -> Tuple[float, float]:
+                reg = self.struct.reg_lambda((epoch * steps + index) / total_steps) if regularized else 0.0
+                return lr_at(config.lr, epoch, index, steps, warmup, milestones), reg
 
             batches = progress_bar(loader, steps, f"round {progress.round} epoch {epoch + 1}/{config.epochs}",
                                    config.progress)
-            result = train_epoch(session.model, batches, optimizer, enforcer, set_step, session.device, config.amp,
-                                 nan_policy=config.nan_policy)
+            result = train_epoch(session.model, step, batches, schedule)
             train_seconds = time.time() - started
             if result.bad_step is not None:
                 raise NumericalError(
@@ -135,16 +132,16 @@ class RoundRunner:
                 progress.best_model = self.final_state(plan)
             elapsed = time.time() - started
             self.tracker.epoch({
-                "round": progress.round, "epoch": progress.epoch, "lr": optimizer.param_groups[0]["lr"],
+                "round": progress.round, "epoch": progress.epoch, "lr": schedule(steps - 1)[0],
                 "train_loss": result.loss, "train_top1": result.accuracy, "val_top1": val,
-                "reg_lambda": set_step(steps - 1), "penalized_l2": enforcer.penalized_norm(),
+                "reg_lambda": schedule(steps - 1)[1], "penalized_l2": step.penalized_norm(),
                 "remaining_pct": 100 * remaining_fraction(plan.train_masks), "epoch_seconds": elapsed,
                 "skipped_batches": result.skipped, "train_seconds": train_seconds,
                 "images_per_second": result.samples / max(train_seconds, 1e-9)})
             if progress.round == 0 and config.prune_type == "rewind_lt" and progress.epoch == config.rewind_epoch:
                 self.save_rewind(progress.epoch)
             progress.last_train_loss = result.loss
-            self.maybe_save_epoch(progress, optimizer)
+            self.maybe_save_epoch(progress)
             if self.stop.requested and progress.epoch < config.epochs:
                 raise Interrupted(self.stop.signum, paths.latest_checkpoint(session.directory))
 
@@ -152,15 +149,20 @@ class RoundRunner:
         """Validation accuracy of the weights the round will end with (final masks applied)."""
         session = self.session
         if plan.penalty_masks is None:
-            return evaluate(session.model, session.loaders["val"], session.device, self.config.amp).accuracy
+            return self.evaluate("val")
         saved = {name: session.weights[name].detach().clone() for name in plan.final_masks}
         apply_masks(session.weights, plan.final_masks)
         try:
-            return evaluate(session.model, session.loaders["val"], session.device, self.config.amp).accuracy
+            return self.evaluate("val")
         finally:
             with torch.no_grad():
                 for name, value in saved.items():
                     session.weights[name].copy_(value)
+
+    def evaluate(self, split: str) -> float:
+        session = self.session
+        return evaluate(session.model, session.loaders[split], session.device, session.amp,
+                        session.channels_last).accuracy
 
     def final_state(self, plan: RoundPlan) -> dict:
         state = {k: v.detach().clone() for k, v in self.session.model.state_dict().items()}
@@ -168,14 +170,14 @@ class RoundRunner:
             state[name].mul_(mask)
         return state
 
-    def maybe_save_epoch(self, progress: RoundProgress, optimizer) -> None:
+    def maybe_save_epoch(self, progress: RoundProgress) -> None:
         interval = self.config.checkpoint_interval
         if progress.epoch == self.config.epochs:
             return  # the round checkpoint follows at once
         if interval > 0 and time.time() - self.last_save < interval and not self.stop.requested:
             return
         checkpoint.save(paths.latest_checkpoint(self.session.directory),
-                        self.session.payload("epoch", progress, optimizer, rewind=self.rewind))
+                        self.session.payload("epoch", progress, rewind=self.rewind))
         self.last_save = time.time()
 
     def last_good_checkpoint(self, progress: RoundProgress) -> str:
@@ -198,7 +200,7 @@ class RoundRunner:
         final_state = cpu_state(session.model)
         if progress.best_model is not None:
             session.model.load_state_dict(progress.best_model)
-        test = evaluate(session.model, session.loaders["test"], session.device, self.config.amp).accuracy
+        test = self.evaluate("test")
         best_model = cpu_state(session.model)
         session.model.load_state_dict(final_state)
         session.best_test_over_rounds = max(session.best_test_over_rounds, test)
@@ -223,6 +225,15 @@ class RoundRunner:
         return plan
 
 
+def wants_channels_last(choice: str, model: torch.nn.Module, device: torch.device) -> bool:
+    """auto: NHWC on CUDA when convolutions hold most of the weights (convnets, not a ViT's patch stem)."""
+    if choice != "auto":
+        return choice == "on"
+    conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    total = sum(p.numel() for p in model.parameters())
+    return device.type == "cuda" and conv > total / 2
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -240,8 +251,14 @@ def run(config) -> str:
     struct.check_model(model)
     splits = data.load(config.dataset, config.data, config.val_size)
     weights = prunable_weights(model, exclude=() if config.prune_classifier else (classifier_of(model),))
+    channels_last = wants_channels_last(config.channels_last, model, device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     session = Session(config=config, directory=directory, device=device, model=model, weights=weights,
-                      splits=splits)
+                      splits=splits, amp=resolve_amp(config.amp, device), channels_last=channels_last)
+    session.step = TrainStep(model, weights, device, session.amp, config.momentum, config.weight_decay,
+                             struct.regularized, use_graph=config.cuda_graph, channels_last=channels_last,
+                             compile_model=config.compile, skip_nonfinite=config.nan_policy == "skip_batch")
     begin = starting.resolve(session)
     os.makedirs(directory, exist_ok=True)
     starting.install_branch_rewind(begin, directory)

@@ -13,6 +13,7 @@ from data import DataSplits
 from data.loader import TensorLoader
 from pruners.base import RoundPlan
 from pruners.masks import Masks, dense_masks, from_storage, to_storage
+from training.step import TrainStep
 from utils import checkpoint
 from utils.config import RunConfig
 from utils.seeding import capture_rng_state, restore_rng_state
@@ -48,6 +49,9 @@ class Session:
     splits: DataSplits
     best_test_over_rounds: float = -1.0
     loaders: Dict[str, TensorLoader] = field(default_factory=dict)
+    amp: str = "none"
+    channels_last: bool = False
+    step: Optional[TrainStep] = None
 
     def __post_init__(self):
         spec, device, config = self.splits.spec, self.device, self.config
@@ -66,8 +70,7 @@ class Session:
         stored = payload.get(key)
         return None if stored is None else from_storage(stored, self.weights)
 
-    def payload(self, kind: str, progress: RoundProgress, optimizer=None, metrics=None,
-                rewind: Optional[dict] = None) -> dict:
+    def payload(self, kind: str, progress: RoundProgress, metrics=None, rewind: Optional[dict] = None) -> dict:
         plan = progress.plan
         record = {
             "format": checkpoint.FORMAT, "kind": kind, "round": progress.round, "epoch": progress.epoch,
@@ -83,7 +86,7 @@ class Session:
         if kind == "epoch":
             record["final_masks"] = to_storage(plan.final_masks)
             record["penalty_masks"] = None if plan.penalty_masks is None else to_storage(plan.penalty_masks)
-            record["optimizer"] = optimizer.state_dict() if optimizer is not None else None
+            record["optimizer"] = self.step.state_dict()
             record["scheduler"] = {"epoch": progress.epoch, "steps_per_epoch": len(self.loaders["train"])}
             record["best_model"] = progress.best_model
         return record

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decreasing_lr", type=_milestones, default=None, help="LR x0.1 milestones (default: 50%% "
                    "and 75%% of --epochs)")
     g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--amp", default=d.amp, choices=("none", "bf16", "fp16"), help="autocast dtype")
+    g.add_argument("--amp", default=d.amp, choices=("auto", "none", "bf16"),
+                   help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
     g.add_argument("--nan_policy", default=d.nan_policy, choices=("stop", "skip_batch"),
                    help="on a non-finite loss: stop the run (keeping the last good checkpoint) or skip the batch")
     g = p.add_argument_group("structured modes")
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=d.workers, help="accepted for compatibility; data is in memory")
     g.add_argument("--print_freq", type=int, default=d.print_freq)
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--channels_last", default=d.channels_last, choices=("auto", "on", "off"),
+                   help="NHWC memory layout (auto: on for convnets on CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model inside the training step")
+    g.add_argument("--no_cuda_graph", action="store_true", help="run the training step eagerly on CUDA")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume on CPU)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("tracking")
@@ -162,7 +167,8 @@ def validate(args: argparse.Namespace) -> RunConfig:
         exp_name=args.exp_name, resume=args.resume, resume_from=args.resume_from,
         checkpoint_interval=args.checkpoint_interval, workers=args.workers, print_freq=args.print_freq,
         no_wandb=args.no_wandb, wandb_project=args.wandb_project, wandb_mode=args.wandb_mode,
-        deterministic=args.deterministic, device=args.device, progress=not args.no_progress)
+        deterministic=args.deterministic, device=args.device, progress=not args.no_progress,
+        channels_last=args.channels_last, compile=args.compile, cuda_graph=not args.no_cuda_graph)
 
 
 def _check_device(name: str) -> None:

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 RUN_CONTROL_FIELDS = frozenset({
     "data", "save_dir", "exp_name", "resume", "resume_from", "workers", "print_freq", "no_wandb",
     "wandb_project", "wandb_mode", "device", "pruning_times", "deterministic", "progress", "checkpoint_interval",
+    "channels_last", "compile", "cuda_graph",
 })
 
 
@@ -40,7 +41,7 @@ class RunConfig:
     warmup: int = 20
     decreasing_lr: Tuple[int, ...] = ()
     seed: int = 1
-    amp: str = "none"
+    amp: str = "auto"
     nan_policy: str = "stop"
     # structured modes
     criteria: str = "l1"
@@ -71,6 +72,9 @@ class RunConfig:
     deterministic: bool = False
     device: str = "auto"
     progress: bool = True
+    channels_last: str = "auto"
+    compile: bool = False
+    cuda_graph: bool = True
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
