@@ -23,7 +23,7 @@ BASE = ["--dataset", "synthetic", "--no_wandb"]
     (["--epochs", "10", "--decreasing_lr", "7,3"], "--decreasing_lr"),
     (["--epochs", "10", "--warmup", "10"], "--warmup"),
     (["--prune_type", "rewind_lt", "--epochs", "5", "--rewind_epoch", "8"], "--rewind_epoch"),
-    (["--val_size", "0"], "--val_size"),
+    (["--val_size", "-1"], "--val_size"),
     (["--fillback_rate", "1.5"], "--fillback_rate"),
     (["--batch_size", "0"], "--batch_size"),
     (["--device", "tpu"], "--device"),

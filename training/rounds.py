@@ -127,7 +127,7 @@ class RoundRunner:
                     f"lower --lr, or pass --nan_policy skip_batch")
             val = self.validate(plan)
             progress.epoch = epoch + 1
-            if val > progress.best_val:
+            if val is None or val > progress.best_val:  # without a validation split the last epoch is kept
                 progress.best_val, progress.best_epoch = val, progress.epoch
                 progress.best_model = self.final_state(plan)
             elapsed = time.time() - started
@@ -145,9 +145,11 @@ class RoundRunner:
             if self.stop.requested and progress.epoch < config.epochs:
                 raise Interrupted(self.stop.signum, paths.latest_checkpoint(session.directory))
 
-    def validate(self, plan: RoundPlan) -> float:
+    def validate(self, plan: RoundPlan) -> Optional[float]:
         """Validation accuracy of the weights the round will end with (final masks applied)."""
         session = self.session
+        if len(session.splits.val) == 0:
+            return None
         if plan.penalty_masks is None:
             return self.evaluate("val")
         saved = {name: session.weights[name].detach().clone() for name in plan.final_masks}

@@ -110,8 +110,9 @@ class TrainStep:
         with torch.no_grad():
             grads = [p.grad for p in self.params]
             masked_grads = [p.grad for p in self.masked_params]
-            torch._foreach_mul_(masked_grads, self.masks)
-            if self.regularized:
+            if masked_grads:
+                torch._foreach_mul_(masked_grads, self.masks)
+            if self.regularized and masked_grads:
                 pulled = torch._foreach_mul(self.masked_params, self.penalty_masks)
                 torch._foreach_mul_(pulled, self.reg_lambda)
                 torch._foreach_add_(masked_grads, pulled)
@@ -120,7 +121,8 @@ class TrainStep:
             torch._foreach_mul_(self.buffers, self.momentum)
             torch._foreach_add_(self.buffers, grads)
             torch._foreach_add_(self.params, torch._foreach_mul(self.buffers, self.lr), alpha=-1.0)
-            torch._foreach_mul_(self.masked_params, self.masks)
+            if self.masked_params:
+                torch._foreach_mul_(self.masked_params, self.masks)
             finite = torch.isfinite(loss.detach())
             self.first_bad.copy_(torch.where((self.first_bad < 0) & ~finite, self.step_index, self.first_bad))
             self.step_index.add_(1)

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", default=d.dataset, help="cifar10, cifar100 or synthetic")
     g.add_argument("--data", default=d.data, help="folder holding cifar-10-batches-py / cifar-100-python")
     g.add_argument("--val_size", type=int, default=None, help="training images held out for model selection "
-                   "(default 5000; 10%% for synthetic)")
+                   "(default 5000; 10%% for synthetic; 0: train on all, report the last epoch)")
     g = p.add_argument_group("rounds")
     g.add_argument("--struct", default=d.struct, help="none, refill, regroup, rsst, ...")
     g.add_argument("--rate", type=float, default=d.rate, help="fraction of the remaining weights pruned per round")
@@ -136,7 +136,7 @@ def validate(args: argparse.Namespace) -> RunConfig:
     if args.prune_type == "rewind_lt":
         _check(0 <= args.rewind_epoch < args.epochs, f"--rewind_epoch {args.rewind_epoch}: must be in "
                f"[0, --epochs {args.epochs}) for --prune_type rewind_lt")
-    _check(args.val_size is None or args.val_size >= 1, f"--val_size {args.val_size}: must be at least 1")
+    _check(args.val_size is None or args.val_size >= 0, f"--val_size {args.val_size}: must be non-negative")
     _check(args.criteria_batches >= 1, f"--criteria_batches {args.criteria_batches}: must be at least 1")
     _check(0.0 <= args.fillback_rate <= 1.0, f"--fillback_rate {args.fillback_rate}: must be in [0, 1]")
     _check(args.block_size >= 1, f"--block_size {args.block_size}: must be at least 1")

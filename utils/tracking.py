@@ -95,9 +95,10 @@ class Tracker:
         if not self._header_printed:
             self.info("  ".join(name.rjust(width) for name, width in ROUND_COLUMNS))
             self._header_printed = True
+        val = record["val_top1"]
         cells = [str(record["round"]), str(record["epochs"]), f"{record['train_loss']:.4f}",
-                 f"{record['val_top1']:.2f}", f"{record['test_top1']:.2f}", f"{record['remaining_pct']:.2f}",
-                 f"{record['best_test_top1']:.2f}", record["checkpoint"]]
+                 "-" if val is None or val < 0 else f"{val:.2f}", f"{record['test_top1']:.2f}",
+                 f"{record['remaining_pct']:.2f}", f"{record['best_test_top1']:.2f}", record["checkpoint"]]
         self.info("  ".join(cell.rjust(width) for cell, (_, width) in zip(cells, ROUND_COLUMNS)))
 
     def close(self) -> None:
