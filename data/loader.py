@@ -1,0 +1,66 @@
+"""Batches from a uint8 image tensor held on the compute device.
+
+Augmentation (random crop with 4-px zero padding + horizontal flip) and
+normalisation run on that device per batch, so a GPU never waits for a CPU
+loader, and the dataset is never copied per epoch. Each epoch's order and
+augmentation come from a generator seeded by (seed, round, epoch): a resumed
+run replays exactly the same batches.
+"""
+from typing import Iterator, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from data import ImageSet
+
+PAD = 4
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random translation by up to PAD pixels (zero fill) and flip."""
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (PAD, PAD, PAD, PAD))
+    offsets = torch.randint(0, 2 * PAD + 1, (2, batch), generator=generator, device=images.device)
+    rows = offsets[0, :, None] + torch.arange(height, device=images.device)
+    cols = offsets[1, :, None] + torch.arange(width, device=images.device)
+    batch_index = torch.arange(batch, device=images.device)[:, None, None]
+    cropped = padded.permute(0, 2, 3, 1)[batch_index, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    flip = torch.rand(batch, generator=generator, device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+
+
+class TensorLoader:
+    """An iterable over (normalised float images, labels) batches of an ImageSet."""
+
+    def __init__(self, dataset: ImageSet, batch_size: int, mean, std, device: torch.device,
+                 train: bool, drop_last: bool = False):
+        self.images = dataset.images.to(device)
+        self.labels = dataset.labels.to(device)
+        self.batch_size, self.train, self.device = batch_size, train, device
+        self.drop_last = drop_last and len(self.labels) >= batch_size
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.seed = 0
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.labels), self.batch_size)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    @property
+    def num_samples(self) -> int:
+        return len(self) * self.batch_size if self.drop_last else len(self.labels)
+
+    def set_epoch_seed(self, seed: int) -> None:
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        count = len(self.labels)
+        order = torch.randperm(count, generator=generator, device=self.device) if self.train else None
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            index = slice(start, min(start + self.batch_size, count))
+            chosen = order[index] if order is not None else index
+            images, labels = self.images[chosen], self.labels[chosen]
+            if self.train:
+                images = random_crop_flip(images, generator)
+            yield (images.float() - self.mean) / self.std, labels
