@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Tuple
 
 import numpy as np
-import pymetis
 import torch
 
 # METIS is deterministic for a fixed seed; fixing it makes the same mask give the same groups.
@@ -64,6 +63,7 @@ def partition_rows(mask2d: torch.Tensor, block_size: int) -> torch.Tensor:
     rows_idx, cols_idx = shared.nonzero(as_tuple=True)  # row-major, so already grouped by vertex
     starts = torch.zeros(rows + 1, dtype=torch.long)
     starts[1:] = torch.bincount(rows_idx, minlength=rows).cumsum(0)
+    import pymetis  # imported here so the other struct modes run where pymetis is not installed
     adjacency = pymetis.CSRAdjacency(starts.numpy(), cols_idx.numpy())
     weights = shared[rows_idx, cols_idx].numpy() if rows_idx.numel() else None
     _, parts = pymetis.part_graph(num_groups, adjacency=adjacency, eweights=weights,
