@@ -138,6 +138,7 @@ def measure(args, splits, device):
                     rate, seconds = timed_epoch(model, step, loader, device, 1)
                     row[f"{variant}_img_s"], row[f"{variant}_epoch_s"] = rate, seconds
                     if variant == "ours":
+                        evaluate(model, val, device, amp, nhwc)  # first call: kernel selection for the batch
                         started = time.perf_counter()
                         evaluate(model, val, device, amp, nhwc)
                         row["eval_share_of_epoch"] = (time.perf_counter() - started) / seconds
