@@ -41,6 +41,7 @@ class StructMode:
     name = "base"
     regularized = False
     accepts_vit_structured = False
+    changes_forward = False  # True for modes whose configure_model changes how the model runs
 
     def __init__(self, config: RunConfig):
         self.config = config

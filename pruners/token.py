@@ -40,6 +40,7 @@ def patch_count(model: nn.Module, target: Target) -> Optional[int]:
 
 @STRUCTS.register("token")
 class TokenPruning(StructMode):
+    changes_forward = True
     name = "token"
 
     def __init__(self, config):

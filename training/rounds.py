@@ -101,6 +101,8 @@ class RoundRunner:
         session, config = self.session, self.config
         self.struct.configure_model(session.model, progress.round, self.tracker.info)
         plan, step = progress.plan, session.step
+        if self.struct.changes_forward:
+            step.reset_graph()  # the model runs differently this round: capture it anew
         step.start_round(plan)
         if optimizer_state is not None:
             step.load_state_dict(optimizer_state)
@@ -260,7 +262,8 @@ def run(config) -> str:
                       splits=splits, amp=resolve_amp(config.amp, device), channels_last=channels_last)
     session.step = TrainStep(model, weights, device, session.amp, config.momentum, config.weight_decay,
                              struct.regularized, use_graph=config.cuda_graph, channels_last=channels_last,
-                             compile_model=config.compile, skip_nonfinite=config.nan_policy == "skip_batch")
+                             compile_model=config.compile == "on" or (config.compile == "auto" and device.type == "cuda"),
+                             skip_nonfinite=config.nan_policy == "skip_batch")
     begin = starting.resolve(session)
     os.makedirs(directory, exist_ok=True)
     starting.install_branch_rewind(begin, directory)

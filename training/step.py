@@ -50,6 +50,7 @@ class TrainStep:
         self.momentum, self.weight_decay, self.regularized = momentum, weight_decay, regularized
         self.channels_last = channels_last
         self.forward = torch.compile(model) if compile_model else model
+        self.log = print
         self.params: List[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
         self.buffers = [torch.zeros_like(p) for p in self.params]
         by_id = {id(w): name for name, w in weights.items()}
@@ -134,6 +135,24 @@ class TrainStep:
         for p in self.params:
             p.grad = None
 
+    def reset_graph(self) -> None:
+        self.graph, self.static_images, self.static_labels = None, None, None
+
+    def _warm_up(self) -> None:
+        """Eager steps on the static batch; a torch.compile failure falls back to the plain model."""
+        for _ in range(WARMUP_STEPS):
+            self._zero_grads()
+            try:
+                self._body(self.static_images, self.static_labels)
+            except Exception as exc:  # inductor/triton problems vary by install: keep training, say so
+                if self.forward is self.model:
+                    raise
+                self.log(f"warning: torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                         f"training without it (--compile off silences this)")
+                self.forward = self.model
+                self._zero_grads()
+                self._body(self.static_images, self.static_labels)
+
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Warm up on a side stream, capture, then undo the warm-up's effect on the weights."""
         saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -143,9 +162,7 @@ class TrainStep:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(WARMUP_STEPS):
-                self._zero_grads()
-                self._body(self.static_images, self.static_labels)
+            self._warm_up()
         torch.cuda.current_stream().wait_stream(stream)
         self._zero_grads()
         self.graph = torch.cuda.CUDAGraph()

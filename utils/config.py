@@ -73,7 +73,7 @@ class RunConfig:
     device: str = "auto"
     progress: bool = True
     channels_last: str = "auto"
-    compile: bool = False
+    compile: str = "auto"
     cuda_graph: bool = True
 
     def to_dict(self) -> dict:

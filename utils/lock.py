@@ -77,7 +77,8 @@ class RunLock:
             except FileExistsError:
                 pass  # another starter made it a moment ago: the lock below decides
             except OSError as exc:
-                raise UsageError(f"{self.directory}: cannot create the run dir ({exc.strerror or exc})") from None
+                raise UsageError(f"--save_dir {self.directory}: cannot create the run dir "
+                                 f"({exc.strerror or exc})") from None
         for _ in range(_ATTEMPTS):
             fd, created = self._open()
             if fd is None:
@@ -113,7 +114,7 @@ class RunLock:
             pass
         except OSError as exc:
             self._forget_directory()
-            raise UsageError(f"{self.directory}: cannot create the lock file {self.path} "
+            raise UsageError(f"--save_dir {self.directory}: cannot create the lock file {self.path} "
                              f"({exc.strerror or exc})") from None
         try:
             return os.open(self.path, os.O_RDWR), False
