@@ -16,10 +16,23 @@ from utils.errors import UsageError
 CIFAR10_FILES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """CIFAR pickles hold dicts of numpy arrays, lists and strings: refuse anything else, so a
+    tampered data file cannot run code while it is read."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
 def _unpickle(path: str) -> dict:
     try:
         with open(path, "rb") as f:
-            raw = pickle.load(f, encoding="bytes")
+            raw = _ArraysOnly(f, encoding="bytes").load()
     except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
         raise UsageError(f"{path}: not a readable CIFAR pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(raw, dict):
@@ -27,15 +40,24 @@ def _unpickle(path: str) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
 
 
-def _to_imageset(path: str, batches: List[dict], label_key: str) -> ImageSet:
+def _arrays(path: str, batch: dict, label_key: str):
     try:
-        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-        labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
     except KeyError as exc:
         raise UsageError(f"{path}: CIFAR batch lacks the key {exc.args[0]!r}") from None
-    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{path}: CIFAR batch holds unreadable arrays ({exc})") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(data) != len(labels):
         raise UsageError(f"{path}: expected data of shape [N, 3072] with N labels, got {data.shape} "
-                         f"and {len(labels)} labels")
+                         f"and {labels.shape[0] if labels.ndim else 0} labels")
+    return data, labels
+
+
+def _read(paths: List[str], label_key: str) -> ImageSet:
+    arrays = [_arrays(p, _unpickle(p), label_key) for p in paths]
+    data = np.concatenate([a[0] for a in arrays])
+    labels = np.concatenate([a[1] for a in arrays])
     return ImageSet(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels))
 
 
@@ -67,16 +89,13 @@ def _ensure(name: str, root: str, folder: str, files: List[str]) -> str:
 def read_cifar10(root: str) -> Tuple[ImageSet, ImageSet]:
     directory = _ensure("cifar10", root, "cifar-10-batches-py", CIFAR10_FILES)
     paths = [os.path.join(directory, name) for name in CIFAR10_FILES]
-    train = _to_imageset(directory, [_unpickle(p) for p in paths[:5]], "labels")
-    test = _to_imageset(paths[5], [_unpickle(paths[5])], "labels")
-    return train, test
+    return _read(paths[:5], "labels"), _read(paths[5:], "labels")
 
 
 def read_cifar100(root: str) -> Tuple[ImageSet, ImageSet]:
     directory = _ensure("cifar100", root, "cifar-100-python", ["train", "test", "meta"])
-    train_path, test_path = os.path.join(directory, "train"), os.path.join(directory, "test")
-    return (_to_imageset(train_path, [_unpickle(train_path)], "fine_labels"),
-            _to_imageset(test_path, [_unpickle(test_path)], "fine_labels"))
+    return (_read([os.path.join(directory, "train")], "fine_labels"),
+            _read([os.path.join(directory, "test")], "fine_labels"))
 
 
 def check_cifar10(root: str) -> None:

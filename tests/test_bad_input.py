@@ -192,8 +192,6 @@ def test_disk_full_keeps_the_previous_checkpoint_and_resume_finishes(disk_full_r
     assert checkpoint.load(paths.round_checkpoint(directory, 1))["round"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an OSError while saving escapes utils.cli.main as a traceback "
-                   "instead of a one-line error naming the file")
 def test_disk_full_is_reported_in_one_line_naming_the_file(disk_full_run):
     directory, outcome, err = disk_full_run
     assert isinstance(outcome, int) and outcome != 0, f"main raised {outcome!r}"
@@ -223,9 +221,7 @@ def test_the_tiny_cifar_folder_is_valid(tmp_path):
 @pytest.mark.parametrize("broken,shape", [
     ("data_batch_3", None),
     ("test_batch", 100),
-    pytest.param("data_batch_2", 100, marks=pytest.mark.xfail(strict=True, reason=(
-        "bug: a training batch of another shape makes np.concatenate raise ValueError (a traceback) in "
-        "data/cifar.py _to_imageset, and the shape check names the folder, not the file"))),
+    pytest.param("data_batch_2", 100),
 ])
 def test_broken_cifar_file_exits_2_naming_it(tmp_path, capsys, broken, shape):
     root = write_cifar10(tmp_path / "data", broken, shape)

@@ -153,8 +153,6 @@ def test_exit_2_exactly_when_a_value_is_bad(case):
                 assert getattr(config, flag) == given_value or math.isnan(given_value), (flag, values)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: --lr inf and --weight_decay inf pass validation (checked only for "
-                   "> 0 and >= 0, not finiteness), so a run starts and diverges to NaN at its first step")
 @pytest.mark.parametrize("flag", ["--lr", "--weight_decay"])
 def test_infinite_optimiser_values_are_rejected(flag, capsys):
     assert main([f"{flag}=inf"], run=lambda config: None) == 2

@@ -181,26 +181,19 @@ def test_truncated_latest_and_leftover_temp_files_are_never_picked(runs):
     assert_same_run(runs["damaged"], runs["reference"])  # round 1 was rerun from 0checkpoint.pth.tar
 
 
-# end_round writes <k>checkpoint, then <k>model_best, lineage.json and the round's metrics record;
-# a resume that finds <k>checkpoint treats the round as done and never writes the others.
-ROUND_END_BUG = pytest.mark.xfail(strict=True, reason=(
-    "bug: killed after <k>checkpoint.pth.tar is saved but before end_round's bookkeeping, a resume skips "
-    "<k>model_best.pth.tar, the lineage.json entry and the metrics.jsonl round record of round k"))
 KILL_POINTS = [
     pytest.param({"write": "rewind.pth.tar"}, id="writing_rewind_weights"),  # before any training
     pytest.param({"steps": 3}, id="first_steps"),  # no checkpoint yet
     pytest.param({"steps": STEPS + STEPS // 2}, id="mid_epoch_round0"),
-    pytest.param({"write": "latest.pth.tar", "nth": 1}, id="writing_first_latest", marks=pytest.mark.xfail(
-        strict=True, reason="bug: a resume that finds no checkpoint starts afresh without truncating "
-        "metrics.jsonl, so the killed run's round 0 epoch 1 record appears twice")),
+    pytest.param({"write": "latest.pth.tar", "nth": 1}, id="writing_first_latest"),
     pytest.param({"write": "0checkpoint.pth.tar"}, id="writing_round0_checkpoint"),
-    pytest.param({"written": "0checkpoint.pth.tar"}, id="after_round0_checkpoint", marks=ROUND_END_BUG),
-    pytest.param({"write": "lineage.json"}, id="writing_round0_lineage", marks=ROUND_END_BUG),
+    pytest.param({"written": "0checkpoint.pth.tar"}, id="after_round0_checkpoint"),
+    pytest.param({"write": "lineage.json"}, id="writing_round0_lineage"),
     pytest.param({"scoring": 1}, id="scoring_heads"),
     pytest.param({"log": "[ViT Head-level"}, id="after_regroup_report"),
     pytest.param({"write": "latest.pth.tar", "nth": 2}, id="writing_round1_latest"),
     pytest.param({"write": "1checkpoint.pth.tar"}, id="writing_last_checkpoint"),
-    pytest.param({"write": "1model_best.pth.tar"}, id="writing_last_model_best", marks=ROUND_END_BUG),
+    pytest.param({"write": "1model_best.pth.tar"}, id="writing_last_model_best"),
 ]
 
 

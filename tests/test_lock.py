@@ -154,8 +154,6 @@ def test_racing_starters_on_a_fresh_dir_let_exactly_one_win(tmp_path):
     assert outcomes == ["refused", "refused", "refused", "won"]
 
 
-@pytest.mark.xfail(strict=True, reason="run() does not take RunLock yet (wiring pending): the second run "
-                   "trains and writes into the locked run dir; remove this marker once it is wired")
 def test_a_second_run_on_a_locked_run_dir_is_refused_before_writing(tmp_path, capsys):
     import torch
     from utils.cli import main

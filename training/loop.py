@@ -56,3 +56,34 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp: str
         seen += labels.shape[0]
     return EpochResult(loss=float(loss_sum) / max(seen, 1), accuracy=100.0 * int(correct) / max(seen, 1),
                        samples=seen)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, amp: str = "none", channels_last: bool = False) -> bool:
+    """Recompute BatchNorm running statistics as a plain average over `batches` (train-mode forwards).
+
+    Zeroing weights that were still training (the end of an RSST round) changes the activations
+    the stored statistics describe; without this the sparse model is evaluated with stale ones.
+    Returns False (and does nothing) for models without BatchNorm.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    try:
+        for images, _ in batches:
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                model(images)
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return True

@@ -7,6 +7,7 @@ and retrains with a fresh optimiser and LR schedule. Every epoch may write
 `<k>model_best.pth.tar` and a lineage.json entry. All writes are atomic, so a
 run killed at any point resumes from its last complete state.
 """
+import contextlib
 import os
 import time
 from typing import Optional, Tuple
@@ -19,17 +20,19 @@ from pruners import create_struct
 from pruners.base import PruneContext, RoundPlan
 from pruners.masks import apply_masks, layer_sparsity, prunable_weights, remaining_fraction
 from training import start as starting
-from training.loop import evaluate, train_epoch
+from training.loop import evaluate, recalibrate_batchnorm, train_epoch
 from training.optim import effective_warmup, lr_at
 from training.step import TrainStep, resolve_amp
 from training.session import RoundProgress, Session, cpu_state
 from utils import checkpoint, paths
 from utils.errors import NumericalError
 from utils.interrupts import Interrupted, StopRequest
+from utils.lock import RunLock
 from utils.seeding import derived_seed, seed_everything
-from utils.tracking import Tracker, progress as progress_bar, truncate_metrics, write_config
+from utils.tracking import Tracker, has_round_record, progress as progress_bar, truncate_metrics, write_config
 
 STREAM_TRAIN = 1
+BN_RECALIBRATION_BATCHES = 20
 
 
 class RoundRunner:
@@ -89,10 +92,10 @@ class RoundRunner:
         saved = checkpoint.load_file(paths.rewind_weights(self.session.directory))
         self.session.model.load_state_dict(saved["model"])
 
-    def calibration_batches(self):
+    def calibration_batches(self, count: Optional[int] = None):
         loader = self.session.loaders["calibration"]
         for index, batch in enumerate(loader):
-            if index >= self.config.criteria_batches:
+            if index >= (count or self.config.criteria_batches):
                 return
             yield batch
 
@@ -127,11 +130,10 @@ class RoundRunner:
                     f"round {progress.round} epoch {epoch + 1} step {result.bad_step}: the loss is not finite; "
                     f"stopped without saving this epoch (last good checkpoint: {self.last_good_checkpoint(progress)}); "
                     f"lower --lr, or pass --nan_policy skip_batch")
-            val = self.validate(plan)
+            val, state = self.validate(plan, progress.best_val)
             progress.epoch = epoch + 1
-            if val is None or val > progress.best_val:  # without a validation split the last epoch is kept
-                progress.best_val, progress.best_epoch = val, progress.epoch
-                progress.best_model = self.final_state(plan)
+            if state is not None:
+                progress.best_val, progress.best_epoch, progress.best_model = val, progress.epoch, state
             elapsed = time.time() - started
             self.tracker.epoch({
                 "round": progress.round, "epoch": progress.epoch, "lr": schedule(steps - 1)[0],
@@ -147,32 +149,41 @@ class RoundRunner:
             if self.stop.requested and progress.epoch < config.epochs:
                 raise Interrupted(self.stop.signum, paths.latest_checkpoint(session.directory))
 
-    def validate(self, plan: RoundPlan) -> Optional[float]:
-        """Validation accuracy of the weights the round will end with (final masks applied)."""
+    def validate(self, plan: RoundPlan, best_so_far: Optional[float]) -> Tuple[Optional[float], Optional[dict]]:
+        """Validation accuracy of the weights the round will end with, and their state when it beats
+        `best_so_far` (always without a validation split: the last epoch is kept)."""
         session = self.session
-        if len(session.splits.val) == 0:
-            return None
+        with self.sparse_view(plan):
+            val = self.evaluate("val") if len(session.splits.val) else None
+            improved = val is None or val > best_so_far
+            state = {k: v.detach().clone() for k, v in session.model.state_dict().items()} if improved else None
+        return val, state
+
+    @contextlib.contextmanager
+    def sparse_view(self, plan: RoundPlan):
+        """The model as the round will end: final masks applied and, where they zero weights that were
+        still training (RSST), BatchNorm statistics recomputed for them; restored on exit."""
+        session = self.session
         if plan.penalty_masks is None:
-            return self.evaluate("val")
-        saved = {name: session.weights[name].detach().clone() for name in plan.final_masks}
-        apply_masks(session.weights, plan.final_masks)
+            yield
+            return
+        saved = {k: v.detach().clone() for k, v in session.model.state_dict().items()}
+        self.make_sparse(plan)
         try:
-            return self.evaluate("val")
+            yield
         finally:
-            with torch.no_grad():
-                for name, value in saved.items():
-                    session.weights[name].copy_(value)
+            session.model.load_state_dict(saved)
+
+    def make_sparse(self, plan: RoundPlan) -> None:
+        apply_masks(self.session.weights, plan.final_masks)
+        if plan.penalty_masks is not None:
+            recalibrate_batchnorm(self.session.model, self.calibration_batches(BN_RECALIBRATION_BATCHES),
+                                  self.session.amp, self.session.channels_last)
 
     def evaluate(self, split: str) -> float:
         session = self.session
         return evaluate(session.model, session.loaders[split], session.device, session.amp,
                         session.channels_last).accuracy
-
-    def final_state(self, plan: RoundPlan) -> dict:
-        state = {k: v.detach().clone() for k, v in self.session.model.state_dict().items()}
-        for name, mask in plan.final_masks.items():
-            state[name].mul_(mask)
-        return state
 
     def maybe_save_epoch(self, progress: RoundProgress) -> None:
         interval = self.config.checkpoint_interval
@@ -200,7 +211,7 @@ class RoundRunner:
     # ---- round end --------------------------------------------------------------------------
     def end_round(self, progress: RoundProgress) -> RoundPlan:
         session, plan, directory = self.session, progress.plan, self.session.directory
-        apply_masks(session.weights, plan.final_masks)
+        self.make_sparse(plan)
         final_state = cpu_state(session.model)
         if progress.best_model is not None:
             session.model.load_state_dict(progress.best_model)
@@ -214,19 +225,27 @@ class RoundRunner:
                    "train_loss": progress.last_train_loss,
                    "remaining_pct": 100 * remaining_fraction(plan.final_masks),
                    "best_test_top1": session.best_test_over_rounds, "checkpoint": ckpt_path,
-                   **self.struct.round_metrics()}
-        sha = checkpoint.save(ckpt_path, session.payload("round", progress, metrics=metrics, rewind=self.rewind))
-        best_payload = session.payload("round", progress, metrics=metrics, rewind=self.rewind)
-        best_payload["model"] = best_model
-        checkpoint.save(paths.round_best(directory, progress.round), best_payload)
-        checkpoint.record_round(directory, {
-            "round": progress.round, "checkpoint": os.path.basename(ckpt_path), "sha256": sha,
-            "test_top1": test, "val_top1": progress.best_val, "remaining_pct": metrics["remaining_pct"],
-            "parent": progress.parent, "parent_sha256": progress.parent_sha256},
-            header={"config_hash": self.config.config_hash(), "run_dir": os.path.abspath(directory)})
+                   "layer_sparsity": layer_sparsity(plan.final_masks), **self.struct.round_metrics()}
+        payload = session.payload("round", progress, metrics=metrics, rewind=self.rewind)
+        # the best file goes first: once the numbered checkpoint exists, the round is complete
+        checkpoint.save(paths.round_best(directory, progress.round), dict(payload, model=best_model))
+        sha = checkpoint.save(ckpt_path, payload)
+        self.record_round(payload, sha)
         checkpoint.remove_quietly([paths.latest_checkpoint(directory)])
-        self.tracker.round({**metrics, "layer_sparsity": layer_sparsity(plan.final_masks)})
         return plan
+
+    def record_round(self, payload: dict, sha: str) -> None:
+        """lineage.json entry and round record for a saved round; idempotent, so a resume after a
+        kill between the checkpoint and these records completes them."""
+        metrics, lineage, directory = payload["metrics"], payload["lineage"], self.session.directory
+        checkpoint.record_round(directory, {
+            "round": payload["round"], "checkpoint": os.path.basename(metrics["checkpoint"]), "sha256": sha,
+            "test_top1": metrics["test_top1"], "val_top1": metrics["val_top1"],
+            "remaining_pct": metrics["remaining_pct"], "parent": lineage["parent"],
+            "parent_sha256": lineage["parent_sha256"]},
+            header={"config_hash": self.config.config_hash(), "run_dir": os.path.abspath(directory)})
+        if not has_round_record(directory, payload["round"]):
+            self.tracker.round(metrics)
 
 
 def wants_channels_last(choice: str, model: torch.nn.Module, device: torch.device) -> bool:
@@ -247,7 +266,13 @@ def resolve_device(name: str) -> torch.device:
 def run(config) -> str:
     """Run (or resume, or branch) an experiment; returns its run directory."""
     directory = paths.run_dir(config)
+    with RunLock(directory):  # one run per run dir, taken before anything reads or writes it
+        return _run_locked(config, directory)
+
+
+def _run_locked(config, directory: str) -> str:
     starting.check_run_dir(config, directory)
+    checkpoint.remove_partial_writes(directory)
     device = resolve_device(config.device)
     seed_everything(config.seed, config.deterministic)
     model = create_model(config.arch, data.DATASETS[config.dataset].num_classes).to(device)
@@ -270,6 +295,8 @@ def run(config) -> str:
     if begin.source and config.resume:
         p = begin.progress
         truncate_metrics(directory, p.round, p.epoch, begin.round_complete)
+    elif begin.source is None:
+        truncate_metrics(directory, -1, 0, False)  # a fresh start: records of an attempt that saved nothing go
     write_config(directory, config)
     tracker = Tracker(directory, config, resuming=bool(begin.source))
     try:
@@ -280,6 +307,8 @@ def run(config) -> str:
             tracker.info(f"{'resuming' if config.resume else 'branching'} from {begin.source} "
                          f"(round {begin.progress.round}, epoch {begin.progress.epoch})")
         runner = RoundRunner(session, struct, tracker, begin.rewind, stop)
+        if begin.source and config.resume and begin.round_complete:
+            runner.record_round(begin.payload, checkpoint.sha256_of(begin.source))
         if begin.source is None and (config.prune_type == "lt" or
                                      (config.prune_type == "rewind_lt" and config.rewind_epoch == 0)):
             runner.save_rewind(0)

@@ -24,6 +24,7 @@ class Start:
     rewind: Optional[dict] = None
     source: Optional[str] = None  # the checkpoint resumed or branched from
     branch_rewind_source: Optional[str] = None  # the parent's rewind file, copied in at start
+    payload: Optional[dict] = None  # the checkpoint resumed from
 
 
 def _has_checkpoints(directory: str) -> bool:
@@ -71,7 +72,7 @@ def _resume(session: Session, path: str, payload: dict) -> Start:
     _check_same_experiment(path, payload, session.config)
     progress = session.restore(payload)
     return Start(progress=progress, round_complete=payload["kind"] == "round",
-                 optimizer_state=payload.get("optimizer"), rewind=payload.get("rewind"), source=path)
+                 optimizer_state=payload.get("optimizer"), rewind=payload.get("rewind"), source=path, payload=payload)
 
 
 def _branch(session: Session, path: str) -> Start:

@@ -35,9 +35,11 @@ def atomic_write_bytes(path: str, payload: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # name the file being written, not the temp file
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
         raise
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
@@ -176,6 +178,13 @@ def record_round(directory: str, entry: dict, header: dict) -> None:
     rounds = [r for r in lineage.get("rounds", []) if r["round"] != entry["round"]] + [entry]
     lineage["rounds"] = sorted(rounds, key=lambda r: r["round"])
     atomic_write_text(paths.lineage_file(directory), json.dumps(lineage, indent=2) + "\n")
+
+
+def remove_partial_writes(directory: str) -> None:
+    """Temp files of writes a crash cut short (never read: only renamed files count)."""
+    if os.path.isdir(directory):
+        remove_quietly(os.path.join(directory, name) for name in os.listdir(directory)
+                       if name.startswith(".tmp-") and name.endswith(".part"))
 
 
 def remove_quietly(paths_to_remove: Iterable[str]) -> None:

@@ -4,6 +4,7 @@ Every rejected value exits with code 2 and one line naming the flag, before any
 run directory is created.
 """
 import argparse
+import math
 import sys
 from typing import List, Optional, Sequence
 
@@ -125,6 +126,10 @@ def validate(args: argparse.Namespace) -> RunConfig:
     _check(args.pruning_times >= 1, f"--pruning_times {args.pruning_times}: must be at least 1")
     _check(args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1")
     _check(args.batch_size >= 1, f"--batch_size {args.batch_size}: must be at least 1")
+    for flag in ("rate", "lr", "momentum", "weight_decay", "fillback_rate", "reg_granularity_prune", "alpha",
+                 "block_density", "checkpoint_interval"):
+        value = getattr(args, flag)
+        _check(math.isfinite(value), f"--{flag} {value}: must be a finite number")
     _check(args.lr > 0, f"--lr {args.lr}: must be positive")
     _check(0.0 <= args.momentum < 1.0, f"--momentum {args.momentum}: must be in [0, 1)")
     _check(args.weight_decay >= 0, f"--weight_decay {args.weight_decay}: must be non-negative")
@@ -200,6 +205,10 @@ def main(argv: Optional[Sequence[str]] = None, run=None) -> int:
     except NumericalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except OSError as exc:  # disk full, permissions, a vanished mount: name the file, keep it one line
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        print(f"error: {where}{exc.strerror or exc}; the previous checkpoints are intact", file=sys.stderr)
+        return 1
     except Interrupted as exc:
         print(f"{exc}; saved {exc.checkpoint}; continue with the same command plus --resume", file=sys.stderr)
         return exc.exit_code

@@ -9,7 +9,6 @@ import json
 import os
 import sys
 import time
-from typing import Optional
 
 from utils import paths
 from utils.checkpoint import atomic_write_text
@@ -44,6 +43,21 @@ def truncate_metrics(directory: str, round_index: int, epoch: int, round_complet
             if keep:
                 kept.append(line if line.endswith("\n") else line + "\n")
     atomic_write_text(path, "".join(kept))
+
+
+def has_round_record(directory: str, round_index: int) -> bool:
+    path = paths.metrics_file(directory)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("type") == "round" and record.get("round") == round_index:
+                return True
+    return False
 
 
 class Tracker:
@@ -120,6 +134,3 @@ def write_config(directory: str, config: RunConfig) -> None:
     record = {"config": config.to_dict(), "config_hash": config.config_hash()}
     atomic_write_text(paths.config_file(directory), json.dumps(record, indent=2, sort_keys=True) + "\n")
 
-
-def resolved_from(record: Optional[dict]) -> Optional[RunConfig]:
-    return RunConfig.from_dict(record["config"]) if record else None
