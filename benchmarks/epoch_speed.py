@@ -28,7 +28,7 @@ try:
     from data.loader import TensorLoader
     from models import classifier_of, create_model
     from pruners.base import RoundPlan
-    from pruners.masks import dense_masks, prunable_weights
+    from pruners.masks import prunable_weights
     from training.loop import evaluate, train_epoch
     from training.step import TrainStep
     from utils.checkpoint import atomic_write_text

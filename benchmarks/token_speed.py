@@ -29,6 +29,7 @@ import torch
 try:
     from tokens import apply_pruning_to_model
     from tokens.backends import find_target
+    from tokens.report import run_lengths
 except ImportError:  # run as a file, the repository root is not on sys.path
     sys.exit("run from the repository root: python -m benchmarks.token_speed --out FILE [--quick]")
 
@@ -140,21 +141,12 @@ def measure(name: str, model: torch.nn.Module, args, device: torch.device, dtype
     return rows
 
 
-def compact(tokens: List[int]) -> str:
-    out, start = [], 0
-    for i in range(1, len(tokens) + 1):
-        if i == len(tokens) or tokens[i] != tokens[start]:
-            out.append(f"{tokens[start]}x{i - start}")
-            start = i
-    return " ".join(out)
-
-
 def table(rows: List[dict]) -> str:
     head = ["model", "batch", "execution", "mode", "tokens/block", "median ms", "p10 ms", "p90 ms", "images/s",
             "speedup", "ideal", "achieved"]
     body = []
     for r in rows:
-        line = [r["model"], str(r["batch"]), r["execution"], r["mode"], compact(r["tokens_per_block"])]
+        line = [r["model"], str(r["batch"]), r["execution"], r["mode"], run_lengths(r["tokens_per_block"])]
         if "error" in r:
             body.append(line + [r["error"]] + [""] * 6)
             continue

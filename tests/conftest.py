@@ -1,6 +1,9 @@
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -32,3 +35,24 @@ def cifar10_root(tmp_path_factory):
     out = tmp_path_factory.mktemp("cifar10")
     subprocess.run([sys.executable, script, "--out", str(out)], check=True, capture_output=True)
     return str(out)
+
+
+def kill_run_when(args, directory, predicate, timeout=300):
+    """Start main_imp_fillback.py with `args --save_dir directory` and SIGKILL it as soon as a
+    metrics.jsonl record satisfies `predicate`."""
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "main_imp_fillback.py"), *map(str, args),
+                                "--save_dir", directory], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    metrics = os.path.join(directory, "metrics.jsonl")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(metrics):
+            with open(metrics) as f:
+                records = [json.loads(line) for line in f if line.endswith("\n")]
+            if any(predicate(r) for r in records):
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("the run never reached the kill point")

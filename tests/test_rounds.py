@@ -2,15 +2,11 @@
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from conftest import FAST, ROOT, run_main
+from conftest import FAST, kill_run_when, run_main
 from utils import checkpoint, paths
 
 
@@ -109,21 +105,6 @@ def test_branch_from_wrong_architecture_is_refused(finished_run, tmp_path):
     assert not os.path.exists(tmp_path / "b")
 
 
-def _kill_when(process, metrics, predicate, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.exists(metrics):
-            with open(metrics) as f:
-                records = [json.loads(line) for line in f if line.endswith("\n")]
-            if any(predicate(r) for r in records):
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                return
-        time.sleep(0.05)
-    process.kill()
-    raise AssertionError("the run never reached the kill point")
-
-
 def test_killed_run_resumes_bit_identically(tmp_path):
     args = [*FAST, "--arch", "test_vit", "--struct", "rsst", "--vit_structured", "--rate", "0.5",
             "--pruning_times", "2", "--epochs", "3", "--deterministic", "--checkpoint_interval", "0",
@@ -131,10 +112,7 @@ def test_killed_run_resumes_bit_identically(tmp_path):
     reference = str(tmp_path / "reference")
     run_main(*args, "--save_dir", reference)
     killed = str(tmp_path / "killed")
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "main_imp_fillback.py"), *args,
-                                "--save_dir", killed], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    _kill_when(process, paths.metrics_file(killed), lambda r: r.get("round") == 1 and r.get("epoch") == 1)
+    kill_run_when(args, killed, lambda r: r.get("round") == 1 and r.get("epoch") == 1)
     run_main(*args, "--save_dir", killed, "--resume")
     ours, theirs = (checkpoint.load(paths.round_checkpoint(d, 1)) for d in (killed, reference))
     for name in theirs["model"]:

@@ -1,19 +1,16 @@
 """`--struct token`: the kept-token schedule, model checks, checkpoint-stable hooks, training, CLI and resume."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAST, ROOT, run_main
+from conftest import FAST, kill_run_when, run_main
 from models import create_model
 from pruners.base import PruneContext
 from pruners.masks import dense_masks, prunable_weights
 from pruners.token import TokenPruning, token_budget
-from test_rounds import _kill_when
 from tokens.anchor import gather_tokens, select_tokens
 from tokens.patching import pruning_attached
 from utils import checkpoint, paths
@@ -171,12 +168,8 @@ def test_killed_token_run_resumes_bit_identically(tmp_path):
     reference = str(tmp_path / "reference")
     run_main(*args, "--save_dir", reference)
     killed = str(tmp_path / "killed")
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "main_imp_fillback.py"), *args,
-                                "--save_dir", killed], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
     latest = paths.latest_checkpoint(killed)  # written mid-round, with pruning attached (atomically)
-    _kill_when(process, paths.metrics_file(killed),
-               lambda r: r.get("round") == 1 and r.get("epoch") == 1 and os.path.isfile(latest))
+    kill_run_when(args, killed, lambda r: r.get("round") == 1 and r.get("epoch") == 1 and os.path.isfile(latest))
     assert checkpoint.load(latest)["round"] == 1
     run_main(*args, "--save_dir", killed, "--resume")
     ours, theirs = (checkpoint.load(paths.round_checkpoint(d, 1)) for d in (killed, reference))

@@ -19,11 +19,11 @@ def _fmt(value, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     if isinstance(value, list):
-        return ",".join(str(v) for v in value) if len(set(value)) > 2 else _runs(value)
+        return ",".join(str(v) for v in value) if len(set(value)) > 2 else run_lengths(value)
     return str(value)
 
 
-def _runs(values: list) -> str:
+def run_lengths(values: list) -> str:
     """[65, 17, 17, 17] -> '65x1 17x3': short enough for a table cell."""
     out, start = [], 0
     for i in range(1, len(values) + 1):
