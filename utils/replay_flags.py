@@ -11,6 +11,7 @@ from typing import List
 from utils.config import RunConfig
 
 NOT_REPLAYED = {"save_dir", "resume", "resume_from"}  # the caller decides where and how to resume
+NEGATED = {"progress": "--no_progress", "cuda_graph": "--no_cuda_graph"}  # fields set by a --no_ flag
 
 
 def flags_for(config: RunConfig) -> List[str]:
@@ -19,8 +20,8 @@ def flags_for(config: RunConfig) -> List[str]:
     for name, value in config.to_dict().items():
         if name in NOT_REPLAYED or value is None:
             continue
-        if name == "progress":
-            out += [] if value else ["--no_progress"]
+        if name in NEGATED:
+            out += [] if value else [NEGATED[name]]
         elif isinstance(value, bool):
             out += [f"--{name}"] if value else []
         elif isinstance(value, list):
