@@ -29,6 +29,10 @@ class Refill(StructMode):
     def regroup(self, ctx: PruneContext, element_masks: Masks) -> Masks:
         return self.structure(ctx, element_masks)
 
+    def round_metrics(self) -> dict:
+        # the RSST code logged this flag so head-level runs can be told apart in wandb
+        return {"struct_head": 1} if self.config.vit_structured else {}
+
     def describe(self) -> str:
         return f"{self.name} ({'head/neuron' if self.config.vit_structured else 'channel'}-level, " \
                f"criteria {self.config.criteria})"

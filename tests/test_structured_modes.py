@@ -69,6 +69,7 @@ def test_three_rounds_of_each_mode(tmp_path, mode):
     run_main(*VIT, "--struct", *mode, "--epochs", "1", "--criteria", "l1", "--save_dir", directory)
     rounds = read_records(directory, "round")
     assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r.get("struct_head") == (1 if "--vit_structured" in mode else None) for r in rounds)
     remaining = [r["remaining_pct"] for r in rounds]
     assert remaining[0] == 100.0 and remaining[0] > remaining[1] > remaining[2]
     final = checkpoint.load(paths.round_checkpoint(directory, 2))

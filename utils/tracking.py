@@ -80,7 +80,8 @@ class Tracker:
         try:
             return wandb.init(project=self.config.wandb_project, name=run_name(self.config), id=run_id,
                               resume="allow" if resuming else None, mode=self.config.wandb_mode,
-                              dir=self.directory, config=self.config.to_dict(), reinit=True)
+                              dir=self.directory, reinit=True,
+                              config=dict(self.config.to_dict(), struct_head=self.config.vit_structured))
         except Exception as exc:  # a tracking failure must not lose the run
             self.warn(f"wandb could not start ({type(exc).__name__}: {exc}); continuing without it")
             return None
