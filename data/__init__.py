@@ -28,8 +28,7 @@ class DatasetSpec:
     mean: Tuple[float, float, float]
     std: Tuple[float, float, float]
     default_val_size: int
-    read: Callable[[str], Tuple[ImageSet, ImageSet]]  # root -> (train, test)
-    check: Callable[[str], None]  # raises UsageError before any work when data is unavailable
+    read: Callable[[str], Tuple[ImageSet, ImageSet]]  # root -> (train, test); UsageError when unavailable
 
 
 @dataclass(frozen=True)

@@ -98,17 +98,9 @@ def read_cifar100(root: str) -> Tuple[ImageSet, ImageSet]:
             _read([os.path.join(directory, "test")], "fine_labels"))
 
 
-def check_cifar10(root: str) -> None:
-    _ensure("cifar10", root, "cifar-10-batches-py", CIFAR10_FILES)
-
-
-def check_cifar100(root: str) -> None:
-    _ensure("cifar100", root, "cifar-100-python", ["train", "test", "meta"])
-
-
 DATASETS.register("cifar10")(DatasetSpec(
     num_classes=10, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
-    default_val_size=5000, read=read_cifar10, check=check_cifar10))
+    default_val_size=5000, read=read_cifar10))
 DATASETS.register("cifar100")(DatasetSpec(
     num_classes=100, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-    default_val_size=5000, read=read_cifar100, check=check_cifar100))
+    default_val_size=5000, read=read_cifar100))

@@ -49,10 +49,6 @@ class TensorLoader:
         full, rest = divmod(len(self.labels), self.batch_size)
         return full if self.drop_last or rest == 0 else full + 1
 
-    @property
-    def num_samples(self) -> int:
-        return len(self) * self.batch_size if self.drop_last else len(self.labels)
-
     def set_epoch_seed(self, seed: int) -> None:
         self.seed = seed
 

@@ -46,4 +46,4 @@ def read_synthetic(_root: str) -> Tuple[ImageSet, ImageSet]:
 
 DATASETS.register("synthetic")(DatasetSpec(
     num_classes=NUM_CLASSES, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-    default_val_size=TRAIN_SIZE // 10, read=read_synthetic, check=lambda _root: None))
+    default_val_size=TRAIN_SIZE // 10, read=read_synthetic))

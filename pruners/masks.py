@@ -59,10 +59,6 @@ def apply_masks(weights: Dict[str, torch.Tensor], masks: Masks) -> None:
             weights[name].mul_(mask)
 
 
-def intersect(a: Masks, b: Masks) -> Masks:
-    return {name: a[name] * b[name] for name in a}
-
-
 def union(a: Masks, b: Masks) -> Masks:
     return {name: torch.maximum(a[name], b[name]) for name in a}
 
