@@ -9,7 +9,7 @@ from typing import Dict, Optional
 
 import torch
 
-from data import DataSplits
+from data import DataSplits, ImageSet
 from data.loader import TensorLoader
 from pruners.base import RoundPlan
 from pruners.masks import Masks, dense_masks, from_storage, to_storage
@@ -55,11 +55,13 @@ class Session:
 
     def __post_init__(self):
         spec, device, config = self.splits.spec, self.device, self.config
+        # one device copy of the training images serves both the training and the calibration loader
+        train = ImageSet(self.splits.train.images.to(device), self.splits.train.labels.to(device))
         self.loaders = {
-            "train": TensorLoader(self.splits.train, config.batch_size, spec.mean, spec.std, device, True, True),
+            "train": TensorLoader(train, config.batch_size, spec.mean, spec.std, device, True, True),
             "val": TensorLoader(self.splits.val, EVAL_BATCH, spec.mean, spec.std, device, False),
             "test": TensorLoader(self.splits.test, EVAL_BATCH, spec.mean, spec.std, device, False),
-            "calibration": TensorLoader(self.splits.train, config.batch_size, spec.mean, spec.std, device, False),
+            "calibration": TensorLoader(train, config.batch_size, spec.mean, spec.std, device, False),
         }
 
     def dense_plan(self) -> RoundPlan:
