@@ -1,4 +1,4 @@
-"""A fresh optimiser per round and the per-step learning rate.
+"""The per-step learning rate of a round (the optimiser update itself is in step.py).
 
 The LR is a pure function of (epoch, step) -- linear warm-up over `--warmup`
 epochs, then x0.1 at each `--decreasing_lr` milestone -- so the schedule has no

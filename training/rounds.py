@@ -42,6 +42,7 @@ class RoundRunner:
         self.config = session.config
         self.stop = stop or StopRequest()
         self.last_save = 0.0
+        self.completed: Optional[Tuple[str, str]] = None  # (path, sha256) of the last round this run recorded
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self, progress: RoundProgress, round_complete: bool, optimizer_state: Optional[dict] = None) -> None:
@@ -62,9 +63,8 @@ class RoundRunner:
             progress = self.begin_round(progress.round + 1, finished.final_masks, *self.round_parent(progress))
 
     def round_parent(self, progress: RoundProgress) -> Tuple[str, str]:
-        path = paths.round_checkpoint(self.session.directory, progress.round)
-        if os.path.exists(path):
-            return path, checkpoint.sha256_of(path)
+        if self.completed is not None:
+            return self.completed
         return progress.parent, progress.parent_sha256  # branch start: the parent lives in another run
 
     def begin_round(self, round_index: int, masks, parent: Optional[str], parent_sha: Optional[str]) -> RoundProgress:
@@ -246,6 +246,7 @@ class RoundRunner:
             header={"config_hash": self.config.config_hash(), "run_dir": os.path.abspath(directory)})
         if not has_round_record(directory, payload["round"]):
             self.tracker.round(metrics)
+        self.completed = (paths.round_checkpoint(directory, payload["round"]), sha)
 
 
 def wants_channels_last(choice: str, model: torch.nn.Module, device: torch.device) -> bool:
