@@ -23,7 +23,7 @@ from training import start as starting
 from training.loop import evaluate, recalibrate_batchnorm, train_epoch
 from training.optim import effective_warmup, lr_at
 from training.step import TrainStep, resolve_amp
-from training.session import RoundProgress, Session, cpu_state
+from training.session import RoundProgress, Session, cpu_state, device_state
 from utils import checkpoint, paths
 from utils.errors import NumericalError
 from utils.interrupts import Interrupted, StopRequest
@@ -156,7 +156,7 @@ class RoundRunner:
         with self.sparse_view(plan):
             val = self.evaluate("val") if len(session.splits.val) else None
             improved = val is None or val > best_so_far
-            state = {k: v.detach().clone() for k, v in session.model.state_dict().items()} if improved else None
+            state = device_state(session.model) if improved else None
         return val, state
 
     @contextlib.contextmanager
@@ -167,7 +167,7 @@ class RoundRunner:
         if plan.penalty_masks is None:
             yield
             return
-        saved = {k: v.detach().clone() for k, v in session.model.state_dict().items()}
+        saved = device_state(session.model)
         self.make_sparse(plan)
         try:
             yield

@@ -21,6 +21,11 @@ from utils.seeding import capture_rng_state, restore_rng_state
 EVAL_BATCH = 1024
 
 
+def device_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """A copy of the model's state on its own device (a snapshot to restore or keep as the best)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def cpu_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
