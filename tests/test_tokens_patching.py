@@ -222,3 +222,25 @@ def test_open_clip_scaled_cosine_reader_matches_the_formula():
     cosine = torch.nn.functional.normalize(q[:, :, :1], dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-1, -2)
     expected = torch.softmax(cosine * scale, dim=-1).mean(1)
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("library", ["timm", "open_clip"])
+def test_folded_key_attention_matches_explicit_keys(library, vit_tiny):
+    """QKReader.attend folds the query rows into W_k (no key tensor, key bias dropped by the softmax);
+    it must give the same head-mean attention as q . k with the biased keys."""
+    from tokens.anchor import attention_rows
+    from tokens.backends import find_target
+    import copy
+    model = copy.deepcopy(vit_tiny) if library == "timm" else small_clip_vit(block_type="custom")
+    reader = find_target(model).readers[1]
+    weight, bias = reader.weights()
+    with torch.no_grad():
+        bias.normal_(0, 0.5)  # a key bias that is far from zero: the fold must not depend on it
+    x = torch.randn(3, 17, weight.shape[1])
+    positions = torch.tensor([[0, 4, 9], [0, 1, 16], [0, 7, 7]])
+    keys, rows = reader(x)
+    expected = attention_rows(rows(positions), keys, reader.scale)
+    got = reader.attend(x)(positions)
+    assert got.shape == (3, 3, 17) and torch.allclose(got.sum(-1), torch.ones(3, 3))
+    assert torch.allclose(got, expected, atol=1e-6)

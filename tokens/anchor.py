@@ -28,7 +28,8 @@ from typing import Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 
-QueryRows = Callable[[torch.Tensor], torch.Tensor]
+QueryRows = Callable[[torch.Tensor], torch.Tensor]  # positions [B, R] -> query rows [B, H, R, d]
+Attend = Callable[[torch.Tensor], torch.Tensor]     # positions [B, R] -> head-mean attention rows [B, R, N] float32
 
 
 @dataclass
@@ -57,14 +58,17 @@ def attention_rows(queries: torch.Tensor, keys: torch.Tensor, scale: Optional[fl
     queries [B, H, R, d], keys [B, H, N, d] -> [B, R, N] float32. `logit_scale`
     ([H, 1, 1], already exponentiated) selects scaled cosine attention, as used
     by some open_clip blocks; otherwise logits are q.k * scale (default d^-0.5,
-    the scale F.scaled_dot_product_attention uses).
+    the scale F.scaled_dot_product_attention uses). The logits are computed in
+    the tensors' own dtype, as the block's attention computes them (a bf16
+    model scores in bf16 without copying its keys to float32); the softmax and
+    the head mean are float32.
     """
-    q, k = queries.float(), keys.float()
     if logit_scale is not None:
-        logits = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2) * logit_scale.float()
+        logits = F.normalize(queries, dim=-1) @ F.normalize(keys, dim=-1).transpose(-1, -2)
+        logits = logits.float() * logit_scale.float()
     else:
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        logits = (q * scale) @ k.transpose(-1, -2)
+        scale = queries.shape[-1] ** -0.5 if scale is None else scale
+        logits = ((queries * scale) @ keys.transpose(-1, -2)).float()
     return logits.softmax(dim=-1).mean(dim=1)
 
 
@@ -80,10 +84,14 @@ def anchor_scores(x: torch.Tensor, reference_attention: torch.Tensor, references
 
     x [B, N, D] block input tokens; reference_attention [B, R, N] attention rows
     of the reference tokens (the anchors); references [B, R] their positions.
+    Cosines are dot products in x's dtype over float32 norms, so a bf16 model
+    never materialises a float32 copy of its tokens.
     """
     importance = reference_attention.mean(dim=1)
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(1e-12)  # [B, N]
     ref_x = x.gather(1, references.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    cosine = F.normalize(x.float(), dim=-1) @ F.normalize(ref_x.float(), dim=-1).transpose(1, 2)
+    dots = torch.bmm(x, ref_x.transpose(1, 2)).float()  # [B, N, R]
+    cosine = dots / (norms.unsqueeze(-1) * norms.gather(1, references).unsqueeze(1))
     diversity = 1.0 - cosine.amax(dim=-1)
     return alpha * importance + (1.0 - alpha) * diversity
 
@@ -107,6 +115,13 @@ def rows_from(queries: torch.Tensor) -> QueryRows:
     return rows
 
 
+def attend_with(keys: torch.Tensor, queries: Union[torch.Tensor, QueryRows], scale: Optional[float] = None,
+                logit_scale: Optional[torch.Tensor] = None) -> Attend:
+    """The attention rows of given positions from explicit keys [B, H, N, d] and queries (see attention_rows)."""
+    rows = rows_from(queries) if isinstance(queries, torch.Tensor) else queries
+    return lambda positions: attention_rows(rows(positions), keys, scale, logit_scale)
+
+
 def select_tokens(x: torch.Tensor, keys: torch.Tensor, queries: Union[torch.Tensor, QueryRows], k_anchors: int,
                   top_m: int, alpha: float, num_prefix_tokens: int = 1, scale: Optional[float] = None,
                   logit_scale: Optional[torch.Tensor] = None) -> Selection:
@@ -116,18 +131,23 @@ def select_tokens(x: torch.Tensor, keys: torch.Tensor, queries: Union[torch.Tens
     or a function giving the query rows of given positions (so a model computes
     q for 1 + k tokens only). CLS is position 0. Every sample gets its own choice.
     """
+    return select_with(x, attend_with(keys, queries, scale, logit_scale), k_anchors, top_m, alpha, num_prefix_tokens)
+
+
+def select_with(x: torch.Tensor, attend: Attend, k_anchors: int, top_m: int, alpha: float,
+                num_prefix_tokens: int = 1) -> Selection:
+    """select_tokens given any `attend(positions [B, R]) -> [B, R, N]` head-mean attention rows,
+    e.g. a model's own projections (tokens/backends.py QKReader.attend)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if num_prefix_tokens < 1:
         raise ValueError("anchor pruning needs a CLS token at position 0 (num_prefix_tokens >= 1)")
     check_budget(x.shape[1], k_anchors, top_m, num_prefix_tokens)
-    rows = rows_from(queries) if isinstance(queries, torch.Tensor) else queries
-    batch = x.shape[0]
-    cls = torch.zeros(batch, 1, dtype=torch.long, device=x.device)
-    cls_attention = attention_rows(rows(cls), keys, scale, logit_scale)[:, 0]
+    cls = torch.zeros(x.shape[0], 1, dtype=torch.long, device=x.device)
+    cls_attention = attend(cls)[:, 0]
     anchors = choose_anchors(cls_attention, k_anchors, num_prefix_tokens)
     if k_anchors:
-        references, reference_attention = anchors, attention_rows(rows(anchors), keys, scale, logit_scale)
+        references, reference_attention = anchors, attend(anchors)
     else:
         references, reference_attention = cls, cls_attention.unsqueeze(1)
     scores = anchor_scores(x, reference_attention, references, alpha)

@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from packaging.version import Version
 
+from tokens.anchor import Attend, QueryRows, attend_with
+
 SUPPORTED = {"timm": ("0.9", "2"), "open_clip_torch": ("2.0", "4")}
 
 
@@ -39,7 +41,7 @@ def check_version(distribution: str) -> None:
 
 
 class QKReader:
-    """Reads one block's keys and (on demand) query rows from its own weights, so the
+    """Reads one block's attention scores for chosen query tokens from its own weights, so the
     block itself still runs its fused attention on the pruned sequence."""
 
     def __init__(self, norm: nn.Module, attn: nn.Module, weights: Callable[[], Tuple[torch.Tensor, Optional[torch.Tensor]]],
@@ -55,17 +57,47 @@ class QKReader:
         rows = slice(part * width, (part + 1) * width)
         out = F.linear(h, weight[rows], None if bias is None else bias[rows])
         out = out.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        return norm(out) if norm is not None else out
+        out = norm(out) if norm is not None else out
+        return out.contiguous()  # [B, H, N, d]: attention_rows multiplies by it per (sample, head) without a copy
 
-    def __call__(self, x: torch.Tensor):
-        """x [B, N, D] block input -> (keys [B, H, N, d], query_rows(positions [B, R]) -> [B, H, R, d])."""
-        h = self.norm(x)
-        keys = self._project(h, 1, self.k_norm)
-
+    def _query_rows(self, h: torch.Tensor) -> QueryRows:
         def query_rows(positions: torch.Tensor) -> torch.Tensor:
             picked = h.gather(1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
             return self._project(picked, 0, self.q_norm)
-        return keys, query_rows
+        return query_rows
+
+    def __call__(self, x: torch.Tensor) -> Tuple[torch.Tensor, QueryRows]:
+        """x [B, N, D] block input -> (keys [B, H, N, d], query_rows(positions [B, R]) -> [B, H, R, d])."""
+        h = self.norm(x)
+        return self._project(h, 1, self.k_norm), self._query_rows(h)
+
+    def attend(self, x: torch.Tensor) -> Attend:
+        """x [B, N, D] block input -> attend(positions [B, R]) = head-mean attention rows [B, R, N].
+
+        Plain q.k attention never builds the keys: q_h . (W_k,h h_n + b_k,h) = (W_k,h^T q_h) . h_n + q_h . b_k,h,
+        and the last term is the same for every key n, so the softmax drops it. Folding the R query rows
+        into W_k costs H*R*D*d multiply-adds per image instead of N*D^2 for a key projection
+        (about 1/16 of it at ViT-B/16 with R = 10 anchors), and no [B, H, N, d] tensor is written.
+        Normalised keys (k_norm, open_clip's scaled cosine attention) need the keys themselves.
+        """
+        if self.k_norm is not None or self.logit_scale is not None:
+            keys, query_rows = self(x)
+            return attend_with(keys, query_rows, self.scale, self.logit_scale_value())
+        h = self.norm(x)
+        query_rows = self._query_rows(h)
+        weight, _ = self.weights()
+        heads, head_dim = self.num_heads, self.head_dim
+        width = heads * head_dim
+        key_weight = weight[width:2 * width].view(heads, head_dim, width)  # [H, d, D]
+
+        def attend(positions: torch.Tensor) -> torch.Tensor:
+            batch, rows = positions.shape
+            q = query_rows(positions) * self.scale                                  # [B, H, R, d]
+            folded = torch.bmm(q.transpose(0, 1).reshape(heads, batch * rows, head_dim), key_weight)  # [H, B*R, D]
+            folded = folded.view(heads, batch, rows, width).transpose(0, 1).reshape(batch, heads * rows, width)
+            logits = torch.bmm(folded, h.transpose(1, 2))                            # [B, H*R, N]
+            return logits.view(batch, heads, rows, -1).softmax(dim=-1, dtype=torch.float32).mean(dim=1)
+        return attend
 
     def logit_scale_value(self) -> Optional[torch.Tensor]:
         return None if self.logit_scale is None else self.logit_scale()

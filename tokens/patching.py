@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from tokens.anchor import attention_rows, check_budget, gather_tokens, select_tokens
+from tokens.anchor import check_budget, gather_tokens, select_with
 from tokens.backends import QKReader, Target, find_target
 from tokens.recorder import AttentionRecorder
 
@@ -105,9 +105,8 @@ class AnchorPruningHook:
         tokens, plan = self._batch_first(x), self.plan
         check_budget(tokens.shape[1], plan.k_anchors, plan.top_m, plan.num_prefix_tokens)
         with torch.no_grad():  # top-k indices carry no gradient; scoring with autograd would only cost memory
-            keys, rows = self.reader(tokens)
-            sel = select_tokens(tokens, keys, rows, plan.k_anchors, plan.top_m, plan.alpha, plan.num_prefix_tokens,
-                                self.reader.scale, self.reader.logit_scale_value())
+            sel = select_with(tokens, self.reader.attend(tokens), plan.k_anchors, plan.top_m, plan.alpha,
+                              plan.num_prefix_tokens)
         self.state.kept = sel.keep
         if self.recorder is not None:
             self.recorder.add(self.index, sel.cls_attention, _all_positions(tokens), sel.keep, sel.anchors)
@@ -117,9 +116,8 @@ class AnchorPruningHook:
     @torch.no_grad()
     def _observe(self, x: torch.Tensor) -> None:
         tokens = self._batch_first(x)
-        keys, rows = self.reader(tokens)
         cls = torch.zeros(tokens.shape[0], 1, dtype=torch.long, device=tokens.device)
-        cls_attention = attention_rows(rows(cls), keys, self.reader.scale, self.reader.logit_scale_value())[:, 0]
+        cls_attention = self.reader.attend(tokens)(cls)[:, 0]
         positions = self.state.kept if self.role == FOLLOW else _all_positions(tokens)
         self.recorder.add(self.index, cls_attention, positions, None, None)
 
