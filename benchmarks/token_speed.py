@@ -124,8 +124,8 @@ def profile_modes(model, images, args, name: str) -> None:
     from torch.profiler import ProfilerActivity, profile
     slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
     for mode in ("baseline", "pruned"):
-        handle = apply_pruning_to_model(model, args.k_anchors, args.top_m, args.alpha, args.start_block) \
-            if mode == "pruned" else None
+        handle = apply_pruning_to_model(model, args.k_anchors, args.top_m, args.alpha, args.start_block,
+                                        scoring_graphs=not args.eager_scoring) if mode == "pruned" else None
         try:
             with torch.inference_mode():
                 for _ in range(3):
@@ -159,7 +159,8 @@ def run_mode(model, target, fn, scope: str, mode: str, execution: str, batch: in
     tokens = [target.num_tokens] * len(target.blocks)
     handle = None
     if mode == "pruned":
-        handle = apply_pruning_to_model(model, args.k_anchors, args.top_m, args.alpha, args.start_block)
+        handle = apply_pruning_to_model(model, args.k_anchors, args.top_m, args.alpha, args.start_block,
+                                        scoring_graphs=not args.eager_scoring)
         tokens = handle.tokens_per_block()
     try:
         result = timed(fn, execution, args, device)
@@ -253,6 +254,8 @@ def parse_args(argv=None):
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--start_block", type=int, default=1)
     p.add_argument("--no_cuda_graph", action="store_true", help="GPU: skip the CUDA-graph rows (eager only)")
+    p.add_argument("--eager_scoring", action="store_true",
+                   help="score eagerly instead of replaying the scoring from a CUDA graph (tokens/graphed.py)")
     p.add_argument("--cudnn_benchmark", action="store_true",
                    help="GPU: let cuDNN time its convolution algorithms (the patch embedding) before choosing")
     p.add_argument("--profile", default=None, metavar="DIR",

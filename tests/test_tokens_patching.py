@@ -225,14 +225,15 @@ def test_open_clip_scaled_cosine_reader_matches_the_formula():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("library", ["timm", "open_clip"])
+@pytest.mark.parametrize("library", ["timm", "open_clip", "open_clip_mha"])
 def test_folded_key_attention_matches_explicit_keys(library, vit_tiny):
     """QKReader.attend folds the query rows into W_k (no key tensor, key bias dropped by the softmax);
     it must give the same head-mean attention as q . k with the biased keys."""
     from tokens.anchor import attention_rows
     from tokens.backends import find_target
     import copy
-    model = copy.deepcopy(vit_tiny) if library == "timm" else small_clip_vit(block_type="custom")
+    model = {"timm": lambda: copy.deepcopy(vit_tiny), "open_clip": lambda: small_clip_vit(block_type="custom"),
+             "open_clip_mha": small_clip_vit}[library]()
     reader = find_target(model).readers[1]
     weight, bias = reader.weights()
     with torch.no_grad():

@@ -49,7 +49,8 @@ class QKReader:
                  k_norm: Optional[nn.Module] = None, logit_scale: Optional[Callable[[], torch.Tensor]] = None):
         self.norm, self.attn, self.weights = norm, attn, weights
         self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
-        self.q_norm, self.k_norm, self.logit_scale = q_norm, k_norm, logit_scale
+        self.q_norm, self.k_norm = (None if isinstance(n, nn.Identity) else n for n in (q_norm, k_norm))
+        self.logit_scale = logit_scale
 
     def _project(self, h: torch.Tensor, part: int, norm: Optional[nn.Module]) -> torch.Tensor:
         weight, bias = self.weights()
@@ -98,6 +99,10 @@ class QKReader:
             logits = torch.bmm(folded, h.transpose(1, 2))                            # [B, H*R, N]
             return logits.view(batch, heads, rows, -1).softmax(dim=-1, dtype=torch.float32).mean(dim=1)
         return attend
+
+    def tensors(self) -> List[torch.Tensor]:
+        """Every parameter the scores are read from (norm, projections, q/k norms, logit scale)."""
+        return [*self.norm.parameters(), *self.attn.parameters()]
 
     def logit_scale_value(self) -> Optional[torch.Tensor]:
         return None if self.logit_scale is None else self.logit_scale()

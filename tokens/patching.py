@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 from torch.utils.hooks import RemovableHandle
 
-from tokens.anchor import check_budget, gather_tokens, select_with
+from tokens.anchor import Selection, check_budget, gather_tokens, select_with
 from tokens.backends import QKReader, Target, find_target
+from tokens.graphed import ScoringGraphs
 from tokens.recorder import AttentionRecorder
 
 
@@ -91,8 +92,10 @@ class AnchorPruningHook:
     """
 
     def __init__(self, block: nn.Module, index: int, role: str, reader: QKReader, plan: PruningPlan,
-                 state: _ForwardState, sequence_first: bool, flat_mask: bool, recorder: Optional[AttentionRecorder]):
+                 state: _ForwardState, sequence_first: bool, flat_mask: bool, recorder: Optional[AttentionRecorder],
+                 graphs: Optional[ScoringGraphs] = None):
         self.index, self.role, self.reader, self.plan, self.state = index, role, reader, plan, state
+        self.graphs = graphs
         self.sequence_first, self.flat_mask, self.recorder = sequence_first, flat_mask, recorder
         # positions in the block's call, the token input x included (args[0])
         self.arg_names = list(inspect.signature(block.forward).parameters)
@@ -101,12 +104,21 @@ class AnchorPruningHook:
     def _batch_first(self, x: torch.Tensor) -> torch.Tensor:
         return x.transpose(0, 1) if self.sequence_first else x
 
+    def _score(self, tokens: torch.Tensor) -> Selection:
+        plan = self.plan
+        return select_with(tokens, self.reader.attend(tokens), plan.k_anchors, plan.top_m, plan.alpha,
+                           plan.num_prefix_tokens)
+
+    def _select(self, tokens: torch.Tensor) -> Selection:
+        if self.graphs is None:
+            return self._score(tokens)
+        return self.graphs(tokens, self._score, self.reader.tensors())
+
     def _prune(self, x: torch.Tensor) -> torch.Tensor:
         tokens, plan = self._batch_first(x), self.plan
         check_budget(tokens.shape[1], plan.k_anchors, plan.top_m, plan.num_prefix_tokens)
         with torch.no_grad():  # top-k indices carry no gradient; scoring with autograd would only cost memory
-            sel = select_with(tokens, self.reader.attend(tokens), plan.k_anchors, plan.top_m, plan.alpha,
-                              plan.num_prefix_tokens)
+            sel = self._select(tokens)
         self.state.kept = sel.keep
         if self.recorder is not None:
             self.recorder.add(self.index, sel.cls_attention, _all_positions(tokens), sel.keep, sel.anchors)
@@ -203,10 +215,12 @@ class PruningHandle:
 
 
 def apply_pruning_to_model(model: nn.Module, k_anchors: int, top_m: int, alpha: float, start_block: int = 1, *,
-                           prune: bool = True, record: bool = False) -> PruningHandle:
+                           prune: bool = True, record: bool = False, scoring_graphs: bool = True) -> PruningHandle:
     """Hook the blocks of a timm / open_clip ViT so that tokens are pruned from `start_block` on.
 
     prune=False with record=True only records CLS attention (an unpruned baseline).
+    scoring_graphs: on CUDA, replay the scoring from a CUDA graph per input shape (tokens/graphed.py);
+    False scores eagerly (the same selection, more kernel launches).
     Raises ValueError when prefix + k_anchors + top_m leaves nothing to prune.
     """
     if pruning_attached(model):
@@ -227,8 +241,9 @@ def apply_pruning_to_model(model: nn.Module, k_anchors: int, top_m: int, alpha: 
     for index in range(0 if record else start_block, depth):
         role = OBSERVE if not prune or index < start_block else PRUNE if index == start_block else FOLLOW
         block = target.blocks[index]
+        graphs = ScoringGraphs() if scoring_graphs and role == PRUNE else None
         hook = AnchorPruningHook(block, index, role, target.readers[index], plan, state, target.sequence_first,
-                                 target.library == "open_clip", recorder)
+                                 target.library == "open_clip", recorder, graphs)
         # prepend: hooks registered earlier (token counters, tokens/stats.py) must see the pruned sequence
         hooks[index] = block.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
     handle = PruningHandle(target, plan, hooks, prune, recorder)

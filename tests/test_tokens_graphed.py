@@ -1,0 +1,130 @@
+"""Anchor scoring replayed from CUDA graphs (tokens/graphed.py) selects exactly what eager scoring selects."""
+import copy
+
+import pytest
+import torch
+
+from models import create_model
+from tokens import apply_pruning_to_model
+from tokens.graphed import ScoringGraphs
+from tokens.patching import PRUNE
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def pruning_hook(handle):
+    block = handle.target.blocks[handle.plan.start_block]
+    found = [fn for fn in block._forward_pre_hooks.values() if getattr(fn, "role", None) == PRUNE]
+    assert len(found) == 1
+    return found[0]
+
+
+def outputs_and_kept(model, images, graphs: bool, grad: bool = False):
+    with apply_pruning_to_model(model, 4, 8, 0.5, scoring_graphs=graphs) as handle:
+        hook = pruning_hook(handle)
+        out = model(images)
+        kept = hook.state.kept.clone()
+        cache = len(hook.graphs.graphs) if hook.graphs is not None else 0
+    return out, kept, cache
+
+
+def test_cpu_scoring_never_captures():
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", 10).eval()
+    with torch.no_grad():
+        _, kept, cache = outputs_and_kept(model, torch.randn(2, 3, 32, 32), graphs=True)
+    assert cache == 0 and kept.shape == (2, 13)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_graphed_selection_equals_eager(dtype, mode):
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", 10).cuda().to(dtype).eval()
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with context():
+        for batch in (3, 5, 3):  # the second batch-3 call replays the cached graph
+            images = torch.randn(batch, 3, 32, 32, device="cuda", dtype=dtype)
+            eager_out, eager_kept, _ = outputs_and_kept(model, images, graphs=False)
+            graph_out, graph_kept, cache = outputs_and_kept(model, images, graphs=True)
+            assert cache == 1
+            assert torch.equal(graph_kept, eager_kept) and torch.equal(graph_out, eager_out)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_replay_sees_weights_updated_in_place_and_moved():
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", 10).cuda().eval()
+    images = torch.randn(4, 3, 32, 32, device="cuda")
+    with torch.no_grad(), apply_pruning_to_model(model, 4, 8, 0.5) as handle:
+        hook = pruning_hook(handle)
+        model(images)
+        before = hook.state.kept.clone()
+        block = handle.target.blocks[1]
+        block.attn.qkv.weight.mul_(-3.0)  # in place: the captured graph reads the new values
+        block.norm1.weight.add_(torch.randn_like(block.norm1.weight))
+        model(images)
+        graphed_after = hook.state.kept.clone()
+        assert len(hook.graphs.graphs) == 1
+        block.attn.qkv.weight = torch.nn.Parameter(block.attn.qkv.weight.clone())  # moved: captured anew
+        model(images)
+        assert len(hook.graphs.graphs) == 2 and torch.equal(hook.state.kept, graphed_after)
+    with torch.no_grad(), apply_pruning_to_model(model, 4, 8, 0.5, scoring_graphs=False) as handle:
+        model(images)
+        eager_after = pruning_hook(handle).state.kept.clone()
+    assert torch.equal(graphed_after, eager_after) and not torch.equal(before, eager_after)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_training_gradients_and_outer_capture_match_eager():
+    torch.manual_seed(0)
+    base = create_model("vit_tiny", 10).cuda()
+    images, labels = torch.randn(6, 3, 32, 32, device="cuda"), torch.randint(0, 10, (6,), device="cuda")
+    grads = {}
+    for graphs in (False, True):
+        model = copy.deepcopy(base)
+        with apply_pruning_to_model(model, 4, 8, 0.5, scoring_graphs=graphs):
+            for _ in range(2):  # two forwards before backward: the first keep index must survive the replay
+                loss = torch.nn.functional.cross_entropy(model(images), labels)
+                loss.backward()
+        grads[graphs] = [p.grad.clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+
+    model = base.eval()
+    with torch.inference_mode(), apply_pruning_to_model(model, 4, 8, 0.5) as handle:
+        expected = model(images)
+        static = images.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # scoring inside an outer capture runs eagerly into that graph
+            out = model(static)
+        graph.replay()
+        assert torch.equal(out, expected)
+        assert len(pruning_hook(handle).graphs.graphs) == 1  # only the eager forward's entry
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_capture_failure_warns_and_scores_eagerly_from_then_on():
+    from tokens.anchor import Selection
+    calls = []
+
+    def score(tokens):  # .item() synchronises, which a CUDA graph capture does not permit
+        calls.append(tokens.sum().item())
+        return Selection(tokens[:, :2].long(), tokens[:, :1].long(), tokens.float())
+    graphs = ScoringGraphs()
+    tokens = torch.ones(2, 3, device="cuda")
+    with pytest.warns(UserWarning, match="scoring runs eagerly"):
+        first = graphs(tokens, score, [])
+    second = graphs(tokens, score, [])
+    assert graphs.disabled and not graphs.graphs and torch.equal(first.keep, second.keep)
+    assert torch.equal(second.cls_attention, tokens) and (torch.ones(3, device="cuda") * 2).sum().item() == 6

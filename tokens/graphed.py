@@ -1,0 +1,69 @@
+"""Replay the anchor scoring of a pruning block from a CUDA graph, one graph per input signature.
+
+Scoring (tokens/anchor.py select_with on the block's own projections) is some forty small
+kernels. Run eagerly, each costs a Python dispatch and a launch; at batch 1, or whenever the GPU
+queue runs dry, that launch time is the scoring's real cost. Captured once per input shape and
+replayed, it is three launches: copy the tokens in, replay, copy the selection out.
+
+The graph reads the block's weights at the addresses it was captured with. Updates in place
+(an optimizer step, `load_state_dict`) are seen by the next replay; a weight that moves (`.to()`,
+a replaced `.data`) changes the signature and is captured anew. Where capture is not possible
+(CPU tensors, a forward that is itself being captured into an outer CUDA graph) or fails, the
+scoring runs eagerly: the selection is the same either way.
+"""
+import warnings
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import torch
+
+from tokens.anchor import Selection
+
+Score = Callable[[torch.Tensor], Selection]
+
+
+class ScoringGraphs:
+    """Per-hook cache of captured scorings, keyed by everything a replay depends on."""
+
+    def __init__(self, max_graphs: int = 4):
+        self.max_graphs = max_graphs
+        self.graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
+        self.disabled = False
+
+    def __call__(self, tokens: torch.Tensor, score: Score, weights: Sequence[torch.Tensor]) -> Selection:
+        if self.disabled or not tokens.is_cuda or torch.cuda.is_current_stream_capturing():
+            return score(tokens)
+        key = (tuple(tokens.shape), tokens.dtype, tokens.device, torch.is_inference_mode_enabled(),
+               torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+               tuple(w.data_ptr() for w in weights))
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(tokens, score)
+            except RuntimeError as exc:
+                self.disabled = True
+                warnings.warn(f"anchor scoring runs eagerly: CUDA graph capture failed ({str(exc).splitlines()[0]})")
+                return score(tokens)
+            self.graphs[key] = entry
+            if len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(key)
+        static_tokens, graph, out = entry
+        static_tokens.copy_(tokens)
+        graph.replay()
+        # copies: the next replay overwrites the graph's outputs, and autograd may still hold `keep`
+        return Selection(out.keep.clone(), out.anchors.clone(), out.cls_attention.clone())
+
+    @staticmethod
+    def _capture(tokens: torch.Tensor, score: Score) -> tuple:
+        static_tokens = tokens.detach().clone()
+        side = torch.cuda.Stream(tokens.device)
+        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(side):
+            score(static_tokens)  # warm-up outside the graph (library handles, workspaces)
+        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = score(static_tokens)
+        return static_tokens, graph, out
