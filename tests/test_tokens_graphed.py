@@ -84,16 +84,22 @@ def test_replay_sees_weights_updated_in_place_and_moved():
 def test_training_gradients_and_outer_capture_match_eager():
     torch.manual_seed(0)
     base = create_model("vit_tiny", 10).cuda()
-    images, labels = torch.randn(6, 3, 32, 32, device="cuda"), torch.randint(0, 10, (6,), device="cuda")
-    grads = {}
+    images, labels = torch.randn(6, 3, 32, 32, device="cuda"), torch.randint(0, 10, (3,), device="cuda")
+    grads, kept = {}, {}
     for graphs in (False, True):
         model = copy.deepcopy(base)
-        with apply_pruning_to_model(model, 4, 8, 0.5, scoring_graphs=graphs):
-            for _ in range(2):  # two forwards before backward: the first keep index must survive the replay
-                loss = torch.nn.functional.cross_entropy(model(images), labels)
-                loss.backward()
+        kept[graphs] = []
+        torch.manual_seed(1)  # the same dropout draws in both runs
+        with apply_pruning_to_model(model, 4, 8, 0.5, scoring_graphs=graphs) as handle:
+            loss = 0
+            for half in (images[:3], images[3:]):  # two forwards, one backward: the first keep index must survive
+                loss = loss + torch.nn.functional.cross_entropy(model(half), labels[:3])  # the second replay
+                kept[graphs].append(pruning_hook(handle).state.kept.clone())
+            loss.backward()
         grads[graphs] = [p.grad.clone() for p in model.parameters()]
-    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+    assert all(torch.equal(a, b) for a, b in zip(kept[False], kept[True]))
+    # gather's backward accumulates with atomics on CUDA: equal up to summation order
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads[False], grads[True]))
 
     model = base.eval()
     with torch.inference_mode(), apply_pruning_to_model(model, 4, 8, 0.5) as handle:
