@@ -5,11 +5,13 @@ kernels. Run eagerly, each costs a Python dispatch and a launch; at batch 1, or 
 queue runs dry, that launch time is the scoring's real cost. Captured once per input shape and
 replayed, it is three launches: copy the tokens in, replay, copy the selection out.
 
-The graph reads the block's weights at the addresses it was captured with. Updates in place
-(an optimizer step, `load_state_dict`) are seen by the next replay; a weight that moves (`.to()`,
-a replaced `.data`) changes the signature and is captured anew. Where capture is not possible
-(CPU tensors, a forward that is itself being captured into an outer CUDA graph) or fails, the
-scoring runs eagerly: the selection is the same either way.
+Only inference forwards use it (tokens/patching.py scores eagerly wherever autograd records the
+forward, i.e. in training). The graph reads the block's weights at the addresses it was captured
+with: updates in place (an optimizer step, `load_state_dict`) are seen by the next replay; a
+weight that moves (`.to()`, a replaced `.data`) changes the signature and is captured anew. Where
+capture is not possible (CPU tensors, torch.compile tracing the forward, a forward that is itself
+being captured into an outer CUDA graph) or fails, the scoring runs eagerly: the selection is the
+same either way.
 """
 import warnings
 from collections import OrderedDict
@@ -31,7 +33,7 @@ class ScoringGraphs:
         self.disabled = False
 
     def __call__(self, tokens: torch.Tensor, score: Score, weights: Sequence[torch.Tensor]) -> Selection:
-        if self.disabled or not tokens.is_cuda or torch.cuda.is_current_stream_capturing():
+        if not self.usable(tokens):
             return score(tokens)
         key = (tuple(tokens.shape), tokens.dtype, tokens.device, torch.is_inference_mode_enabled(),
                torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
@@ -54,6 +56,11 @@ class ScoringGraphs:
         graph.replay()
         # copies: the next replay overwrites the graph's outputs, and autograd may still hold `keep`
         return Selection(out.keep.clone(), out.anchors.clone(), out.cls_attention.clone())
+
+    def usable(self, tokens: torch.Tensor) -> bool:
+        """CUDA tokens, not while torch.compile traces the forward, not inside an outer graph capture."""
+        return (not self.disabled and tokens.is_cuda and not torch.compiler.is_compiling()
+                and not torch.cuda.is_current_stream_capturing())
 
     @staticmethod
     def _capture(tokens: torch.Tensor, score: Score) -> tuple:

@@ -117,8 +117,9 @@ class AnchorPruningHook:
     def _prune(self, x: torch.Tensor) -> torch.Tensor:
         tokens, plan = self._batch_first(x), self.plan
         check_budget(tokens.shape[1], plan.k_anchors, plan.top_m, plan.num_prefix_tokens)
+        inference = not torch.is_grad_enabled()
         with torch.no_grad():  # top-k indices carry no gradient; scoring with autograd would only cost memory
-            sel = self._select(tokens)
+            sel = self._select(tokens) if inference else self._score(tokens)
         self.state.kept = sel.keep
         if self.recorder is not None:
             self.recorder.add(self.index, sel.cls_attention, _all_positions(tokens), sel.keep, sel.anchors)
