@@ -19,14 +19,22 @@ def test_token_speed_quick_writes_json(tmp_path):
     report = json.loads(out.read_text())
     assert report["device"] == "cpu" and report["dtype"] == "torch.float32"
     rows = report["rows"]
-    assert {(r["model"].split()[0], r["batch"], r["mode"]) for r in rows} == {
-        (lib, b, m) for lib in ("open_clip", "timm") for b in (1, 4) for m in ("baseline", "pruned")}
+    assert {(r["model"].split()[0], r["batch"], r["scope"], r["mode"]) for r in rows} == {
+        (lib, b, scope, m) for lib in ("open_clip", "timm") for b in (1, 4) for scope in ("encoder", "blocks")
+        for m in ("baseline", "pruned")}
     for row in rows:
-        expected = [197] * 4 if row["mode"] == "baseline" else [197] + [61] * 3
+        tokens = [197] * 4 if row["mode"] == "baseline" else [197] + [61] * 3
+        expected = tokens if row["scope"] == "encoder" else tokens[1:]  # blocks 1.. alone
         assert row["tokens_per_block"] == expected and row["median_ms"] > 0 and row["images_per_s"] > 0
         if row["mode"] == "pruned":
             assert row["ideal_speedup"] > 1.5 and row["achieved_of_ideal"] == pytest.approx(
                 row["speedup"] / row["ideal_speedup"], abs=2e-3)
+        if row["mode"] == "pruned" and row["scope"] == "blocks":
+            assert row["unscored_ms"] > 0 and row["overhead_ms"] == pytest.approx(
+                row["median_ms"] - row["unscored_ms"], abs=2e-3)
+            # the ideal of blocks 1.. alone has no unpruned block 0 in it: (197-token FLOPs) / (61-token FLOPs)
+            assert row["ideal_speedup"] > next(r["ideal_speedup"] for r in rows if r["mode"] == "pruned" and
+                                               r["scope"] == "encoder" and r["model"] == row["model"])
     assert "speedup" in proc.stdout and "wrote" in proc.stdout
 
 
