@@ -4,16 +4,19 @@ Measures images/s and latency of random-weight ViT-B/16 encoders (open_clip
 ViT-B-16 visual tower, timm vit_base_patch16_224) at 197 tokens and pruned
 (k_anchors=10, top_m=50: 61 tokens from block `start_block` on), at batch 1 and
 256, in bf16 on CUDA with CUDA-event timing, warm-up and medians, both eager
-and replayed from a CUDA graph (batch 1 is launch-bound when eager). It also
-reports the ideal speedup from the tokens each block processes (FLOPs of the
-blocks: 24*N*D^2 for the linear layers, 4*N^2*D for attention, plus the patch
-embedding) and the fraction of it achieved. Scoring costs one extra key
-projection and a few small ops in the first pruning block; it is measured,
-not modelled.
+and replayed from a CUDA graph (batch 1 is launch-bound when eager). Two scopes:
+the whole encoder, and the pruned blocks alone (fed the tokens an unpruned
+forward gives them), where the same blocks run once more on the kept tokens
+without scoring, so the scoring's cost and its share of the saved time are
+measured, not modelled. Each pruned row carries the ideal speedup from the
+tokens each block processes (FLOPs: 24*N*D^2 for the linear layers, 4*N^2*D for
+attention, plus the patch embedding in the encoder scope) and the fraction of
+it achieved.
 
 Run from the repository root, no interaction:
 
     python -m benchmarks.token_speed --out benchmarks/results/token_speed.json           # GPU: bf16, batch 1 and 256
+    python -m benchmarks.token_speed --out r.json --profile prof/                        # + kernel tables (GPU)
     python -m benchmarks.token_speed --quick --out /tmp/token_speed.json                 # CPU smoke: fp32, tiny widths
 """
 import argparse

@@ -21,6 +21,11 @@ def pruning_hook(handle):
     return found[0]
 
 
+def cuda_vit_and_images(batch: int = 4):
+    torch.manual_seed(0)
+    return create_model("vit_tiny", 10).cuda().eval(), torch.randn(batch, 3, 32, 32, device="cuda")
+
+
 def outputs_and_kept(model, images, graphs: bool, grad: bool = False):
     with apply_pruning_to_model(model, 4, 8, 0.5, scoring_graphs=graphs) as handle:
         hook = pruning_hook(handle)
@@ -58,9 +63,7 @@ def test_graphed_selection_equals_eager(dtype, mode):
 @needs_cuda
 @pytest.mark.gpu
 def test_replay_sees_weights_updated_in_place_and_moved():
-    torch.manual_seed(0)
-    model = create_model("vit_tiny", 10).cuda().eval()
-    images = torch.randn(4, 3, 32, 32, device="cuda")
+    model, images = cuda_vit_and_images()
     with torch.no_grad(), apply_pruning_to_model(model, 4, 8, 0.5) as handle:
         hook = pruning_hook(handle)
         model(images)
@@ -113,9 +116,7 @@ def test_training_scores_eagerly_and_outer_capture_matches_eager():
 @needs_cuda
 @pytest.mark.gpu
 def test_compiled_pruned_model_traces_the_eager_scoring():
-    torch.manual_seed(0)
-    model = create_model("vit_tiny", 10).cuda().eval()
-    images = torch.randn(4, 3, 32, 32, device="cuda")
+    model, images = cuda_vit_and_images()
     with torch.no_grad(), apply_pruning_to_model(model, 4, 8, 0.5, scoring_graphs=False):
         expected = model(images)
     with torch.no_grad(), apply_pruning_to_model(model, 4, 8, 0.5) as handle:

@@ -41,7 +41,8 @@ class ScoringGraphs:
         entry = self.graphs.get(key)
         if entry is None:
             try:
-                entry = self._capture(tokens, score)
+                with torch.cuda.device(tokens.device):  # the graph and its streams live on the tokens' GPU
+                    entry = self._capture(tokens, score)
             except RuntimeError as exc:
                 self.disabled = True
                 warnings.warn(f"anchor scoring runs eagerly: CUDA graph capture failed ({str(exc).splitlines()[0]})")
@@ -53,8 +54,9 @@ class ScoringGraphs:
             self.graphs.move_to_end(key)
         static_tokens, graph, out = entry
         static_tokens.copy_(tokens)
-        graph.replay()
-        # copies: the next replay overwrites the graph's outputs, and autograd may still hold `keep`
+        with torch.cuda.device(tokens.device):
+            graph.replay()
+        # copies: the next replay overwrites the graph's outputs, and callers keep the selection
         return Selection(out.keep.clone(), out.anchors.clone(), out.cls_attention.clone())
 
     def usable(self, tokens: torch.Tensor) -> bool:

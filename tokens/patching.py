@@ -4,8 +4,9 @@ Method: SPEC section 4 (anchors by CLS attention, importance + diversity
 scores; EViT, ICLR 2022; Long et al., CVPR 2023), scored in tokens/anchor.py.
 
 A forward pre-hook on the block at `start_block` scores the tokens entering it
-from the block's own q/k weights (one CLS query row plus k anchor rows; keys
-for all tokens) and hands the block only the kept tokens, per sample; the
+from the block's own q/k weights (one CLS query row plus k anchor rows, folded
+into W_k so no keys are projected; replayed from a CUDA graph in inference,
+tokens/graphed.py) and hands the block only the kept tokens, per sample; the
 untouched block then runs its own fused attention (F.scaled_dot_product_attention
 / MHA fast path) on the shorter sequence. Later blocks therefore see
 prefix + k + m tokens; their hooks only restrict an attention mask given for
@@ -110,16 +111,16 @@ class AnchorPruningHook:
                            plan.num_prefix_tokens)
 
     def _select(self, tokens: torch.Tensor) -> Selection:
-        if self.graphs is None:
-            return self._score(tokens)
-        return self.graphs(tokens, self._score, self.reader.tensors())
+        """Top-k indices carry no gradient, so scoring never records autograd; an inference forward
+        replays the scoring's CUDA graph, a training one (autograd on) scores eagerly."""
+        replay = self.graphs is not None and not torch.is_grad_enabled()
+        with torch.no_grad():
+            return self.graphs(tokens, self._score, self.reader.tensors()) if replay else self._score(tokens)
 
     def _prune(self, x: torch.Tensor) -> torch.Tensor:
         tokens, plan = self._batch_first(x), self.plan
         check_budget(tokens.shape[1], plan.k_anchors, plan.top_m, plan.num_prefix_tokens)
-        inference = not torch.is_grad_enabled()
-        with torch.no_grad():  # top-k indices carry no gradient; scoring with autograd would only cost memory
-            sel = self._select(tokens) if inference else self._score(tokens)
+        sel = self._select(tokens)
         self.state.kept = sel.keep
         if self.recorder is not None:
             self.recorder.add(self.index, sel.cls_attention, _all_positions(tokens), sel.keep, sel.anchors)
