@@ -46,12 +46,13 @@ def test_cpu_scoring_never_captures():
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "autocast"])
 def test_graphed_selection_equals_eager(dtype, mode):
     torch.manual_seed(0)
     model = create_model("vit_tiny", 10).cuda().to(dtype).eval()
-    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
-    with context():
+    contexts = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+                "autocast": lambda: torch.autocast("cuda", dtype=torch.bfloat16)}  # as clip_benchmark's --amp
+    with torch.no_grad(), contexts[mode]():
         for batch in (3, 5, 3):  # the second batch-3 call replays the cached graph
             images = torch.randn(batch, 3, 32, 32, device="cuda", dtype=dtype)
             eager_out, eager_kept, _ = outputs_and_kept(model, images, graphs=False)
