@@ -54,8 +54,7 @@ class ScoringGraphs:
             self.graphs.move_to_end(key)
         static_tokens, graph, out = entry
         static_tokens.copy_(tokens)
-        with torch.cuda.device(tokens.device):
-            graph.replay()
+        graph.replay()  # on the device it was captured on
         # copies: the next replay overwrites the graph's outputs, and callers keep the selection
         return Selection(out.keep.clone(), out.anchors.clone(), out.cls_attention.clone())
 
