@@ -32,6 +32,7 @@ import torch
 try:
     from tokens import apply_pruning_to_model
     from tokens.backends import find_target
+    from tokens.graphed import capture
     from tokens.report import run_lengths
 except ImportError:  # run as a file, the repository root is not on sys.path
     sys.exit("run from the repository root: python -m benchmarks.token_speed --out FILE [--quick]")
@@ -88,16 +89,13 @@ def percentile(values: List[float], q: float) -> float:
 def graphed(fn: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], None]:
     """Capture fn() (fixed input tensor) in a CUDA graph: at batch 1 a ViT is bound by kernel launches,
     and a replay launches them all at once, so this shows what pruning saves without that overhead."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture(fn, device, warmup=3)
     return graph.replay
+
+
+def attach_pruning(model: torch.nn.Module, args):
+    return apply_pruning_to_model(model, args.k_anchors, args.top_m, args.alpha, args.start_block,
+                                  scoring_graphs=not args.eager_scoring)
 
 
 def blocks_input(model: torch.nn.Module, target, images: torch.Tensor, start_block: int) -> torch.Tensor:
@@ -127,8 +125,7 @@ def profile_modes(model, images, args, name: str) -> None:
     from torch.profiler import ProfilerActivity, profile
     slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
     for mode in ("baseline", "pruned"):
-        handle = apply_pruning_to_model(model, args.k_anchors, args.top_m, args.alpha, args.start_block,
-                                        scoring_graphs=not args.eager_scoring) if mode == "pruned" else None
+        handle = attach_pruning(model, args) if mode == "pruned" else None
         try:
             with torch.inference_mode():
                 for _ in range(3):
@@ -162,8 +159,7 @@ def run_mode(model, target, fn, scope: str, mode: str, execution: str, batch: in
     tokens = [target.num_tokens] * len(target.blocks)
     handle = None
     if mode == "pruned":
-        handle = apply_pruning_to_model(model, args.k_anchors, args.top_m, args.alpha, args.start_block,
-                                        scoring_graphs=not args.eager_scoring)
+        handle = attach_pruning(model, args)
         tokens = handle.tokens_per_block()
     try:
         result = timed(fn, execution, args, device)

@@ -7,7 +7,7 @@ import torch
 
 from models import create_model
 from tokens import apply_pruning_to_model
-from tokens.graphed import ScoringGraphs
+from tokens.graphed import ScoringGraphs, capture
 from tokens.patching import PRUNE
 
 CUDA = torch.cuda.is_available()
@@ -101,14 +101,7 @@ def test_training_scores_eagerly_and_outer_capture_matches_eager():
     with torch.inference_mode(), apply_pruning_to_model(model, 4, 8, 0.5) as handle:
         expected = model(images)
         static = images.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            model(static)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # scoring inside an outer capture runs eagerly into that graph
-            out = model(static)
+        graph, out = capture(lambda: model(static), images.device)  # scoring inside it runs eagerly into it
         graph.replay()
         assert torch.equal(out, expected)
         assert len(pruning_hook(handle).graphs.graphs) == 1  # only the eager forward's entry

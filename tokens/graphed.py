@@ -15,13 +15,14 @@ same either way.
 """
 import warnings
 from collections import OrderedDict
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Tuple, TypeVar
 
 import torch
 
 from tokens.anchor import Selection
 
 Score = Callable[[torch.Tensor], Selection]
+T = TypeVar("T")
 
 
 class ScoringGraphs:
@@ -66,12 +67,20 @@ class ScoringGraphs:
     @staticmethod
     def _capture(tokens: torch.Tensor, score: Score) -> tuple:
         static_tokens = tokens.detach().clone()
-        side = torch.cuda.Stream(tokens.device)
-        side.wait_stream(torch.cuda.current_stream(tokens.device))
-        with torch.cuda.stream(side):
-            score(static_tokens)  # warm-up outside the graph (library handles, workspaces)
-        torch.cuda.current_stream(tokens.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = score(static_tokens)
+        graph, out = capture(lambda: score(static_tokens), tokens.device)
         return static_tokens, graph, out
+
+
+def capture(fn: Callable[[], T], device: torch.device, warmup: int = 1) -> Tuple[torch.cuda.CUDAGraph, T]:
+    """Run fn() `warmup` times on a side stream (library handles, workspaces), then capture it once;
+    returns the graph and the captured call's output, whose tensors each replay refills."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
