@@ -16,7 +16,8 @@ from utils import reports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PARENT_ROUNDS = [(0, 100.0, 70.5, 69.0), (1, 50.0, 71.25, 70.0), (2, 25.0, 66.0, 65.5)]  # round, rem, test, val
+# round, remaining %, test, val: round 2 has the parent's best *test* top-1 but round 1 its best *validation*
+PARENT_ROUNDS = [(0, 100.0, 70.5, 69.0), (1, 50.0, 71.25, 70.0), (2, 25.0, 72.5, 65.5)]
 BRANCH_ROUNDS = [(2, 35.0, 72.0, 71.0), (3, 12.25, 64.5, 63.0)]
 
 
@@ -27,8 +28,9 @@ def config_record(**overrides) -> dict:
     return {"config": config, "config_hash": "0123456789abcdef"}
 
 
-def write_run(directory, rounds, config, first_parent):
-    """A run dir as the runner leaves it; `first_parent` is the parent file of the first round."""
+def write_run(directory, rounds, config, first_parent, extra=None):
+    """A run dir as the runner leaves it; `first_parent` is the parent file of the first round;
+    `extra(round)` adds a struct mode's round_metrics() to the round record."""
     os.makedirs(directory)
     lineage, lines = {"rounds": [], "config_hash": config["config_hash"], "run_dir": str(directory)}, []
     parent = first_parent
@@ -41,7 +43,7 @@ def write_run(directory, rounds, config, first_parent):
         lines.append({"type": "round", "round": index, "epochs": 2, "val_top1": val, "best_epoch": 2,
                       "test_top1": test, "train_loss": 1.4, "remaining_pct": remaining, "best_test_top1": test,
                       "checkpoint": os.path.join(str(directory), checkpoint),
-                      "layer_sparsity": {"conv1.weight": 1 - remaining / 100}})
+                      "layer_sparsity": {"conv1.weight": 1 - remaining / 100}, **(extra(index) if extra else {})})
         lineage["rounds"].append({"round": index, "checkpoint": checkpoint, "sha256": "ab" * 32,
                                   "test_top1": test, "val_top1": val, "remaining_pct": remaining,
                                   "parent": parent, "parent_sha256": "cd" * 32 if parent else None})
@@ -70,7 +72,7 @@ def table_rows(table: str) -> list:
     return [[cell.strip() for cell in line.split("|")[1:-1]] for line in table.splitlines()[2:]]
 
 
-def test_table_lists_every_round_and_a_best_row_per_run(sweep):
+def test_table_marks_the_best_validation_round_with_its_test_beside(sweep):
     runs, warnings = reports.load_runs(list(sweep))
     assert warnings == []
     rows = table_rows(reports.markdown_table(runs))
@@ -79,12 +81,14 @@ def test_table_lists_every_round_and_a_best_row_per_run(sweep):
     assert rows == [
         [parent_label, "0", "100.00", "70.50", "69.00", "2"],
         [parent_label, "1", "50.00", "71.25", "70.00", "2"],
-        [parent_label, "2", "25.00", "66.00", "65.50", "2"],
-        [parent_label, "**best** (round 1)", "50.00", "**71.25**", "", ""],
+        [parent_label, "2", "25.00", "72.50", "65.50", "2"],
+        # round 2's 72.50 is the best test top-1, but the test set never selects: round 1 has the best val
+        [parent_label, "**best val** (round 1)", "50.00", "71.25", "**70.00**", ""],
         [branch_label, "2", "35.00", "72.00", "71.00", "2"],
         [branch_label, "3", "12.25", "64.50", "63.00", "2"],
-        [branch_label, "**best** (round 2)", "35.00", "**72.00**", "", ""],
+        [branch_label, "**best val** (round 2)", "35.00", "72.00", "**71.00**", ""],
     ]
+    assert [run.best().round for run in runs] == [1, 2]
 
 
 def test_tree_hangs_the_branch_under_its_parent_at_round_1(sweep):
@@ -92,7 +96,8 @@ def test_tree_hangs_the_branch_under_its_parent_at_round_1(sweep):
     runs, _ = reports.load_runs([branch, parent])  # order given must not matter
     lines = reports.lineage_tree(runs).splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("none res20s synthetic rate=0.5 crit=l1  rounds 0-2") and parent in lines[0]
+    assert lines[0].startswith("none res20s synthetic rate=0.5 crit=l1  rounds 0-2  remaining 100%->25%  "
+                               "best val 70.00 (test 71.25) @ 50%  ") and parent in lines[0]
     assert lines[1].startswith("└── branch at round 1: none res20s synthetic rate=0.3 crit=l1 [br]  rounds 2-3")
     assert branch in lines[1] and "not in this report" not in lines[1]
 
@@ -125,7 +130,7 @@ def test_cli_writes_a_png_and_report_md(sweep, tmp_path, capsys):
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1000
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# IMP sweep\n") and "![IMP sweep](accuracy_vs_remaining.png)" in markdown
-    assert "| **best** (round 1) |" in markdown.replace("  ", "")
+    assert "| **best val** (round 1) |" in markdown.replace("  ", "")
     assert "```\nnone res20s synthetic rate=0.5 crit=l1" in markdown and "└── branch at round 1" in markdown
     printed = capsys.readouterr().out
     assert "└── branch at round 1" in printed and "71.25" in printed
@@ -180,3 +185,66 @@ def test_report_on_a_real_two_round_run(tmp_path):
     runs, _ = reports.load_runs([run_dir])
     assert [r.round for r in runs[0].rounds] == [0, 1] and runs[0].rounds[1].remaining_pct == pytest.approx(50)
     assert (out / "accuracy_vs_remaining.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+# --struct token: the weights stay at 100 %, the tokens kept per image shrink (pruners/token.py round_metrics)
+TOKEN_ROUNDS = [(0, 100.0, 60.0, 61.0), (1, 100.0, 58.5, 59.5), (2, 100.0, 55.25, 60.0)]
+TOKENS_KEPT = {0: 65, 1: 33, 2: 17}  # vit_tiny at 32 px: class token + 64 patches, then rate 0.5 per round
+
+
+@pytest.fixture
+def token_and_weight_runs(sweep, tmp_path):
+    token = write_run(tmp_path / "runs" / "token", TOKEN_ROUNDS,
+                      config_record(struct="token", arch="vit_tiny", rate=0.5),
+                      str(tmp_path / "runs" / "token" / "rewind.pth.tar"),
+                      extra=lambda k: {"tokens_kept": TOKENS_KEPT[k], "patch_tokens_kept": TOKENS_KEPT[k] - 1,
+                                       "token_budget_fraction": (TOKENS_KEPT[k] - 1) / 64})
+    return sweep[0], token
+
+
+def test_token_runs_get_their_own_x_tokens_kept(token_and_weight_runs):
+    from utils import report_plot
+    parent, token = token_and_weight_runs
+    runs, warnings = reports.load_runs([parent, token])
+    assert warnings == [] and [run.is_token for run in runs] == [False, True]
+    rows = table_rows(reports.markdown_table(runs))
+    assert rows[4:] == [
+        ["token vit_tiny synthetic rate=0.5 crit=l1", "0", "100.00", "65", "60.00", "61.00", "2"],
+        ["token vit_tiny synthetic rate=0.5 crit=l1", "1", "100.00", "33", "58.50", "59.50", "2"],
+        ["token vit_tiny synthetic rate=0.5 crit=l1", "2", "100.00", "17", "55.25", "60.00", "2"],
+        ["token vit_tiny synthetic rate=0.5 crit=l1", "**best val** (round 0)", "100.00", "65", "60.00", "**61.00**", ""],
+    ]
+    assert rows[3][3] == "-"  # a weight run has no tokens kept
+    assert "tokens 65->17  best val 61.00 (test 60.00) @ 65 tokens" in reports.lineage_tree(runs)
+    figure = report_plot.accuracy_figure(runs, "mixed")
+    weights, tokens = figure.axes
+    assert (weights.get_xlabel(), tokens.get_xlabel()) == (report_plot.WEIGHTS_X, report_plot.TOKENS_X)
+    assert (weights.get_xscale(), tokens.get_xscale()) == ("log", "linear")
+    assert list(tokens.lines[0].get_xdata()) == [65, 33, 17]  # not a vertical line at 100 % weights
+    assert list(tokens.lines[0].get_ydata()) == [60.0, 58.5, 55.25]
+    assert list(weights.lines[0].get_xdata()) == [100.0, 50.0, 25.0]
+    assert tokens.get_xlim()[0] > tokens.get_xlim()[1]  # fewer tokens to the right, as fewer weights are
+    ring = next(line for line in tokens.lines if line.get_markersize() == 14)  # the best-validation round
+    assert (list(ring.get_xdata()), list(ring.get_ydata())) == ([65], [60.0])
+
+
+def test_token_run_without_its_metrics_records_is_named_not_plotted_at_100(token_and_weight_runs):
+    _, token = token_and_weight_runs
+    metrics = os.path.join(token, "metrics.jsonl")
+    with open(metrics) as f:
+        kept = [line for line in f if '"round": 2' not in line]
+    with open(metrics, "w") as f:
+        f.writelines(kept)
+    runs, warnings = reports.load_runs([token])
+    assert [r.round for r in runs[0].rounds] == [0, 1]
+    assert warnings == [f"{token}: --struct token round(s) 2 have no tokens_kept in metrics.jsonl, left out"]
+
+
+def test_without_a_validation_split_no_round_is_called_best(tmp_path):
+    run = write_run(tmp_path / "noval", [(0, 100.0, 70.0, None), (1, 50.0, 72.0, None)], config_record(),
+                    str(tmp_path / "noval" / "rewind.pth.tar"))
+    runs, _ = reports.load_runs([run])
+    assert runs[0].best() is None
+    assert table_rows(reports.markdown_table(runs))[-1][1] == "no best: no validation split"
+    assert "no validation split" in reports.lineage_tree(runs) and "best val" not in reports.lineage_tree(runs)
+    assert reports.accuracy_plot_png(runs).startswith(PNG_SIGNATURE)

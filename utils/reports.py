@@ -5,7 +5,6 @@ config.json), never the checkpoints, so a report is cheap and works on run dirs
 copied off a cluster. Readers tolerate missing or half-written files: a run that
 crashed mid-write still reports the rounds it finished.
 """
-import io
 import json
 import os
 from dataclasses import dataclass
@@ -21,10 +20,11 @@ MARKERS = "osD^vP*X"
 @dataclass
 class RoundRow:
     round: int
-    remaining_pct: float
+    remaining_pct: float                # % of the prunable weights left (100 for every --struct token round)
     test_top1: float
-    val_top1: Optional[float] = None
+    val_top1: Optional[float] = None    # best validation top-1 of the round; None without a validation split
     epochs: Optional[int] = None
+    tokens_kept: Optional[int] = None   # --struct token: tokens per image (prefix + patch) from the start block on
 
 
 @dataclass(eq=False)  # identity equality: runs are dict keys in the lineage tree
@@ -35,9 +35,21 @@ class Run:
     origin: Optional[str] = None        # parent file of the first round when it lies in another run dir
     recorded_dir: Optional[str] = None  # run_dir as written in lineage.json: where the run was made
 
-    def best(self) -> RoundRow:
-        # ties go to the sparser round: the same accuracy with fewer weights is the better ticket
-        return max(self.rounds, key=lambda r: (r.test_top1, -r.remaining_pct))
+    @property
+    def is_token(self) -> bool:
+        """A --struct token run: its rounds shrink the tokens, so its x is tokens kept, not weights."""
+        return any(r.tokens_kept is not None for r in self.rounds)
+
+    def best(self) -> Optional[RoundRow]:
+        """The round with the best *validation* top-1 (never selected on test: its test top-1 is only
+        reported beside it); None when no round has a validation split (--val_size 0). Ties go to the
+        sparser round (fewer weights, or fewer tokens): the same accuracy with less is the better ticket."""
+        rounds = [r for r in self.rounds if r.val_top1 is not None]
+        return max(rounds, key=lambda r: (r.val_top1, -r.remaining_pct, -(r.tokens_kept or 0)), default=None)
+
+    def size(self, row: RoundRow) -> str:
+        """How much of the model a round keeps, in this run's unit: '50%' or '33 tokens'."""
+        return f"{row.tokens_kept} tokens" if self.is_token else f"{row.remaining_pct:.3g}%"
 
     def names(self) -> set:
         """Every path this run dir may be known by: as given, resolved, and where it was made."""
@@ -94,11 +106,15 @@ def _read_json(path: str, warnings: list) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _optional(value, kind):
+    return None if value is None else kind(value)
+
+
 def _row(entry: dict) -> Optional[RoundRow]:
     try:
-        val, epochs = entry.get("val_top1"), entry.get("epochs")
         return RoundRow(int(entry["round"]), float(entry["remaining_pct"]), float(entry["test_top1"]),
-                        None if val is None else float(val), None if epochs is None else int(epochs))
+                        _optional(entry.get("val_top1"), float), _optional(entry.get("epochs"), int),
+                        _optional(entry.get("tokens_kept"), int))
     except (KeyError, TypeError, ValueError):
         return None  # a record missing its numbers has nothing to plot
 
@@ -126,9 +142,14 @@ def read_run(directory: str, warnings: list) -> Run:
                             key=lambda e: e["round"])
     for entry in lineage_rounds:
         merged[entry["round"]] = {**merged.get(entry["round"], {}), **entry}
-    run = Run(directory, run_label(config, os.path.basename(directory)),
-              sorted(filter(None, map(_row, merged.values())), key=lambda r: r.round),
-              recorded_dir=lineage.get("run_dir"))
+    rows = sorted(filter(None, map(_row, merged.values())), key=lambda r: r.round)
+    if config.get("struct") == "token" or any(r.tokens_kept is not None for r in rows):
+        unsized = [r.round for r in rows if r.tokens_kept is None]  # their round record in metrics.jsonl is lost
+        if unsized:
+            warnings.append(f"{directory}: --struct token round(s) {compact_rounds(unsized)} have no tokens_kept "
+                            f"in metrics.jsonl, left out")
+            rows = [r for r in rows if r.tokens_kept is not None]
+    run = Run(directory, run_label(config, os.path.basename(directory)), rows, recorded_dir=lineage.get("run_dir"))
     parent = lineage_rounds[0].get("parent") if lineage_rounds else None
     if parent and _norm(os.path.dirname(parent)) not in run.names():  # else: its own rewind.pth.tar
         run.origin = parent
@@ -217,12 +238,14 @@ def lineage_tree(runs: list) -> str:
     """Runs as nodes; a branch hangs under the run it started from, marked with the round."""
     points, lines = branch_points(runs), []
     for run, prefix in _walk_tree(runs):
-        best, first, last = run.best(), run.rounds[0].remaining_pct, run.rounds[-1].remaining_pct
-        remaining = f"{first:.3g}%" if len(run.rounds) == 1 else f"{first:.3g}%->{last:.3g}%"
+        best, first, last = run.best(), run.size(run.rounds[0]), run.size(run.rounds[-1])
+        kept = first if len(run.rounds) == 1 else f"{first}->{last}"
+        chosen = (f"best val {best.val_top1:.2f} (test {best.test_top1:.2f}) @ {run.size(best)}" if best
+                  else "no validation split")
         # a branch under its parent needs no path; one whose parent is not in the report does
         foreign = f"  [branched from {run.origin}, not in this report]" if run.origin and run not in points else ""
         lines.append(f"{prefix}{run.label}  rounds {compact_rounds([r.round for r in run.rounds])}  "
-                     f"remaining {remaining}  best {best.test_top1:.2f} @ {best.remaining_pct:.3g}%  "
+                     f"{'tokens' if run.is_token else 'remaining'} {kept.replace(' tokens', '')}  {chosen}  "
                      f"({run.directory}){foreign}")
     return "\n".join(lines)
 
@@ -233,15 +256,21 @@ def _fmt(value) -> str:
 
 
 def markdown_table(runs: list) -> str:
-    """One table: every round of every run, then a summary row with the run's best test top-1."""
-    header = ["run", "round", "remaining %", "test top-1", "val top-1", "epochs"]
+    """One table: every round of every run, then a summary row marking the round with the best
+    validation top-1 (its test top-1 beside it, as reported, never used to choose). A `tokens kept`
+    column appears when a --struct token run is in the report."""
+    tokens = any(run.is_token for run in runs)
+    header = ["run", "round", "remaining %"] + ["tokens kept"] * tokens + ["test top-1", "val top-1", "epochs"]
     body = []
     for run in runs:
         label, best = run.label.replace("|", "\\|"), run.best()
-        body += [[label, str(r.round), _fmt(r.remaining_pct), _fmt(r.test_top1), _fmt(r.val_top1), _fmt(r.epochs)]
-                 for r in run.rounds]
-        body.append([label, f"**best** (round {best.round})", _fmt(best.remaining_pct),
-                     f"**{_fmt(best.test_top1)}**", "", ""])
+        body += [[label, str(r.round), _fmt(r.remaining_pct)] + [_fmt(r.tokens_kept)] * tokens +
+                 [_fmt(r.test_top1), _fmt(r.val_top1), _fmt(r.epochs)] for r in run.rounds]
+        if best is None:
+            body.append([label, "no best: no validation split", ""] + [""] * tokens + ["", "", ""])
+        else:
+            body.append([label, f"**best val** (round {best.round})", _fmt(best.remaining_pct)] +
+                        [_fmt(best.tokens_kept)] * tokens + [_fmt(best.test_top1), f"**{_fmt(best.val_top1)}**", ""])
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
     rule = ["-" * widths[0]] + ["-" * (w - 1) + ":" for w in widths[1:]]  # numbers right-aligned
     return "\n".join("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
@@ -249,41 +278,7 @@ def markdown_table(runs: list) -> str:
 
 
 def accuracy_plot_png(runs: list, title: str = DEFAULT_TITLE) -> bytes:
-    """Test top-1 vs remaining weights, log x decreasing left to right as in IMP papers."""
-    # a bare Figure on the Agg canvas: no pyplot, so no global backend switch in the caller's process
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
-
-    figure = Figure(figsize=(8, 5), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    points = branch_points(runs)
-    dense_runs = sum(any(r.round == 0 for r in run.rounds) for run in runs)
-    for i, run in enumerate(runs):
-        color = f"C{i % 10}"
-        rows = [r for r in run.rounds if r.remaining_pct > 0]  # a fully pruned round has no place on a log axis
-        axes.plot([r.remaining_pct for r in rows], [r.test_top1 for r in rows], marker=MARKERS[i % len(MARKERS)],
-                  color=color, label=run.label)
-        for dense in (r for r in run.rounds if r.round == 0):
-            name = "dense baseline" if dense_runs == 1 else f"dense baseline ({run.label})"
-            axes.axhline(dense.test_top1, color=color, linestyle="--", linewidth=0.9, alpha=0.7, label=name)
-        parent, at = points.get(run, (None, None))
-        start = next((r for r in parent.rounds if r.round == at), None) if parent else None
-        if start is not None and rows:  # a dotted link from the parent's round the branch started from
-            axes.plot([start.remaining_pct, rows[0].remaining_pct], [start.test_top1, rows[0].test_top1],
-                      linestyle=":", color=color)
-    axes.set_xscale("log")
-    axes.invert_xaxis()
-    ticks = sorted({round(r.remaining_pct, 2) for run in runs for r in run.rounds if r.remaining_pct > 0})
-    if len(ticks) <= 12:  # label the actual sparsity levels when they fit
-        axes.xaxis.set_major_locator(FixedLocator(ticks))
-        axes.xaxis.set_minor_locator(NullLocator())
-    axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.3g}"))
-    axes.set(xlabel="remaining weights (%)", ylabel="test top-1 (%)", title=title)
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize="small", loc="best")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    """The report's plot as PNG bytes (utils/report_plot.py: a weights panel and, for --struct token
+    runs, a tokens-kept panel). matplotlib is imported only here: the rest of a report needs none."""
+    from utils.report_plot import accuracy_plot_png as render
+    return render(runs, title)
