@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from utils.config import RunConfig
+from utils.config import RunConfig, resolve_schedule
 from utils.errors import NumericalError, UsageError
 from utils.interrupts import Interrupted
 
@@ -54,10 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--weight_decay", type=float, default=d.weight_decay)
-    g.add_argument("--warmup", type=int, default=None, help="linear warm-up epochs (default 20, or a sixth of a "
-                   "shorter round)")
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up epochs (default min(20, a sixth of "
+                   "--epochs), ending before the first milestone)")
     g.add_argument("--decreasing_lr", type=_milestones, default=None, help="LR x0.1 milestones (default: 50%% "
-                   "and 75%% of --epochs)")
+                   "and 75%% of --epochs, or of the epochs after an explicit --warmup that reaches them)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--amp", default=d.amp, choices=("auto", "none", "bf16"),
                    help="autocast dtype (auto: bf16 on CUDA, fp32 on the CPU)")
@@ -135,11 +135,17 @@ def validate(args: argparse.Namespace) -> RunConfig:
     _check(args.weight_decay >= 0, f"--weight_decay {args.weight_decay}: must be non-negative")
     if args.warmup is not None:
         _check(0 <= args.warmup < args.epochs, f"--warmup {args.warmup}: must be in [0, --epochs {args.epochs})")
-    milestones = tuple(args.decreasing_lr or ())
-    for m in milestones:
+    given_milestones = tuple(args.decreasing_lr) if args.decreasing_lr else None
+    for m in given_milestones or ():
         _check(0 < m < args.epochs, f"--decreasing_lr {m}: milestones must lie inside the round "
                f"(1..{args.epochs - 1} for --epochs {args.epochs}); one at or past the end does nothing")
-    _check(list(milestones) == sorted(set(milestones)), f"--decreasing_lr {milestones}: must be increasing")
+    if given_milestones:
+        _check(list(given_milestones) == sorted(set(given_milestones)),
+               f"--decreasing_lr {given_milestones}: must be increasing")
+        _check(args.warmup is None or given_milestones[0] > args.warmup,
+               f"--decreasing_lr {given_milestones[0]}: at or before the end of --warmup {args.warmup}, "
+               f"so the round never trains at the full --lr; move the milestone or shorten the warm-up")
+    warmup, milestones = resolve_schedule(args.epochs, args.warmup, given_milestones)
     if args.prune_type == "rewind_lt":
         _check(0 <= args.rewind_epoch < args.epochs, f"--rewind_epoch {args.rewind_epoch}: must be in "
                f"[0, --epochs {args.epochs}) for --prune_type rewind_lt")
@@ -164,7 +170,7 @@ def validate(args: argparse.Namespace) -> RunConfig:
         rate=args.rate, pruning_times=args.pruning_times, prune_type=args.prune_type,
         rewind_epoch=args.rewind_epoch, prune_classifier=args.prune_classifier, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        warmup=RunConfig.warmup if args.warmup is None else args.warmup, decreasing_lr=milestones,
+        warmup=warmup, decreasing_lr=milestones,
         seed=args.seed, amp=args.amp, nan_policy=args.nan_policy, criteria=args.criteria, criteria_batches=args.criteria_batches,
         fillback_rate=args.fillback_rate, vit_structured=args.vit_structured,
         vit_prune_target=args.vit_prune_target, block_size=args.block_size, block_density=args.block_density,

@@ -38,8 +38,8 @@ class RunConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    warmup: int = 20
-    decreasing_lr: Tuple[int, ...] = ()
+    warmup: Optional[int] = None  # None: resolved by resolve_schedule (the CLI stores the effective value)
+    decreasing_lr: Optional[Tuple[int, ...]] = None  # None: resolved likewise
     seed: int = 1
     amp: str = "auto"
     nan_policy: str = "stop"
@@ -83,7 +83,7 @@ class RunConfig:
     def from_dict(cls, values: dict) -> "RunConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
-        return cls(**kwargs)
+        return cls(**_upgrade_legacy_schedule(kwargs))
 
     def experiment_fields(self) -> dict:
         return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL_FIELDS}
@@ -95,15 +95,47 @@ class RunConfig:
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
 
-    def milestones(self) -> Tuple[int, ...]:
-        """LR milestones: the given ones, else 50 % and 75 % of the round's epochs.
+    def schedule(self) -> Tuple[int, Tuple[int, ...]]:
+        """The effective (warm-up epochs, LR milestones) of a round; see resolve_schedule."""
+        return resolve_schedule(self.epochs, self.warmup, self.decreasing_lr)
 
-        In a round too short for both, a default milestone at epoch 0 would decay the LR
-        from the first step, so defaults below epoch 1 are dropped and equal ones merged.
-        """
-        if self.decreasing_lr:
-            return self.decreasing_lr
-        return tuple(sorted({m for m in (self.epochs // 2, (self.epochs * 3) // 4) if m > 0}))
+    def milestones(self) -> Tuple[int, ...]:
+        return self.schedule()[1]
+
+
+DEFAULT_WARMUP = 20  # epochs, as in the RSST code's main_imp_fillback.py
+
+
+def resolve_schedule(epochs: int, warmup: Optional[int] = None,
+                     milestones: Optional[Tuple[int, ...]] = None) -> Tuple[int, Tuple[int, ...]]:
+    """Warm-up and LR milestones resolved together, so a round always has an epoch at full `--lr`.
+
+    warmup: given, else min(20, epochs // 6) and, with given milestones, below the first one.
+    milestones: given, else 50 % and 75 % of `epochs`; when a given warm-up reaches the first of
+    those, 50 % and 75 % of the epochs after the warm-up instead. Defaults at or before the end of
+    the warm-up or at/after `epochs` are dropped, equal ones merged (so a 1-epoch round has none).
+    Given values are returned unchanged (the CLI refuses a milestone at or before the warm-up's end).
+    """
+    if warmup is None:
+        warmup = min(DEFAULT_WARMUP, epochs // 6)
+        if milestones:
+            warmup = min(warmup, milestones[0] - 1)
+    if milestones is None:
+        start = 0 if epochs // 2 > warmup else warmup
+        span = epochs - start
+        milestones = tuple(sorted({m for m in (start + span // 2, start + (span * 3) // 4) if warmup < m < epochs}))
+    return max(warmup, 0), tuple(milestones)
+
+
+def _upgrade_legacy_schedule(fields: dict) -> dict:
+    """Configs saved before warm-up and milestones were resolved hold the defaults as 20 and []:
+    the warm-up a round used (20, or epochs // 6 when 20 did not fit) and default milestones."""
+    epochs, warmup = fields.get("epochs", RunConfig.epochs), fields.get("warmup")
+    if warmup is not None and warmup >= epochs:
+        fields["warmup"] = warmup = epochs // 6
+    if warmup is not None and fields.get("decreasing_lr") == ():
+        fields["decreasing_lr"] = resolve_schedule(epochs, warmup, None)[1]
+    return fields
 
 
 def config_differences(old: dict, new: dict) -> list:
