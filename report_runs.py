@@ -4,10 +4,13 @@
     python report_runs.py RUN_DIR [RUN_DIR ...] [--out report] [--title TITLE]
 
 A RUN_DIR may also be a folder of run dirs (e.g. a sweep's output). Writes
-<out>/accuracy_vs_remaining.png and <out>/report.md and prints the table and tree.
+<out>/accuracy_vs_remaining.png (needs matplotlib: without it, a warning and no plot) and
+<out>/report.md and prints the table and tree. "best" is the round with the best validation
+top-1 (its test top-1 shown beside it); --struct token runs are plotted against tokens kept.
 Bad input exits with code 2 and one line naming the path.
 """
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -27,8 +30,14 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def have_matplotlib() -> bool:
+    """matplotlib is an extra (pip install '.[reports]'): without it the table and tree still come out."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def write_report(runs: list, out: str, title: str) -> tuple:
-    """Writes both files atomically, so a reader never sees half a PNG; returns (table, tree)."""
+    """Writes the plot (when matplotlib is installed) and report.md atomically, so a reader never sees
+    half a PNG; returns (table, tree, the files written)."""
     # the runner's atomic writer (fsync, umask) lives beside torch.save: import it only once there is
     # something to write, so a mistyped path fails in a blink instead of after loading torch
     from utils.checkpoint import atomic_write_bytes, atomic_write_text
@@ -39,11 +48,13 @@ def write_report(runs: list, out: str, title: str) -> tuple:
     except OSError as exc:
         raise UsageError(f"{out}: cannot create the output directory ({exc.strerror})") from None
     table, tree = reports.markdown_table(runs), reports.lineage_tree(runs)
-    atomic_write_bytes(os.path.join(out, PLOT_NAME), reports.accuracy_plot_png(runs, title))
-    document = (f"# {title}\n\n![{title}]({PLOT_NAME})\n\n## Rounds\n\n{table}\n\n"
-                f"## Lineage\n\n```\n{tree}\n```\n")
+    written, image = [], ""
+    if have_matplotlib():
+        atomic_write_bytes(os.path.join(out, PLOT_NAME), reports.accuracy_plot_png(runs, title))
+        written, image = [PLOT_NAME], f"![{title}]({PLOT_NAME})\n\n"
+    document = f"# {title}\n\n{image}## Rounds\n\n{table}\n\n## Lineage\n\n```\n{tree}\n```\n"
     atomic_write_text(os.path.join(out, REPORT_NAME), document)
-    return table, tree
+    return table, tree, written + [REPORT_NAME]
 
 
 def main(argv=None) -> int:
@@ -52,14 +63,17 @@ def main(argv=None) -> int:
         runs, warnings = reports.load_runs(args.run_dirs)
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
-        table, tree = write_report(runs, args.out, args.title)
+        if not have_matplotlib():
+            print(f"warning: matplotlib is not installed: no {PLOT_NAME} (pip install matplotlib, "
+                  f"or pip install '.[reports]')", file=sys.stderr)
+        table, tree, written = write_report(runs, args.out, args.title)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(table)
     print()
     print(tree)
-    print(f"\nwrote {os.path.join(args.out, PLOT_NAME)} and {os.path.join(args.out, REPORT_NAME)}")
+    print(f"\nwrote {' and '.join(os.path.join(args.out, name) for name in written)}")
     return 0
 
 

@@ -248,3 +248,14 @@ def test_without_a_validation_split_no_round_is_called_best(tmp_path):
     assert table_rows(reports.markdown_table(runs))[-1][1] == "no best: no validation split"
     assert "no validation split" in reports.lineage_tree(runs) and "best val" not in reports.lineage_tree(runs)
     assert reports.accuracy_plot_png(runs).startswith(PNG_SIGNATURE)
+
+
+def test_without_matplotlib_the_table_and_tree_still_come_out(sweep, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(report_runs, "have_matplotlib", lambda: False)  # the core install has no matplotlib
+    out = tmp_path / "report"
+    assert report_runs.main([sweep[0], "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ("warning: matplotlib is not installed: no accuracy_vs_remaining.png "
+                                    "(pip install matplotlib, or pip install '.[reports]')")
+    assert sorted(os.listdir(out)) == ["report.md"] and "![" not in (out / "report.md").read_text()
+    assert "| **best val** (round 1) |" in captured.out.replace("  ", "")
