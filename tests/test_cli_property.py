@@ -1,9 +1,10 @@
 """Property: the CLI exits 2 with one line naming a bad flag exactly when some value is bad, and writes nothing.
 
 Validity is computed here, from the spec, independently of utils/cli.py: each
-flag has a list of valid and invalid spellings, and the few rules that tie
-flags together (milestones, warm-up and rewind epoch inside the round) are
-re-stated below.
+flag has a list of valid and invalid spellings, and the rules that tie flags
+together (milestones, warm-up and rewind epoch inside the round, no milestone
+inside the warm-up, mode-specific flags refused where the mode does not read
+them) are re-stated below.
 """
 import contextlib
 import io
@@ -76,7 +77,7 @@ def milestones_of(text):
         return None
 
 
-def invalid_flags(values):
+def invalid_flags(values, switches=()):
     """The flags whose values the spec rejects, given everything else on the command line."""
     bad = {flag for flag, value in values.items() if flag in FLAGS and value in FLAGS[flag][1]}
     epochs = as_int(values.get("epochs", str(DEFAULT_EPOCHS)))
@@ -91,10 +92,51 @@ def invalid_flags(values):
         ms = milestones_of(values["decreasing_lr"])
         if ms is None or any(not 0 < m < epochs for m in ms) or any(b <= a for a, b in zip(ms, ms[1:])):
             bad.add("decreasing_lr")
+        elif ms and "warmup" not in bad and "warmup" in values and ms[0] <= int(values["warmup"]):
+            bad.add("decreasing_lr")  # the round would never train at the full --lr
     rewind = as_int(values.get("rewind_epoch", str(DEFAULT_REWIND_EPOCH)))  # the default counts too
     if rewind is None or (values.get("prune_type") == "rewind_lt" and not 0 <= rewind < epochs):
         bad.add("rewind_epoch")
-    return bad
+    return bad | unread_flags(values, switches)
+
+
+# what each mode-specific flag is read by, restated from the README's table "Flags a mode does not read"
+DEFAULTS = {"criteria": "l1", "criteria_batches": 4, "fillback_rate": 0.0, "vit_prune_target": "both",
+            "RST_schedule": "exp_custom_exponents", "reg_granularity_prune": 1.0, "exponents": 4, "block_size": 8,
+            "block_density": 0.5, "k_anchors": 10, "alpha": 0.5, "token_start_block": 1,
+            "rewind_epoch": DEFAULT_REWIND_EPOCH}
+
+
+def differs(flag, text):
+    if flag not in DEFAULTS:
+        return True  # token_keep: no default value
+    default = DEFAULTS[flag]
+    try:
+        return type(default)(text) != default
+    except ValueError:
+        return True
+
+
+def unread_flags(values, switches):
+    """Flags given with a non-default value that the chosen struct / schedule / prune type never reads."""
+    struct, criteria = values.get("struct", "rsst"), values.get("criteria", "l1")
+    channels, rsst = struct in ("refill", "rsst"), struct == "rsst"
+    reads = {
+        "criteria": channels, "fillback_rate": channels,
+        "criteria_batches": channels and criteria in ("l1", "l2", "saliency"),
+        "vit_prune_target": "--vit_structured" in switches,
+        "RST_schedule": rsst, "reg_granularity_prune": rsst,
+        "exponents": rsst and values.get("RST_schedule", "exp_custom_exponents") == "exp_custom_exponents",
+        "block_size": struct == "regroup", "block_density": struct == "regroup",
+        "token_keep": struct == "token", "k_anchors": struct == "token", "alpha": struct == "token",
+        "token_start_block": struct == "token", "rewind_epoch": values.get("prune_type") == "rewind_lt",
+    }
+    unread = {flag for flag, read in reads.items() if flag in values and not read and differs(flag, values[flag])}
+    if "--vit_structured" in switches and not channels:
+        unread.add("vit_structured")
+    if "--prune_classifier" in switches and struct == "token":
+        unread.add("prune_classifier")
+    return unread
 
 
 def value_of(flag):
@@ -128,7 +170,7 @@ def command_lines(draw):
 @given(command_lines())
 def test_exit_2_exactly_when_a_value_is_bad(case):
     argv, values = case
-    bad, started, stderr = invalid_flags(values), [], io.StringIO()
+    bad, started, stderr = invalid_flags(values, [a for a in argv if a in SWITCHES]), [], io.StringIO()
     previous = os.getcwd()
     with tempfile.TemporaryDirectory() as cwd, contextlib.redirect_stderr(stderr):
         os.chdir(cwd)

@@ -11,7 +11,7 @@ from utils.replay_flags import flags_for
 def test_replayed_flags_rebuild_the_same_config():
     config = parse_config(["--arch", "vit_tiny", "--struct", "rsst", "--vit_structured", "--criteria", "l2",
                            "--rate", "0.3", "--decreasing_lr", "20,30", "--epochs", "40", "--no_wandb",
-                           "--exp_name", "x", "--token_keep", "30,20", "--no_progress", "--no_cuda_graph",
+                           "--exp_name", "x", "--no_progress", "--no_cuda_graph",
                            "--compile", "off", "--nan_policy", "skip_batch"])
     again = parse_config(flags_for(config))
     assert again == config

@@ -4,6 +4,7 @@ Every rejected value exits with code 2 and one line naming the flag, before any
 run directory is created.
 """
 import argparse
+import difflib
 import math
 import sys
 from typing import List, Optional, Sequence
@@ -18,9 +19,69 @@ CRITERIA = ("remain", "magnitude", "l1", "l2", "saliency")
 SCHEDULES = ("x", "x^2", "x^3", "exp", "exp_custom", "exp_custom_exponents")
 
 
+ACTIVATION_CRITERIA = ("l1", "l2", "saliency")
+CHANNEL_MODES = ("refill", "rsst")
+# flags that only some settings read: flag -> (is it read, given the parsed args; the setting that makes it
+# unread; what reads it). A flag given explicitly with a value other than its default where it is not read
+# is refused (README, "Flags a mode does not read").
+_STRUCT = lambda a: f"--struct {a.struct}"  # noqa: E731
+USED_ONLY_WITH = {
+    "criteria": (lambda a: a.struct in CHANNEL_MODES, _STRUCT, "--struct refill or rsst"),
+    "criteria_batches": (lambda a: a.struct in CHANNEL_MODES and a.criteria in ACTIVATION_CRITERIA,
+                         lambda a: _STRUCT(a) if a.struct not in CHANNEL_MODES else f"--criteria {a.criteria}",
+                         "--criteria l1, l2 or saliency of --struct refill or rsst"),
+    "fillback_rate": (lambda a: a.struct in CHANNEL_MODES, _STRUCT, "--struct refill or rsst"),
+    "vit_structured": (lambda a: a.struct in CHANNEL_MODES, _STRUCT, "--struct refill or rsst"),
+    "vit_prune_target": (lambda a: a.vit_structured, lambda a: "channel-level pruning", "--vit_structured"),
+    "RST_schedule": (lambda a: a.struct == "rsst", _STRUCT, "--struct rsst"),
+    "reg_granularity_prune": (lambda a: a.struct == "rsst", _STRUCT, "--struct rsst"),
+    "exponents": (lambda a: a.struct == "rsst" and a.RST_schedule == "exp_custom_exponents",
+                  lambda a: _STRUCT(a) if a.struct != "rsst" else f"--RST_schedule {a.RST_schedule}",
+                  "--RST_schedule exp_custom_exponents of --struct rsst"),
+    "block_size": (lambda a: a.struct == "regroup", _STRUCT, "--struct regroup"),
+    "block_density": (lambda a: a.struct == "regroup", _STRUCT, "--struct regroup"),
+    "token_keep": (lambda a: a.struct == "token", _STRUCT, "--struct token"),
+    "k_anchors": (lambda a: a.struct == "token", _STRUCT, "--struct token"),
+    "alpha": (lambda a: a.struct == "token", _STRUCT, "--struct token"),
+    "token_start_block": (lambda a: a.struct == "token", _STRUCT, "--struct token"),
+    "prune_classifier": (lambda a: a.struct != "token", _STRUCT, "the modes that prune weights"),
+    "rewind_epoch": (lambda a: a.prune_type == "rewind_lt", lambda a: f"--prune_type {a.prune_type}",
+                     "--prune_type rewind_lt"),
+}
+
+
 class OneLineParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # `--epoch 3` is an error, not --epochs
+
     def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            unknown = message.split(": ", 1)[1].split()[0].split("=")[0]
+            known = [o for a in self._actions for o in a.option_strings]
+            close = difflib.get_close_matches(unknown, known, n=1)
+            hint = f" (did you mean {close[0]}? flags are not abbreviated)" if close else ""
+            message = f"{unknown}: unknown flag{hint}"
         raise UsageError(message)
+
+
+def given_flags(argv: Optional[Sequence[str]]) -> set:
+    """Destinations of the flags present in `argv`: parsed again with every default suppressed,
+    so a flag given with its default value still counts as given."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _check_used(args: argparse.Namespace, given: set) -> None:
+    """Refuse a flag that changes a value the chosen mode never reads (see USED_ONLY_WITH)."""
+    defaults = build_parser()
+    for flag, (is_used, setting, reader) in USED_ONLY_WITH.items():
+        value = getattr(args, flag)
+        if flag in given and value != defaults.get_default(flag) and not is_used(args):
+            shown = "" if isinstance(value, bool) else " " + (",".join(map(str, value)) if isinstance(value, list)
+                                                              else str(value))
+            raise UsageError(f"--{flag}{shown}: not used with {setting(args)} (read only by {reader}); drop it")
 
 
 def _milestones(text: str) -> List[int]:
@@ -113,7 +174,9 @@ def _check(condition: bool, message: str) -> None:
         raise UsageError(message)
 
 
-def validate(args: argparse.Namespace) -> RunConfig:
+def validate(args: argparse.Namespace, given: Optional[set] = None) -> RunConfig:
+    """A RunConfig from parsed flags; UsageError naming the flag for a bad value or (with `given`,
+    the flags present on the command line) a flag the chosen mode does not read."""
     from data import DATASETS
     from models import MODELS, is_known_arch
     from pruners import STRUCTS
@@ -165,6 +228,7 @@ def validate(args: argparse.Namespace) -> RunConfig:
     _check(args.print_freq >= 1, f"--print_freq {args.print_freq}: must be at least 1")
     _check(args.checkpoint_interval >= 0, f"--checkpoint_interval {args.checkpoint_interval}: must be >= 0")
     _check_device(args.device)
+    _check_used(args, given or set())
     return RunConfig(
         arch=args.arch, dataset=args.dataset, data=args.data, val_size=args.val_size, struct=args.struct,
         rate=args.rate, pruning_times=args.pruning_times, prune_type=args.prune_type,
@@ -196,7 +260,8 @@ def _check_device(name: str) -> None:
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
-    return validate(build_parser().parse_args(argv))
+    config = validate(build_parser().parse_args(argv), given_flags(argv))
+    return config
 
 
 def main(argv: Optional[Sequence[str]] = None, run=None) -> int:
