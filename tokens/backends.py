@@ -17,7 +17,7 @@ get a warning (SUPPORTED below).
 import importlib.metadata
 import warnings
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,13 +44,23 @@ class QKReader:
     """Reads one block's attention scores for chosen query tokens from its own weights, so the
     block itself still runs its fused attention on the pruned sequence."""
 
-    def __init__(self, norm: nn.Module, attn: nn.Module, weights: Callable[[], Tuple[torch.Tensor, Optional[torch.Tensor]]],
+    def __init__(self, norm: nn.Module, attn: nn.Module, projection: nn.Module, names: Tuple[str, str],
                  num_heads: int, head_dim: int, scale: float, q_norm: Optional[nn.Module] = None,
-                 k_norm: Optional[nn.Module] = None, logit_scale: Optional[Callable[[], torch.Tensor]] = None):
-        self.norm, self.attn, self.weights = norm, attn, weights
+                 k_norm: Optional[nn.Module] = None, cosine: bool = False):
+        """norm: the pre-attention norm; attn: the attention module; projection.<names[0]> / <names[1]>:
+        the fused in-projection weight [3*H*d, D] and bias [3*H*d] (or None), read at every call.
+        cosine: open_clip's scaled cosine attention (attn.logit_scale, attn.logit_scale_max).
+
+        Modules are held, never closures over them, so a deepcopy or a pickle of the model carries
+        readers that read the copy's own weights (tokens/patching.py)."""
+        self.norm, self.attn, self.projection, self.names = norm, attn, projection, tuple(names)
         self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
         self.q_norm, self.k_norm = (None if isinstance(n, nn.Identity) else n for n in (q_norm, k_norm))
-        self.logit_scale = logit_scale
+        self.cosine = cosine
+
+    def weights(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The in-projection (weight [3*H*d, D], bias or None) as the module holds it now."""
+        return getattr(self.projection, self.names[0]), getattr(self.projection, self.names[1], None)
 
     def _project(self, h: torch.Tensor, part: int, norm: Optional[nn.Module]) -> torch.Tensor:
         weight, bias = self.weights()
@@ -81,21 +91,21 @@ class QKReader:
         (about 1/16 of it at ViT-B/16 with R = 10 anchors), and no [B, H, N, d] tensor is written.
         Normalised keys (k_norm, open_clip's scaled cosine attention) need the keys themselves.
         """
-        if self.k_norm is not None or self.logit_scale is not None:
+        if self.k_norm is not None or self.cosine:
             keys, query_rows = self(x)
             return attend_with(keys, query_rows, self.scale, self.logit_scale_value())
         h = self.norm(x)
         query_rows = self._query_rows(h)
         weight, _ = self.weights()
         heads, head_dim = self.num_heads, self.head_dim
-        width = heads * head_dim
-        key_weight = weight[width:2 * width].view(heads, head_dim, width)  # [H, d, D]
+        width, dim = heads * head_dim, weight.shape[1]  # attention width H*d may differ from the token width D
+        key_weight = weight[width:2 * width].view(heads, head_dim, dim)  # [H, d, D]
 
         def attend(positions: torch.Tensor) -> torch.Tensor:
             batch, rows = positions.shape
             q = query_rows(positions) * self.scale                                  # [B, H, R, d]
             folded = torch.bmm(q.transpose(0, 1).reshape(heads, batch * rows, head_dim), key_weight)  # [H, B*R, D]
-            folded = folded.view(heads, batch, rows, width).transpose(0, 1).reshape(batch, heads * rows, width)
+            folded = folded.view(heads, batch, rows, dim).transpose(0, 1).reshape(batch, heads * rows, dim)
             logits = torch.bmm(folded, h.transpose(1, 2))                            # [B, H*R, N]
             return logits.view(batch, heads, rows, -1).softmax(dim=-1, dtype=torch.float32).mean(dim=1)
         return attend
@@ -105,7 +115,10 @@ class QKReader:
         return [*self.norm.parameters(), *self.attn.parameters()]
 
     def logit_scale_value(self) -> Optional[torch.Tensor]:
-        return None if self.logit_scale is None else self.logit_scale()
+        """open_clip's cosine-attention scale [H, 1, 1]: clamped, then exponentiated; None for q.k attention."""
+        if not self.cosine:
+            return None
+        return torch.clamp(self.attn.logit_scale, max=self.attn.logit_scale_max).exp()
 
 
 @dataclass
@@ -126,11 +139,13 @@ def _timm_reader(block: nn.Module, index: int) -> QKReader:
         from timm.layers import Attention  # timm >= 1.0
     except ImportError:
         from timm.models.vision_transformer import Attention  # timm 0.9
-    if not isinstance(block, Block) or not isinstance(block.attn, Attention):
+    # exact types: a subclass or another block (ResPostBlock, ParallelScalingBlock) or attention (DiffAttention,
+    # AttentionRope) may place its norm or compute its attention differently from what QKReader reads
+    if type(block) is not Block or type(getattr(block, "attn", None)) is not Attention:
         raise TypeError(f"block {index} is a {type(block).__name__} with {type(getattr(block, 'attn', None)).__name__}; "
                         "anchor pruning supports timm's pre-norm Block with timm.layers.Attention")
     attn = block.attn
-    return QKReader(block.norm1, attn, lambda: (attn.qkv.weight, attn.qkv.bias), attn.num_heads, attn.head_dim,
+    return QKReader(block.norm1, attn, attn.qkv, ("weight", "bias"), attn.num_heads, attn.head_dim,
                     attn.scale, attn.q_norm, attn.k_norm)
 
 
@@ -151,6 +166,9 @@ def timm_target(model: nn.Module) -> Optional[Target]:
     return Target("timm", model, model.blocks, readers, model.num_prefix_tokens, num_tokens, False)
 
 
+IN_PROJ = ("in_proj_weight", "in_proj_bias")  # open_clip / nn.MultiheadAttention fused q/k/v rows
+
+
 def _open_clip_reader(block: nn.Module, index: int) -> QKReader:
     from open_clip import transformer as oct
     attn = getattr(block, "attn", None)
@@ -158,15 +176,12 @@ def _open_clip_reader(block: nn.Module, index: int) -> QKReader:
         if attn.in_proj_weight is None:
             raise TypeError(f"block {index}: nn.MultiheadAttention with separate q/k/v weights is not supported")
         head_dim = attn.embed_dim // attn.num_heads
-        return QKReader(block.ln_1, attn, lambda: (attn.in_proj_weight, attn.in_proj_bias), attn.num_heads,
-                        head_dim, head_dim ** -0.5)
+        return QKReader(block.ln_1, attn, attn, IN_PROJ, attn.num_heads, head_dim, head_dim ** -0.5)
     custom = getattr(oct, "Attention", None)
     if custom is not None and isinstance(attn, custom):
-        def cosine_scale():  # open_clip clamps, then exponentiates its learned cosine-attention scale
-            return torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp()
-        logit_scale = cosine_scale if getattr(attn, "logit_scale", None) is not None else None
-        return QKReader(block.ln_1, attn, lambda: (attn.in_proj_weight, attn.in_proj_bias), attn.num_heads,
-                        attn.head_dim, attn.scale, getattr(attn, "ln_q", None), getattr(attn, "ln_k", None), logit_scale)
+        cosine = getattr(attn, "logit_scale", None) is not None
+        return QKReader(block.ln_1, attn, attn, IN_PROJ, attn.num_heads, attn.head_dim, attn.scale,
+                        getattr(attn, "ln_q", None), getattr(attn, "ln_k", None), cosine)
     raise TypeError(f"block {index}: attention {type(attn).__name__} is not supported "
                     "(expected nn.MultiheadAttention or open_clip.transformer.Attention)")
 

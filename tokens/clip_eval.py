@@ -24,8 +24,10 @@ if TYPE_CHECKING:  # names for annotations; Session.load imports what it needs w
     from tokens.patching import PruningHandle
     from tokens.stats import EncoderStats
 
+from tokens.clip_paths import PathError, check_writable, safe_outputs, wds_workers
+from tokens.clip_weights import NO_WEIGHTS, check_pretrained, load_error
+
 MODEL_TYPE = "open_clip_pruned"
-NO_WEIGHTS = ("", "none", "None", "random")
 
 
 class CliError(Exception):
@@ -56,8 +58,14 @@ def _benchmark_view(rest: List[str]) -> argparse.Namespace:
     """The few clip_benchmark flags this wrapper needs to read (it passes all of them on unchanged)."""
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--model", nargs="+", default=["ViT-B-32-quickgelu"])
+    p.add_argument("--pretrained", nargs="+", default=["laion400m_e32"])
     p.add_argument("--pretrained_model", nargs="+", default=[])
-    p.add_argument("--output", default="")
+    p.add_argument("--dataset", nargs="+", default=["cifar10"])
+    p.add_argument("--dataset_root", default="root")
+    p.add_argument("--split", "--test_split", dest="split", default="test")
+    p.add_argument("--num_workers", type=int, default=4)
+    p.add_argument("--model_cache_dir", default=None)
+    p.add_argument("--output", default="{dataset}_{pretrained}_{model}_{language}_{task}.json")
     p.add_argument("--model_type", default=None)
     return p.parse_known_args(rest)[0]
 
@@ -78,6 +86,31 @@ def model_token_count(model_name: str) -> Optional[int]:
     if not isinstance(size, int) or not isinstance(patch, int):
         return None
     return (size // patch) ** 2 + 1
+
+
+def check_inputs(options: argparse.Namespace, view: argparse.Namespace, weights: bool = True) -> List[str]:
+    """Paths and weights, before any work: a plain --output and --attention_output must be writable,
+    named weights must be obtainable (tokens/clip_weights.py). Returns extra clip_benchmark flags
+    (a --num_workers capped at the shard count of a local wds set)."""
+    try:
+        if "{" not in view.output:
+            check_writable(view.output, "--output")
+        if options.extract_attention:
+            check_writable(options.attention_output, "--attention_output", create_folders=True)
+        workers = wds_workers(view.dataset, view.dataset_root, view.split, view.num_workers)
+    except PathError as exc:
+        raise CliError(str(exc)) from None
+    if weights and not view.pretrained_model:  # open_clip names; other --model_type loaders have their own
+        for model in view.model:
+            for pretrained in view.pretrained:
+                problem = check_pretrained(model, pretrained, view.model_cache_dir)
+                if problem:
+                    raise CliError(f"--pretrained {pretrained}: {problem}")
+    if workers is None:
+        return []
+    print(f"clip_prune.py: --num_workers {view.num_workers} -> {workers}: the WebDataset set has {workers} "
+          f"shard(s) and a loader worker without one finds no samples", file=sys.stderr)
+    return ["--num_workers", str(workers)]
 
 
 def validate(options: argparse.Namespace, models: List[str]) -> None:
@@ -104,6 +137,7 @@ class Run:
     pretrained: str
     stats: "EncoderStats"
     handle: "Optional[PruningHandle]"
+    output: str  # clip_benchmark's result file for this run (sanitised, tokens/clip_paths.py)
 
 
 class Session:
@@ -112,6 +146,7 @@ class Session:
     def __init__(self, options: argparse.Namespace):
         self.options = options
         self.runs: List[Run] = []
+        self.output = ""  # set by safe_outputs before clip_benchmark loads each run's model
 
     def load(self, model_name: str, pretrained: str, cache_dir: Optional[str] = None, device="cpu"):
         import open_clip
@@ -119,7 +154,11 @@ class Session:
         from tokens.patching import apply_pruning_to_model
         from tokens.stats import EncoderStats
         weights = None if pretrained in NO_WEIGHTS else pretrained
-        model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=weights, cache_dir=cache_dir)
+        try:
+            model, _, transform = open_clip.create_model_and_transforms(model_name, pretrained=weights,
+                                                                        cache_dir=cache_dir)
+        except (RuntimeError, OSError, ValueError, KeyError, EOFError) as exc:
+            raise CliError(f"--pretrained {pretrained}: {load_error(model_name, str(pretrained), exc)}") from None
         model = model.to(device).eval()
         tokenizer = open_clip.get_tokenizer(model_name)
         o = self.options
@@ -129,9 +168,10 @@ class Session:
             if o.enable_pruning or o.extract_attention:
                 handle = apply_pruning_to_model(model, o.k_anchors, o.top_m, o.alpha, o.start_block,
                                                 prune=o.enable_pruning, record=o.extract_attention)
+                stats.handle = handle  # batches that capture a scoring graph count as warm-up
         except (TypeError, ValueError) as exc:
             raise CliError(f"--model {model_name}: {exc}") from None
-        self.runs.append(Run(model_name, str(pretrained), stats, handle))
+        self.runs.append(Run(model_name, str(pretrained), stats, handle, self.output))
         return model, transform, tokenizer
 
     def attention_path(self, index: int) -> str:
@@ -140,7 +180,7 @@ class Session:
         stem, ext = os.path.splitext(self.options.attention_output)
         return f"{stem}.{index}{ext or '.pt'}"
 
-    def finish(self, output: str) -> List[dict]:
+    def finish(self) -> List[dict]:
         o, summaries = self.options, []
         for index, run in enumerate(self.runs):
             summary = {"enabled": bool(o.enable_pruning), "k_anchors": o.k_anchors, "top_m": o.top_m,
@@ -154,10 +194,12 @@ class Session:
                 summary["attention_output"] = path
             summaries.append(summary)
             print(f"[anchor pruning] {run.model_name}: pruning={'on' if o.enable_pruning else 'off'} "
-                  f"tokens/block={summary['tokens_per_block']} images/s={summary['images_per_s']}")
+                  f"tokens/block={summary['tokens_per_block']} images/s={summary['images_per_s']} (steady state, "
+                  f"{summary['steady_batches']} batches; {summary['overall_images_per_s']} with "
+                  f"{summary['warmup_batches']} warm-up and {summary['partial_batches']} partial batches)")
+            if run.output and os.path.isfile(run.output):
+                add_to_result(run.output, summary)
         self.close()
-        if len(summaries) == 1 and output and "{" not in output and os.path.isfile(output):
-            add_to_result(output, summaries[0])
         return summaries
 
     def close(self) -> None:
@@ -194,20 +236,23 @@ def run(argv: List[str]) -> List[dict]:
     rest = rest[1:] if rest and rest[0] == "eval" else rest
     view = _benchmark_view(rest)
     validate(options, [] if view.pretrained_model else view.model)
-    if view.model_type not in (None, MODEL_TYPE):
-        if options.enable_pruning or options.extract_attention:
-            raise CliError(f"--model_type {view.model_type}: pruning needs --model_type {MODEL_TYPE} (the default)")
-        _call_benchmark(["eval", *rest])
-        return []
+    ours = view.model_type in (None, MODEL_TYPE)
+    if not ours and (options.enable_pruning or options.extract_attention):
+        raise CliError(f"--model_type {view.model_type}: pruning needs --model_type {MODEL_TYPE} (the default)")
+    rest = rest + check_inputs(options, view, weights=ours)
     session = Session(options)
     register(session)
     model_type = [] if view.model_type else ["--model_type", MODEL_TYPE]
     try:
-        _call_benchmark(["eval", *rest, *model_type])
+        with safe_outputs(lambda path: setattr(session, "output", path)):
+            _call_benchmark(["eval", *rest, *model_type])
+    except PathError as exc:
+        session.close()
+        raise CliError(str(exc)) from None
     except BaseException:
         session.close()
         raise
-    return session.finish(view.output)
+    return session.finish()
 
 
 def _call_benchmark(args: List[str]) -> int:

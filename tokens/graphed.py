@@ -11,7 +11,9 @@ with: updates in place (an optimizer step, `load_state_dict`) are seen by the ne
 weight that moves (`.to()`, a replaced `.data`) changes the signature and is captured anew. Where
 capture is not possible (CPU tensors, torch.compile tracing the forward, a forward that is itself
 being captured into an outer CUDA graph) or fails, the scoring runs eagerly: the selection is the
-same either way.
+same either way. A batch smaller than one already captured (the last, partial batch of an
+evaluation) is scored eagerly rather than captured: a capture costs several eager scorings.
+Copies and pickles of a model (deepcopy, torch.save) carry an empty cache.
 """
 import warnings
 from collections import OrderedDict
@@ -32,14 +34,21 @@ class ScoringGraphs:
         self.max_graphs = max_graphs
         self.graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
         self.disabled = False
+        self.captures = 0  # graphs captured so far (timing leaves the batches that captured out of steady state)
+
+    def __getstate__(self) -> dict:
+        """Captured graphs hold device memory and cannot be copied: a deepcopy or a saved model starts empty."""
+        return {"max_graphs": self.max_graphs, "graphs": OrderedDict(), "disabled": False, "captures": 0}
 
     def __call__(self, tokens: torch.Tensor, score: Score, weights: Sequence[torch.Tensor]) -> Selection:
         if not self.usable(tokens):
             return score(tokens)
-        key = (tuple(tokens.shape), tokens.dtype, tokens.device, torch.is_inference_mode_enabled(),
-               torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
-               tuple(w.data_ptr() for w in weights))
+        rest = (tokens.dtype, tokens.device, torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cuda"),
+                torch.get_autocast_dtype("cuda"), tuple(w.data_ptr() for w in weights))
+        key = (tuple(tokens.shape), *rest)
         entry = self.graphs.get(key)
+        if entry is None and self._smaller_than_captured(tokens.shape, rest):
+            return score(tokens)  # a last partial batch: one eager scoring costs less than a capture
         if entry is None:
             try:
                 with torch.cuda.device(tokens.device):  # the graph and its streams live on the tokens' GPU
@@ -49,6 +58,7 @@ class ScoringGraphs:
                 warnings.warn(f"anchor scoring runs eagerly: CUDA graph capture failed ({str(exc).splitlines()[0]})")
                 return score(tokens)
             self.graphs[key] = entry
+            self.captures += 1
             if len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
         else:
@@ -58,6 +68,10 @@ class ScoringGraphs:
         graph.replay()  # on the device it was captured on
         # copies: the next replay overwrites the graph's outputs, and callers keep the selection
         return Selection(out.keep.clone(), out.anchors.clone(), out.cls_attention.clone())
+
+    def _smaller_than_captured(self, shape: torch.Size, rest: tuple) -> bool:
+        """A graph exists for a larger batch of the same tokens per image, dtype, mode and weights."""
+        return any(key[1:] == rest and key[0][1:] == tuple(shape[1:]) and key[0][0] > shape[0] for key in self.graphs)
 
     def usable(self, tokens: torch.Tensor) -> bool:
         """CUDA tokens, not while torch.compile traces the forward, not inside an outer graph capture."""

@@ -23,13 +23,11 @@ the kept tokens are gathered with it, so in training gradients flow through
 them into every weight.
 """
 import inspect
-import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from torch.utils.hooks import RemovableHandle
 
 from tokens.anchor import Selection, check_budget, gather_tokens, select_with
 from tokens.backends import QKReader, Target, find_target
@@ -54,6 +52,9 @@ class _ForwardState:
     """The kept positions chosen by the pruning block in the current forward pass (blocks run in order)."""
     def __init__(self):
         self.kept: Optional[torch.Tensor] = None
+
+    def __getstate__(self) -> dict:
+        return {"kept": None}  # a copy or a saved model starts its next forward afresh
 
 
 def fit_mask(mask: torch.Tensor, positions: torch.Tensor, num_heads: int, flat_heads: bool) -> torch.Tensor:
@@ -173,23 +174,32 @@ def _all_positions(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
 
 
-# blocks container -> its active handle; weak, so a model that is dropped takes its entry along
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, PruningHandle]" = weakref.WeakKeyDictionary()
+def _hooks_of(block: nn.Module) -> Dict[int, AnchorPruningHook]:
+    """The anchor pruning pre-hooks registered on one block, by hook id. The hooks live in the block's own
+    hook table, so a deepcopy, a pickle or torch.save of the model carries them (and their readers, which
+    hold the copy's modules); nothing outside the model records what is attached."""
+    return {key: hook for key, hook in block._forward_pre_hooks.items() if isinstance(hook, AnchorPruningHook)}
 
 
 def pruning_attached(model: nn.Module) -> bool:
     """Whether anchor pruning is attached anywhere in `model` (and not restored yet)."""
-    return any(module in _ATTACHED for module in model.modules())
+    return any(_hooks_of(module) for module in model.modules())
 
 
 class PruningHandle:
-    """What apply_pruning_to_model attached; restore() (or leaving a `with`) detaches it."""
+    """What apply_pruning_to_model attached; restore() (or leaving a `with`) detaches it.
+    `pruning_handle(model)` gives the handle of a copied or loaded model."""
 
-    def __init__(self, target: Target, plan: PruningPlan, hooks: Dict[int, RemovableHandle],
-                 prune: bool, recorder: Optional[AttentionRecorder]):
+    def __init__(self, target: Target, plan: PruningPlan, prune: bool, recorder: Optional[AttentionRecorder]):
         self.target, self.plan, self.prune, self.recorder = target, plan, prune, recorder
-        self._hooks = hooks
         self.restored = False
+
+    def hooks(self) -> List[AnchorPruningHook]:
+        return [hook for block in self.target.blocks for hook in _hooks_of(block).values()]
+
+    def captures(self) -> int:
+        """CUDA-graph captures of the scoring so far (tokens/graphed.py); timing excludes the batches that captured."""
+        return sum(hook.graphs.captures for hook in self.hooks() if hook.graphs is not None)
 
     def tokens_per_block(self, num_tokens: Optional[int] = None) -> List[int]:
         """Tokens each block processes for an input of num_tokens tokens (default: the model's)."""
@@ -202,11 +212,13 @@ class PruningHandle:
         return [count] * self.plan.start_block + [min(count, self.plan.keep)] * (depth - self.plan.start_block)
 
     def restore(self) -> None:
+        """Remove the pruning hooks from the blocks (other hooks stay); the model is then bit-identical to before."""
         if self.restored:
             return
-        for hook in self._hooks.values():
-            hook.remove()
-        _ATTACHED.pop(self.target.blocks, None)
+        for block in self.target.blocks:
+            for key in _hooks_of(block):
+                del block._forward_pre_hooks[key]
+                block._forward_pre_hooks_with_kwargs.pop(key, None)
         self.restored = True
 
     def __enter__(self) -> "PruningHandle":
@@ -214,6 +226,17 @@ class PruningHandle:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+def pruning_handle(model: nn.Module) -> PruningHandle:
+    """The handle of the pruning attached to `model`, e.g. to a `copy.deepcopy` of a pruned model or to one
+    read back with `torch.load(..., weights_only=False)`; raises ValueError when none is attached."""
+    target = find_target(model)
+    hooks = [hook for block in target.blocks for hook in _hooks_of(block).values()]
+    if not hooks:
+        raise ValueError(f"no anchor pruning is attached to this {type(model).__name__}")
+    prune = any(hook.role != OBSERVE for hook in hooks)
+    return PruningHandle(target, hooks[0].plan, prune, hooks[0].recorder)
 
 
 def apply_pruning_to_model(model: nn.Module, k_anchors: int, top_m: int, alpha: float, start_block: int = 1, *,
@@ -239,7 +262,7 @@ def apply_pruning_to_model(model: nn.Module, k_anchors: int, top_m: int, alpha: 
         check_budget(target.num_tokens, k_anchors, top_m, target.num_prefix_tokens)
     plan = PruningPlan(k_anchors, top_m, float(alpha), start_block, target.num_prefix_tokens)
     recorder = AttentionRecorder() if record else None
-    state, hooks = _ForwardState(), {}
+    state = _ForwardState()
     for index in range(0 if record else start_block, depth):
         role = OBSERVE if not prune or index < start_block else PRUNE if index == start_block else FOLLOW
         block = target.blocks[index]
@@ -247,7 +270,5 @@ def apply_pruning_to_model(model: nn.Module, k_anchors: int, top_m: int, alpha: 
         hook = AnchorPruningHook(block, index, role, target.readers[index], plan, state, target.sequence_first,
                                  target.library == "open_clip", recorder, graphs)
         # prepend: hooks registered earlier (token counters, tokens/stats.py) must see the pruned sequence
-        hooks[index] = block.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
-    handle = PruningHandle(target, plan, hooks, prune, recorder)
-    _ATTACHED[target.blocks] = handle
-    return handle
+        block.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+    return PruningHandle(target, plan, prune, recorder)

@@ -18,19 +18,23 @@ File layout written by `AttentionRecorder.save` (a plain dict; loads with
                       ([num_images, 0] where the block pruned nothing)
 """
 import os
-from collections import defaultdict
 from typing import Dict, List, Optional
 
 import torch
 
 
+KEYS = ("cls_attention", "token_positions", "kept_positions", "anchor_positions")
+
+
 class AttentionRecorder:
+    """Plain dicts of lists (no lambdas), so a model carrying a recorder can be deep-copied and pickled."""
+
     def __init__(self):
-        self._rows: Dict[int, Dict[str, List[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+        self._rows: Dict[int, Dict[str, List[torch.Tensor]]] = {}
 
     def add(self, block: int, cls_attention: torch.Tensor, positions: torch.Tensor,
             kept: Optional[torch.Tensor], anchors: Optional[torch.Tensor]) -> None:
-        rows = self._rows[block]
+        rows = self._rows.setdefault(block, {key: [] for key in KEYS})
         batch = positions.shape[0]
         rows["cls_attention"].append(cls_attention.detach().float().cpu())
         rows["token_positions"].append(positions.detach().cpu())
@@ -52,7 +56,7 @@ class AttentionRecorder:
         blocks = sorted(self._rows)
         out = {"format": "anchor-token-attention/1", "meta": dict(meta or {}), "num_images": self.num_images,
                "blocks": torch.tensor(blocks, dtype=torch.long)}
-        for key in ("cls_attention", "token_positions", "kept_positions", "anchor_positions"):
+        for key in KEYS:
             out[key] = [torch.cat(self._rows[b][key]) for b in blocks]
         return out
 

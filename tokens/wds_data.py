@@ -2,7 +2,10 @@
 
 clip_benchmark (used for the SPEC section 4 evaluation of anchor token pruning)
 reads `--dataset wds/<name> --dataset_root DIR` from local tar shards with
-`classnames.txt` and `zeroshot_classification_templates.txt`. That is the
+`classnames.txt` and `zeroshot_classification_templates.txt`. Each loader
+worker reads whole shards, and one without a shard stops the run ("No samples
+found"), so sets are written as 16 shards by default (clip_prune.py also caps
+`--num_workers` at the shard count). That is the
 offline route: its `cifar10` builder goes through torchvision, which verifies
 md5 sums of the original pickles and otherwise downloads. The shards are written
 with clip_benchmark's own `webdataset_builder.convert_dataset`, so the layout is
@@ -14,11 +17,13 @@ the one its reader expects.
 import argparse
 import io
 import json
+import math
 import os
 from typing import List, Sequence, Tuple
 
 import numpy as np
 
+SHARDS = 16  # >= clip_benchmark's default 4 loader workers (and 8, 16): every worker gets whole shards
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -44,10 +49,14 @@ class EncodedImages:
 
 
 def write_wds(out_dir: str, samples: Sequence[Tuple[bytes, int]], classes: Sequence[str], templates: Sequence[str],
-              image_format: str, split: str = "test") -> str:
+              image_format: str, split: str = "test", shards: int = 1) -> str:
+    """Write `samples` as about `shards` equal tar shards (at most one per sample) under out_dir/split."""
     from clip_benchmark.webdataset_builder import convert_dataset
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    per_shard = math.ceil(len(samples) / min(shards, max(1, len(samples))))
     convert_dataset(EncodedImages(samples, classes, templates), split, out_dir, transform=None,
-                    image_format=image_format, verbose=False)
+                    image_format=image_format, max_count=max(1, per_shard), verbose=False)
     return out_dir
 
 
@@ -85,13 +94,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="dataset folder; pass it as --dataset_root with --dataset wds/NAME")
     parser.add_argument("--limit", type=int, default=0, help="cifar10_npz: keep only this many test images")
     parser.add_argument("--templates", type=int, default=0, help="keep only the first N prompt templates (0: all 18)")
+    parser.add_argument("--shards", type=int, default=SHARDS,
+                        help=f"tar shards to write (default {SHARDS}); clip_benchmark's loader workers (--num_workers, "
+                             "default 4) each need at least one")
     args = parser.parse_args(argv)
+    if args.shards < 1:
+        parser.error(f"--shards must be >= 1, got {args.shards}")
     templates = cifar10_templates()[: args.templates or None]
     if args.cifar10_npz:
         samples, classes = cifar10_npz_samples(args.cifar10_npz, args.limit)
-        write_wds(args.out, samples, classes, templates, "jpg")
+        write_wds(args.out, samples, classes, templates, "jpg", shards=args.shards)
     else:
-        write_wds(args.out, synthetic_samples(args.synthetic), CIFAR10_CLASSES, templates, "png")
+        write_wds(args.out, synthetic_samples(args.synthetic), CIFAR10_CLASSES, templates, "png", shards=args.shards)
     print(f"wrote {args.out}: use --dataset wds/cifar10 --dataset_root {args.out}")
     return 0
 
