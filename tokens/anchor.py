@@ -88,7 +88,8 @@ def anchor_scores(x: torch.Tensor, reference_attention: torch.Tensor, references
     never materialises a float32 copy of its tokens.
     """
     importance = reference_attention.mean(dim=1)
-    norms = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).clamp_min(1e-12)  # [B, N]
+    wide = torch.promote_types(x.dtype, torch.float32)  # float32 for bf16/fp16/fp32 tokens, float64 for float64
+    norms = torch.linalg.vector_norm(x, dim=-1, dtype=wide).float().clamp_min(1e-12)  # [B, N]
     ref_x = x.gather(1, references.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     dots = torch.bmm(x, ref_x.transpose(1, 2)).float()  # [B, N, R]
     cosine = dots / (norms.unsqueeze(-1) * norms.gather(1, references).unsqueeze(1))
