@@ -26,7 +26,7 @@ class PathError(ValueError):
 
 def slug(name: str) -> str:
     """A file-name-safe form of a model, weights or dataset name: 'local-dir:/a/b' -> 'local-dir_a_b'."""
-    return UNSAFE.sub("_", str(name)).strip("._") or "_"
+    return UNSAFE.sub("_", str(name)).strip("._")
 
 
 def check_writable(path: str, flag: str, create_folders: bool = False) -> None:
