@@ -56,3 +56,29 @@ def kill_run_when(args, directory, predicate, timeout=300):
         time.sleep(0.05)
     process.kill()
     raise AssertionError("the run never reached the kill point")
+
+
+# the packages of pyproject.toml's extras (tokens, regroup, tracking, reports, dev): a core install has none
+EXTRA_PACKAGES = ("open_clip", "clip_benchmark", "pymetis", "wandb", "matplotlib", "pytest", "hypothesis")
+CORE_RUN_ARGS = ["--dataset", "synthetic", "--arch", "res20s", "--pruning_times", "2", "--epochs", "1",
+                 "--rate", "0.5", "--batch_size", "64", "--lr", "0.05", "--val_size", "2400", "--no_progress"]
+
+
+def run_main_core_install(*args, timeout=600):
+    """run_main in a child where the extras' packages cannot be imported (`import wandb` raises
+    ImportError there), as after `pip install -r requirements-core.txt`; returns the CompletedProcess."""
+    blocker = (f"import sys; sys.modules.update(dict.fromkeys({EXTRA_PACKAGES!r})); "
+               f"sys.argv[0] = 'main_imp_fillback.py'; from utils.cli import main; sys.exit(main())")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-c", blocker, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def core_run(tmp_path_factory):
+    """One finished run for every test that only reads a run dir (about 10 s on 2 cores): the README
+    demo made small (res20s, default --struct rsst, 2 rounds x 1 epoch, --rate 0.5, 600 training
+    images), run WITHOUT --no_wandb and as on a core install (run_main_core_install). Returns
+    (run dir, CompletedProcess); the run dir is shared: copy it before changing anything in it."""
+    directory = str(tmp_path_factory.mktemp("core_run") / "run")
+    return directory, run_main_core_install(*CORE_RUN_ARGS, "--save_dir", directory)

@@ -6,7 +6,6 @@ import sys
 import pytest
 import torch
 
-import pruners.regroup  # noqa: F401  (registers "regroup" until pruners/__init__.py imports it)
 from models import create_model
 from pruners import STRUCTS
 from pruners.base import PruneContext
@@ -163,17 +162,8 @@ def test_resnet20_regroup_after_global_l1_is_block_structured_near_half_density(
     assert len(lines) == 1 and "element-wise 50.00%" in lines[0]
 
 
-def registry_has_regroup() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import pruners; print('regroup' in pruners.STRUCTS.names())"],
-                           cwd=REPO, capture_output=True, text=True)
-    return probe.stdout.strip() == "True"
-
-
 @pytest.mark.slow
 def test_cli_runs_three_regroup_rounds(tmp_path):
-    if not registry_has_regroup():
-        pytest.skip("pruners/__init__.py does not import pruners.regroup yet, so the CLI cannot find "
-                    "--struct regroup in a fresh process")
     command = [sys.executable, "main_imp_fillback.py", "--dataset", "synthetic", "--arch", "res20s",
                "--struct", "regroup", "--pruning_times", "3", "--epochs", "1", "--rate", "0.5",
                "--no_wandb", "--no_progress", "--save_dir", str(tmp_path)]
