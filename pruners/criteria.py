@@ -1,14 +1,25 @@
 """Importance of output features (channels, neurons, head rows) by `--criteria`.
 
-Weight criteria read the trained weights and masks: `remain` counts surviving
-weights per output row, `magnitude` sums their |w|. Activation criteria run a
-few training batches through the model with forward hooks on the scored layers:
-`l1` / `l2` take the norm of each output feature over batch (and space/tokens),
-`saliency` takes sum |a * dL/da| (first-order Taylor importance, Molchanov et
-al. 2017), which needs one backward pass per batch.
+One score per output row of each scored layer (a conv's output channel, a
+Linear's output feature), as the references define them
+(Structure-LTH `prune_model_custom_fillback`, RSST `vit_pruning_utils*.py`):
+
+  remain     surviving weights of the row under the new element-wise mask
+  magnitude  sum |w| over the row's *whole* trained weight (zero only where an
+             earlier round pruned; the new element-wise mask is not applied)
+  l1         sum |a| of the row's output a over batch and space/tokens
+  l2         sum a^2 (no square root: the channel reference sums squares, and the
+             ViT reference's sqrt(mean a^2) per head is a monotone function of the
+             head's total, so summing squares per row keeps its ranking)
+  saliency   sum |a * dL/da| (first-order Taylor importance, Molchanov et al. 2017),
+             one backward pass per batch
+
+Activation criteria run `--criteria_batches` training batches through the model
+in eval mode with forward hooks on the scored layers; a scored layer that the
+model never calls as a module (e.g. a qkv weight applied with F.linear) is an error.
 """
 import functools
-from typing import Callable, Dict, Iterable, Tuple
+from typing import Callable, Dict, Iterable, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,8 +45,7 @@ def remain_scores(modules: Dict[str, nn.Module], masks: Dict[str, torch.Tensor],
 
 @SCORERS.register("magnitude")
 def magnitude_scores(modules: Dict[str, nn.Module], masks: Dict[str, torch.Tensor], **_) -> Dict[str, torch.Tensor]:
-    return {name: (_rows(module.weight) * _rows(masks[f"{name}.weight"])).abs().sum(1)
-            for name, module in modules.items()}
+    return {name: _rows(module.weight).abs().sum(1) for name, module in modules.items()}
 
 
 def _feature_axis_last(output: torch.Tensor) -> torch.Tensor:
@@ -83,11 +93,32 @@ def activation_scores(kind: str, modules: Dict[str, nn.Module], model: nn.Module
         model.train(was_training)
     if not totals:
         raise ValueError("activation criteria need at least one calibration batch")
-    return {name: (value.sqrt() if kind == "l2" else value) for name, value in totals.items()}
+    silent = [name for name in modules if name not in totals]
+    if silent:
+        raise RuntimeError(f"--criteria {kind}: {silent[0]} is never called as a module in the forward pass, "
+                           f"so its outputs cannot be scored; use --criteria remain or magnitude")
+    return totals
 
 
 for _kind in ACTIVATION_CRITERIA:
     SCORERS.register(_kind)(functools.partial(activation_scores, _kind))
+
+
+def uncalled_modules(model: nn.Module, modules: Dict[str, nn.Module], sample: torch.Tensor) -> List[str]:
+    """Names of `modules` that one eval forward of `sample` [B, 3, H, W] never calls as modules:
+    activation criteria cannot see their outputs (checked before any work starts)."""
+    called = set()
+    handles = [module.register_forward_hook(lambda *_, name=name: called.add(name)) for name, module in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return [name for name in modules if name not in called]
 
 
 def output_scores(criteria: str, modules: Dict[str, nn.Module], masks: Dict[str, torch.Tensor],

@@ -13,8 +13,9 @@ PRUNABLE_MODULES = (nn.Conv2d, nn.Linear)
 
 
 def prunable_weights(model: nn.Module, exclude: Iterable[nn.Module] = ()) -> Dict[str, nn.Parameter]:
-    """Weights of conv and linear layers, by module type; `exclude` names modules left dense."""
-    excluded = {id(module) for module in exclude}
+    """Weights of conv and linear layers, by parameter name; `exclude` lists modules left dense
+    (a container excludes every layer inside it, e.g. a classifier built as a Sequential)."""
+    excluded = {id(inner) for module in exclude for inner in module.modules()}
     return {f"{name}.weight" if name else "weight": module.weight
             for name, module in model.named_modules()
             if isinstance(module, PRUNABLE_MODULES) and id(module) not in excluded}

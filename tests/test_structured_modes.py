@@ -12,16 +12,20 @@ from utils import checkpoint, paths
 
 
 def test_channels_to_keep_matches_density_plus_refill():
-    assert channels_to_keep(surviving=50, fan_in=10, out_channels=8) == 5
-    assert channels_to_keep(surviving=2, fan_in=10, out_channels=8) == 1  # at least one channel
-    assert channels_to_keep(surviving=50, fan_in=10, out_channels=8, fillback_rate=0.5) == 5 + 2  # (8-5)*0.5 -> 2
+    # the reference (default): int(n + (C - n) x fillback_rate) + 1; more cases in test_fidelity.py
+    assert channels_to_keep(surviving=50, fan_in=10, out_channels=8) == 6
+    assert channels_to_keep(surviving=2, fan_in=10, out_channels=8) == 1
+    assert channels_to_keep(surviving=50, fan_in=10, out_channels=8, fillback_rate=0.5) == 7  # int(5 + 1.5) + 1
     assert channels_to_keep(surviving=80, fan_in=10, out_channels=8, fillback_rate=1.0) == 8
+    # --refill_count nearest: round(n) + round((C - round(n)) x fillback_rate)
+    assert channels_to_keep(surviving=50, fan_in=10, out_channels=8, rule="nearest") == 5
+    assert channels_to_keep(surviving=50, fan_in=10, out_channels=8, fillback_rate=0.5, rule="nearest") == 5 + 2
 
 
 def test_regroup_to_channels_keeps_whole_top_rows():
     mask = torch.zeros(4, 2, 3, 3)
     mask[0, 0] = 1  # 9 weights survive
-    mask[2] = 1  # 18 more: 27 of fan_in 18 -> round(1.5) = 2 channels
+    mask[2] = 1  # 18 more: 27 of fan_in 18 -> n = 1.5, int(1.5) + 1 = 2 channels
     scores = torch.tensor([1.0, 0.5, 3.0, 2.0])
     new = regroup_to_channels(mask, scores)
     assert [bool(new[c].all()) for c in range(4)] == [False, False, True, True]

@@ -2,21 +2,23 @@
 import pytest
 import torch
 
-from models import classifier_of, create_model
+from models import create_model, dense_modules
 from pruners.base import PruneContext
 from pruners.criteria import CRITERIA
-from pruners.heads import combined_density, find_attention_groups, head_masks, head_scores, is_head_structured, regroup_to_heads
+from pruners.groups import find_attention_groups
+from pruners.heads import combined_density, head_masks, head_scores, is_head_structured, regroup_to_heads
 from pruners.masks import dense_masks, global_magnitude_masks, prunable_weights, remaining_count
 from pruners.rsst import RSST
 from utils.cli import parse_config
 
 
-def vit_context(criteria="magnitude", rate=0.3, target="head", seed=0):
+def vit_context(criteria="magnitude", rate=0.3, target="head", seed=0, struct="rsst", fillback_rate=0.0):
     torch.manual_seed(seed)
     model = create_model("vit_tiny", 10)
-    weights = prunable_weights(model, exclude=[classifier_of(model)])
-    config = parse_config(["--arch", "vit_tiny", "--dataset", "synthetic", "--struct", "rsst", "--vit_structured",
-                           "--criteria", criteria, "--rate", str(rate), "--vit_prune_target", target])
+    weights = prunable_weights(model, exclude=dense_modules(model))
+    config = parse_config(["--arch", "vit_tiny", "--dataset", "synthetic", "--struct", struct, "--vit_structured",
+                           "--criteria", criteria, "--rate", str(rate), "--vit_prune_target", target,
+                           "--fillback_rate", str(fillback_rate)])
     batches = [(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)), torch.arange(8) % 10)
                for i in range(2)]
     logs = []
@@ -119,3 +121,21 @@ def test_vit_structured_needs_a_vit():
     config = parse_config(["--arch", "res20s", "--struct", "rsst", "--vit_structured"])
     with pytest.raises(UsageError, match="--vit_structured: --arch res20s"):
         RSST(config).check_model(create_model("res20s", 10))
+
+
+def test_refill_plus_adds_heads_and_neurons_with_vit_structured():
+    """The mission's command (--struct refill --vit_structured --criteria magnitude --rate 0.3) with fillback
+    0, 0.1 and 0.5: refill+ adds round((C - k) x fillback_rate) neurons / heads, and the header says so."""
+    from pruners.refill import Refill
+    kept, heads = {}, {}
+    for fillback in (0.0, 0.1, 0.5):
+        ctx, logs = vit_context(target="both", struct="refill", fillback_rate=fillback)
+        masks = Refill(ctx.config).plan_round(ctx, dense_masks(ctx.weights)).final_masks
+        kept[fillback] = int(masks["blocks.0.mlp.fc1.weight"].all(1).sum())
+        heads[fillback] = int(masks["blocks.0.attn.qkv.weight"].view(3, 3, 64, 192)[0].flatten(1).all(1).sum())
+        assert f"rate=0.3 fillback_rate={fillback} mode=refill" in logs[0]
+        assert f"blocks.0.mlp.fc1  keep {kept[fillback]}/384 neurons" in logs[0]
+    base = kept[0.0]
+    assert 200 < base < 384
+    assert kept[0.1] == base + round((384 - base) * 0.1) and kept[0.5] == base + round((384 - base) * 0.5)
+    assert heads == {0.0: 2, 0.1: 2, 0.5: 2}  # 2 + round(1 x 0.5): round() takes the half to even, 0

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 import data
-from models import classifier_of, create_model
+from models import create_model, dense_modules
 from pruners import create_struct
 from pruners.base import PruneContext, RoundPlan
 from pruners.masks import apply_masks, layer_sparsity, prunable_weights, remaining_fraction
@@ -280,7 +280,7 @@ def _run_locked(config, directory: str) -> str:
     struct = create_struct(config)
     struct.check_model(model)
     splits = data.load(config.dataset, config.data, config.val_size)
-    weights = prunable_weights(model, exclude=() if config.prune_classifier else (classifier_of(model),))
+    weights = prunable_weights(model, exclude=dense_modules(model, config.conv1, config.prune_classifier))
     channels_last = wants_channels_last(config.channels_last, model, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)

@@ -108,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prune_type", default=d.prune_type, choices=("lt", "rewind_lt", "pt"),
                    help="lt: rewind to init; rewind_lt: to --rewind_epoch of round 0; pt: keep trained weights")
     g.add_argument("--rewind_epoch", type=int, default=d.rewind_epoch)
-    g.add_argument("--prune_classifier", action="store_true", help="prune the classifier layer too")
+    g.add_argument("--fc", "--prune_classifier", dest="prune_classifier", action="store_true",
+                   help="prune the classifier head(s) too (dense by default; --prune_classifier is a synonym)")
+    g.add_argument("--conv1", action="store_true", help="prune the stem too (conv1, a ViT's patch_embed.proj; "
+                   "dense by default, as in Structure-LTH)")
     g = p.add_argument_group("optimisation (per round)")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch_size", type=int, default=d.batch_size)
@@ -128,7 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--criteria", default=d.criteria, choices=CRITERIA)
     g.add_argument("--criteria_batches", type=int, default=d.criteria_batches,
                    help="training batches used by the l1/l2/saliency criteria")
-    g.add_argument("--fillback_rate", type=float, default=d.fillback_rate)
+    g.add_argument("--fillback_rate", type=float, default=d.fillback_rate,
+                   help="refill+: also keep (C - n) x this many of the dropped channels / heads / neurons")
+    g.add_argument("--refill_count", default=d.refill_count, choices=("reference", "nearest"),
+                   help="channels kept: reference = int(n + (C-n) x fillback_rate) + 1 (Structure-LTH); "
+                   "nearest = round(n) + round((C-round(n)) x fillback_rate)")
     g.add_argument("--vit_structured", action="store_true", help="head-level quasi-structured ViT pruning")
     g.add_argument("--vit_prune_target", default=d.vit_prune_target, choices=("head", "mlp", "both"))
     g.add_argument("--block_size", type=int, default=d.block_size,
@@ -232,11 +239,11 @@ def validate(args: argparse.Namespace, given: Optional[set] = None) -> RunConfig
     return RunConfig(
         arch=args.arch, dataset=args.dataset, data=args.data, val_size=args.val_size, struct=args.struct,
         rate=args.rate, pruning_times=args.pruning_times, prune_type=args.prune_type,
-        rewind_epoch=args.rewind_epoch, prune_classifier=args.prune_classifier, epochs=args.epochs,
+        rewind_epoch=args.rewind_epoch, prune_classifier=args.prune_classifier, conv1=args.conv1, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         warmup=warmup, decreasing_lr=milestones,
         seed=args.seed, amp=args.amp, nan_policy=args.nan_policy, criteria=args.criteria, criteria_batches=args.criteria_batches,
-        fillback_rate=args.fillback_rate, vit_structured=args.vit_structured,
+        fillback_rate=args.fillback_rate, refill_count=args.refill_count, vit_structured=args.vit_structured,
         vit_prune_target=args.vit_prune_target, block_size=args.block_size, block_density=args.block_density,
         token_keep=tuple(args.token_keep or ()), k_anchors=args.k_anchors, alpha=args.alpha,
         token_start_block=args.token_start_block, RST_schedule=args.RST_schedule,

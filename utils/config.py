@@ -18,6 +18,11 @@ RUN_CONTROL_FIELDS = frozenset({
 })
 
 
+# What runs saved before a field existed did (issue 16): they pruned the stem and kept
+# max(1, round(n)) + round((C - round(n)) * fillback_rate) channels.
+LEGACY_VALUES = {"conv1": True, "refill_count": "nearest"}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     # model and data
@@ -31,7 +36,8 @@ class RunConfig:
     pruning_times: int = 20
     prune_type: str = "lt"
     rewind_epoch: int = 24
-    prune_classifier: bool = False
+    prune_classifier: bool = False  # --fc (synonym --prune_classifier): prune every classifier head
+    conv1: bool = False  # --conv1: prune the stem (conv1 / patch_embed.proj), dense by default
     # optimisation, per round
     epochs: int = 120
     batch_size: int = 128
@@ -47,6 +53,7 @@ class RunConfig:
     criteria: str = "l1"
     criteria_batches: int = 4
     fillback_rate: float = 0.0
+    refill_count: str = "reference"  # kept channels: reference (Structure-LTH) or nearest
     vit_structured: bool = False
     vit_prune_target: str = "both"
     block_size: int = 8
@@ -83,6 +90,8 @@ class RunConfig:
     def from_dict(cls, values: dict) -> "RunConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
+        if "arch" in values:  # a saved config: those written before a field existed ran with its old behaviour
+            kwargs = {**LEGACY_VALUES, **kwargs}
         return cls(**_upgrade_legacy_schedule(kwargs))
 
     def experiment_fields(self) -> dict:
