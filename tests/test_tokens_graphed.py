@@ -139,3 +139,34 @@ def test_capture_failure_warns_and_scores_eagerly_from_then_on():
     second = graphs(tokens, score, [])
     assert graphs.disabled and not graphs.graphs and torch.equal(first.keep, second.keep)
     assert torch.equal(second.cls_attention, tokens) and (torch.ones(3, device="cuda") * 2).sum().item() == 6
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_partial_batch_scores_eagerly_and_copies_capture_their_own_graphs():
+    import copy
+    import io
+    from tokens.patching import pruning_handle
+    model, images = cuda_vit_and_images(8)
+    with torch.no_grad():
+        with apply_pruning_to_model(model, 4, 8, 0.5, scoring_graphs=False) as handle:
+            model(images[:5])
+            eager_partial = pruning_hook(handle).state.kept.clone()
+        with apply_pruning_to_model(model, 4, 8, 0.5) as handle:
+            hook = pruning_hook(handle)
+            model(images)
+            kept = hook.state.kept.clone()
+            model(images[:5])  # an evaluation's last, partial batch: no second capture
+            assert handle.captures() == 1 and len(hook.graphs.graphs) == 1
+            assert torch.equal(hook.state.kept, eager_partial)
+            torch.save(model, io.BytesIO())  # captured graphs are not part of what is saved
+            twin = copy.deepcopy(model)
+            twin_handle = pruning_handle(twin)
+            twin_hook = pruning_hook(twin_handle)
+            assert twin_handle.captures() == 0 and not twin_hook.graphs.graphs
+            twin.blocks[1].attn.qkv.weight.mul_(-3.0)  # the copy's own weights, read by its own graph
+            twin(images)
+            assert twin_handle.captures() == 1 and not torch.equal(twin_hook.state.kept, kept)
+            model(images)
+            assert torch.equal(hook.state.kept, kept)
+            twin_handle.restore()

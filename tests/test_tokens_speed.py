@@ -44,3 +44,23 @@ def test_prune_test_script_passes():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "prune_test: OK" in proc.stdout
+
+
+@pytest.mark.slow
+def test_clip_eval_speed_runs_the_readme_command_and_splits_warm_up(tmp_path):
+    """benchmarks.clip_eval_speed: a 16-shard wds set, prune_compare.sh with clip_benchmark's default 4 workers,
+    one JSON with steady-state and all-batch images/s (tiny random CLIP on 24 generated images)."""
+    from tokens.smoke import write_tiny_model
+    model, out = write_tiny_model(str(tmp_path / "model")), tmp_path / "speed.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.clip_eval_speed", "--synthetic", "24", "--model", model,
+                           "--batch_size", "4", "--k", "4", "--m", "12", "--out", str(out), "--", "--no_amp"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["command"].endswith("./prune_compare.sh --batch_size 4 --no_amp")
+    base, pruned = report["runs"]["baseline"], report["runs"]["pruned"]
+    assert base["tokens_per_block"] == [65, 65, 65] and pruned["tokens_per_block"] == [65, 17, 17]
+    for run in (base, pruned):
+        assert (run["warmup_batches"], run["steady_batches"], run["partial_batches"]) == (2, 2, 4)
+        assert run["images_per_s"] == pytest.approx(8 / run["steady_seconds"], rel=0.02)
+    assert report["speedup"]["images_per_s"] == pytest.approx(pruned["images_per_s"] / base["images_per_s"], abs=2e-3)

@@ -40,12 +40,21 @@ def rows(results: List[dict]) -> List[List[str]]:
     stats = [r.get("token_pruning", {}) for r in results]
     table.append(["pruning"] + [("on k=%s m=%s a=%s" % (s["k_anchors"], s["top_m"], s["alpha"])) if s.get("enabled")
                                 else "off" for s in stats])
-    table.append(["images/s (image encoder)"] + [_fmt(s.get("images_per_s"), 1) for s in stats])
+    table.append(["images/s (image encoder, steady state)"] + [_fmt(s.get("images_per_s"), 1) for s in stats])
+    table.append(["images/s (all batches, warm-up included)"] + [_fmt(s.get("overall_images_per_s"), 1) for s in stats])
+    table.append(["warm-up batches / s"] + [_warmup(s) for s in stats])
     table.append(["tokens per block"] + [_fmt(s.get("tokens_per_block")) for s in stats])
     table.append(["mean tokens per block"] + [_fmt(s.get("mean_tokens_per_block"), 1) for s in stats])
     base = stats[0].get("images_per_s") if stats else None
-    table.append(["speed vs first column"] + [_speedup(base, s.get("images_per_s")) for s in stats])
+    table.append(["speed vs first column (steady state)"] + [_speedup(base, s.get("images_per_s")) for s in stats])
     return table
+
+
+def _warmup(stats: dict) -> str:
+    """'2 / 0.538': the first batches and those that captured a scoring graph (tokens/stats.py)."""
+    if stats.get("warmup_batches") is None:
+        return "-"
+    return f"{stats['warmup_batches']} / {stats['warmup_seconds']:.3f}"
 
 
 def _speedup(base: Optional[float], value: Optional[float]) -> str:
