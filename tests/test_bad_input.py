@@ -232,3 +232,78 @@ def test_broken_cifar_file_exits_2_naming_it(tmp_path, capsys, broken, shape):
     assert code == 2 and broken in line, line
     assert ("3072" in line) if shape else ("not a readable CIFAR pickle" in line)
     assert not run_dir.exists()
+
+
+# ---- flipped bytes: content that no longer matches the digest it was saved with -------------------------
+
+def flip_inside_largest_tensor(path):
+    """Flip 16 bytes in the middle of the largest model tensor's data (torch checks no CRC there)."""
+    model = checkpoint.load_file(path)["model"]
+    tensor = max(model.values(), key=lambda t: t.numel())
+    blob = bytearray(open(path, "rb").read())
+    start = blob.find(tensor.numpy().tobytes())
+    assert start > 0
+    middle = start + tensor.numel() * tensor.element_size() // 2
+    blob[middle:middle + 16] = bytes(b ^ 0xFF for b in blob[middle:middle + 16])
+    open(path, "wb").write(bytes(blob))
+
+
+def test_resume_falls_back_past_a_checkpoint_with_flipped_bytes(finished, tmp_path, capsys):
+    directory = copy_of(finished, tmp_path)
+    newest = paths.round_checkpoint(directory, 1)
+    flip_inside_largest_tensor(newest)
+    assert main(RUN + ["--save_dir", directory, "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: skipping unusable checkpoint: {newest}: damaged" in err
+    assert f"resuming from {paths.round_checkpoint(directory, 0)}" in out
+    assert checkpoint.load(newest)["round"] == 1  # redone, and valid again
+
+
+def test_resume_with_flipped_rewind_weights_is_refused(finished, tmp_path, capsys):
+    directory = copy_of(finished, tmp_path)
+    flip_inside_largest_tensor(paths.rewind_weights(directory))
+    assert main(RUN + ["--save_dir", directory, "--resume"]) == 2
+    line = one_line_error(capsys)
+    assert line.startswith(f"error: {paths.rewind_weights(directory)}: damaged or replaced"), line
+
+
+def test_branch_from_a_file_with_flipped_bytes_is_refused(finished, tmp_path, capsys):
+    source = str(tmp_path / "1checkpoint.pth.tar")
+    shutil.copy(paths.round_checkpoint(finished, 1), source)
+    flip_inside_largest_tensor(source)
+    assert main(RUN + ["--save_dir", str(tmp_path / "branch"), "--resume_from", source]) == 2
+    assert one_line_error(capsys).startswith(f"error: {source}: damaged")
+    assert not (tmp_path / "branch").exists()
+
+
+# ---- string and number flags that would write elsewhere, break a file format or trace back --------------
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--seed", "-1"], "--seed -1: must be in [0, 2**32 - 1]"),
+    (["--seed", "18446744073709551616"], "--seed 18446744073709551616: must be in [0, 2**32 - 1]"),
+    (["--data", ""], "--data: empty path"),
+    (["--data", "da\nta"], "--data 'da\\nta': contains a newline"),
+    (["--save_dir", ""], "--save_dir: empty path"),
+    (["--resume_from", ""], "--resume_from: empty path"),
+    (["--exp_name", "../../h2_outside"], "--exp_name ../../h2_outside: must be a plain name"),
+    (["--exp_name", "a\nb"], "--exp_name 'a\\nb': contains a newline"),
+    (["--wandb_project", "p\nq"], "--wandb_project 'p\\nq': contains a newline"),
+    (["--wandb_project", "team/p"], "--wandb_project 'team/p': must be non-empty and free of"),
+])
+def test_bad_text_and_seed_flags_exit_2_in_one_line(tmp_path, capsys, monkeypatch, argv, needle):
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    save = [] if any(flag in argv for flag in ("--save_dir", "--exp_name")) else ["--save_dir", str(work / "run")]
+    assert main(RUN + save + argv) == 2
+    line = one_line_error(capsys)
+    assert needle in line, line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b"]  # nothing written, here or above
+
+
+def test_non_utf8_save_dir_is_refused(tmp_path, capsys):
+    target = os.fsdecode(os.fsencode(str(tmp_path)) + b"/run\xff")
+    assert main(RUN + ["--save_dir", target]) == 2
+    line = one_line_error(capsys)
+    assert line.startswith("error: --save_dir") and line.endswith("not valid UTF-8"), line
+    assert os.listdir(tmp_path) == []

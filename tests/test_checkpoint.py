@@ -100,3 +100,63 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert checkpoint.load(path)["epoch"] == 1
     assert [name for name in os.listdir(tmp_path) if name.startswith(".tmp")] == []
+
+
+def flip_bytes_inside(path, tensor, count=16):
+    """Flip `count` bytes in the middle of `tensor`'s raw data inside a saved file (a zip member torch
+    reads without a CRC check)."""
+    blob = bytearray(open(path, "rb").read())
+    start = blob.find(tensor.numpy().tobytes())
+    assert start > 0, "tensor bytes not found in the file"
+    middle = start + tensor.numel() * tensor.element_size() // 2
+    blob[middle:middle + count] = bytes(b ^ 0xFF for b in blob[middle:middle + count])
+    with open(path, "wb") as f:
+        f.write(blob)
+
+
+def test_flipped_bytes_inside_a_tensor_are_detected(tmp_path):
+    path = str(tmp_path / "2checkpoint.pth.tar")
+    payload = make_payload(2)
+    payload["model"]["w"] = torch.arange(4096.0)
+    payload["masks"]["w"] = torch.ones(4096, dtype=torch.bool)
+    checkpoint.save(path, payload)
+    flip_bytes_inside(path, payload["model"]["w"])
+    raw = torch.load(path, weights_only=True)  # torch itself loads the damaged file without complaint
+    assert not torch.equal(raw["model"]["w"], payload["model"]["w"])
+    with pytest.raises(CheckpointError, match="no longer matches the sha256 digest") as info:
+        checkpoint.load(path)
+    assert path in str(info.value)
+
+
+def test_flipped_latest_falls_back_to_the_round_checkpoint(tmp_path):
+    directory = str(tmp_path)
+    checkpoint.save(paths.round_checkpoint(directory, 1), make_payload(1, epoch=5))
+    latest = make_payload(2, epoch=3, kind="epoch")
+    latest["model"]["w"] = torch.arange(2048.0)
+    latest["masks"]["w"] = torch.ones(2048, dtype=torch.bool)
+    checkpoint.save(paths.latest_checkpoint(directory), latest)
+    flip_bytes_inside(paths.latest_checkpoint(directory), latest["model"]["w"])
+    warnings = []
+    path, payload = checkpoint.find_latest_valid(directory, log=warnings.append)
+    assert path == paths.round_checkpoint(directory, 1) and payload["round"] == 1
+    assert len(warnings) == 1 and "latest.pth.tar: damaged" in warnings[0]
+
+
+def test_digest_covers_plain_values_and_ignores_list_or_tuple():
+    base = {"a": [1, 2.5, None, "x"], "t": torch.ones(3)}
+    assert checkpoint.content_digest(base) == checkpoint.content_digest({"t": torch.ones(3), "a": (1, 2.5, None, "x")})
+    assert checkpoint.content_digest(base) != checkpoint.content_digest({**base, "a": [1, 2.5, None, "y"]})
+    assert checkpoint.content_digest(base) != checkpoint.content_digest({**base, "t": torch.ones(3, dtype=torch.float64)})
+
+
+def test_truncated_file_message_is_one_whole_sentence(tmp_path):
+    path = str(tmp_path / "1checkpoint.pth.tar")
+    checkpoint.save(path, make_payload())
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a loadable checkpoint, truncated or damaged (") and "\n" not in message
+    assert message.endswith("failed finding central directory)"), message  # torch's first sentence, whole
+    assert "high likelihood" not in message

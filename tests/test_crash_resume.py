@@ -194,6 +194,7 @@ KILL_POINTS = [
     pytest.param({"write": "latest.pth.tar", "nth": 2}, id="writing_round1_latest"),
     pytest.param({"write": "1checkpoint.pth.tar"}, id="writing_last_checkpoint"),
     pytest.param({"write": "1model_best.pth.tar"}, id="writing_last_model_best"),
+    pytest.param({"written": "1checkpoint.pth.tar"}, id="after_last_checkpoint"),  # before lineage, cleanup
 ]
 
 

@@ -173,3 +173,38 @@ def test_a_second_run_on_a_locked_run_dir_is_refused_before_writing(tmp_path, ca
         torch.set_num_threads(threads)
         child.send_signal(signal.SIGKILL)
         child.wait()
+
+
+def test_read_only_run_dir_with_a_stale_lock_is_a_one_line_usage_error(tmp_path, monkeypatch, capsys):
+    """A read-only run dir holding a dead run's .lock: exit 2 naming the dir, nothing changed (as root the
+    kernel would allow the writes, so the permission check is made to answer as for a normal user)."""
+    from utils.cli import main
+    directory = tmp_path / "run"
+    directory.mkdir()
+    lock = paths.lock_file(str(directory))
+    record = json.dumps({"pid": dead_pid(), "host": socket.gethostname(), "started": "x", "command": "old"})
+    with open(lock, "w") as f:
+        f.write(record)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if os.fspath(path) == str(directory)
+                        else real_access(path, mode, **kw))
+    code = main(["--dataset", "synthetic", "--arch", "test_vit", "--no_wandb", "--save_dir", str(directory)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"error: --save_dir {directory}: the run dir is not writable", err
+    assert os.listdir(directory) == [".lock"] and open(lock).read() == record
+
+
+def test_a_lock_file_that_cannot_be_removed_is_left_with_a_warning(tmp_path, monkeypatch):
+    warnings = []
+    lock = RunLock(str(tmp_path), command=["x"], warn=warnings.append).acquire()
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.fspath(path) == lock.path:
+            raise PermissionError(13, "Permission denied", path)
+        return real_unlink(path, *args, **kwargs)
+    monkeypatch.setattr(os, "unlink", unlink)
+    lock.release()  # no exception: the run's result must not turn into exit 1 here
+    assert len(warnings) == 1 and "could not remove" in warnings[0] and "Permission denied" in warnings[0]
+    monkeypatch.undo()
+    RunLock(str(tmp_path), command=["y"], warn=warnings.append).acquire().release()  # the next run takes it over

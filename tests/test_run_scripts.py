@@ -33,3 +33,17 @@ def test_sweep_script_runs_then_skips(tmp_path):
     assert resumed.returncode == 0 and "nothing to run" in resumed.stdout, resumed.stderr
     saved = json.load(open(run_dir / "config.json"))["config"]
     assert saved["rate"] == 0.5 and saved["arch"] == "test_vit"
+
+
+def test_a_branch_replays_its_resume_from_so_resume_sweep_restarts_the_branch(tmp_path):
+    """resume_sweep.sh on a branch killed before its first checkpoint must start the branch again,
+    not a dense round 0: the replayed flags keep --resume_from (absolute, so any cwd works)."""
+    os.chdir(tmp_path)
+    try:
+        config = parse_config(["--arch", "res20s", "--struct", "none", "--resume_from", "p/1checkpoint.pth.tar"])
+    finally:
+        os.chdir(ROOT)
+    flags = flags_for(config)
+    assert flags[flags.index("--resume_from") + 1] == str(tmp_path / "p" / "1checkpoint.pth.tar")
+    assert "--resume" not in flags and "--save_dir" not in flags
+    assert parse_config(flags) == config

@@ -17,13 +17,16 @@ def test_wandb_offline_run_is_written_into_the_run_dir(tmp_path):
     flags = [f for f in FAST if f != "--no_wandb"]
     env_mode = os.environ.pop("WANDB_MODE", None)
     try:
-        run_main(*flags, "--arch", "test_vit", "--struct", "rsst", "--vit_structured", "--pruning_times", "1",
-                 "--epochs", "1", "--save_dir", directory, "--wandb_mode", "offline", check=True)
+        result = run_main(*flags, "--arch", "test_vit", "--struct", "rsst", "--vit_structured", "--pruning_times",
+                          "1", "--epochs", "1", "--save_dir", directory, "--wandb_mode", "offline", check=True)
     finally:
         if env_mode is not None:
             os.environ["WANDB_MODE"] = env_mode
     runs = glob.glob(os.path.join(directory, "wandb", "offline-run-*"))
     assert len(runs) == 1, os.listdir(directory)
+    state = json.load(open(os.path.join(directory, "wandb_state.json")))
+    assert runs[0].endswith(f"-{state['run_id']}") and state["logged"] == 2  # the epoch and the round record
+    assert "deprecat" not in result.stderr.lower(), result.stderr  # no reinit=True warning
 
 
 def test_missing_wandb_warns_once_and_keeps_local_logs(tmp_path, monkeypatch, capsys):

@@ -9,6 +9,7 @@ run killed at any point resumes from its last complete state.
 """
 import contextlib
 import os
+import sys
 import time
 from typing import Optional, Tuple
 
@@ -24,7 +25,7 @@ from training.loop import evaluate, recalibrate_batchnorm, train_epoch
 from training.optim import effective_warmup, lr_at
 from training.step import TrainStep, resolve_amp
 from training.session import RoundProgress, Session, cpu_state, device_state
-from utils import checkpoint, paths
+from utils import checkpoint, history, paths
 from utils.errors import NumericalError
 from utils.interrupts import Interrupted, StopRequest
 from utils.lock import RunLock
@@ -194,6 +195,7 @@ class RoundRunner:
         checkpoint.save(paths.latest_checkpoint(self.session.directory),
                         self.session.payload("epoch", progress, rewind=self.rewind))
         self.last_save = time.time()
+        self.tracker.commit()  # the records this checkpoint covers can no longer be truncated: to wandb
 
     def last_good_checkpoint(self, progress: RoundProgress) -> str:
         latest = paths.latest_checkpoint(self.session.directory)
@@ -231,22 +233,35 @@ class RoundRunner:
         checkpoint.save(paths.round_best(directory, progress.round), dict(payload, model=best_model))
         sha = checkpoint.save(ckpt_path, payload)
         self.record_round(payload, sha)
-        checkpoint.remove_quietly([paths.latest_checkpoint(directory)])
         return plan
 
     def record_round(self, payload: dict, sha: str) -> None:
-        """lineage.json entry and round record for a saved round; idempotent, so a resume after a
-        kill between the checkpoint and these records completes them."""
-        metrics, lineage, directory = payload["metrics"], payload["lineage"], self.session.directory
-        checkpoint.record_round(directory, {
-            "round": payload["round"], "checkpoint": os.path.basename(metrics["checkpoint"]), "sha256": sha,
-            "test_top1": metrics["test_top1"], "val_top1": metrics["val_top1"],
-            "remaining_pct": metrics["remaining_pct"], "parent": lineage["parent"],
-            "parent_sha256": lineage["parent_sha256"]},
-            header={"config_hash": self.config.config_hash(), "run_dir": os.path.abspath(directory)})
+        """The round-end bookkeeping of a saved round: lineage.json entry, round record, removal of the
+        round's latest.pth.tar. Idempotent, so a resume after a kill between the checkpoint and any of
+        these (the last round's too) completes them."""
+        directory = self.session.directory
+        checkpoint.record_round(directory, checkpoint.lineage_entry(payload, sha), header=lineage_header(
+            self.config, directory))
         if not has_round_record(directory, payload["round"]):
-            self.tracker.round(metrics)
+            self.tracker.round(payload["metrics"])
+        self.tracker.commit()
+        self.session.history.clear()
+        checkpoint.remove_quietly([paths.latest_checkpoint(directory)])
         self.completed = (paths.round_checkpoint(directory, payload["round"]), sha)
+
+
+def lineage_header(config, directory: str) -> dict:
+    return {"config_hash": config.config_hash(), "run_dir": os.path.abspath(directory)}
+
+
+def repair_history(begin: "starting.Start", config, directory: str, warn) -> None:
+    """Rebuild lineage.json / metrics.jsonl records a resumed run lost, from its checkpoints."""
+    p = begin.progress
+    rounds = [index for index in map(paths.round_index_of, paths.numbered_checkpoints(directory))
+              if index < p.round or (index == p.round and begin.round_complete)][::-1]
+    history.repair_lineage(directory, rounds, lineage_header(config, directory), warn)
+    history.repair_metrics(directory, rounds, None if begin.round_complete else begin.payload, warn,
+                           pending=p.round if begin.round_complete else None)
 
 
 def wants_channels_last(choice: str, model: torch.nn.Module, device: torch.device) -> bool:
@@ -293,22 +308,24 @@ def _run_locked(config, directory: str) -> str:
     begin = starting.resolve(session)
     os.makedirs(directory, exist_ok=True)
     starting.install_branch_rewind(begin, directory)
-    if begin.source and config.resume:
+    if begin.resumed:
         p = begin.progress
         truncate_metrics(directory, p.round, p.epoch, begin.round_complete)
-    elif begin.source is None:
-        truncate_metrics(directory, -1, 0, False)  # a fresh start: records of an attempt that saved nothing go
+    else:  # a fresh start or a branch: records of an attempt that saved no checkpoint go
+        truncate_metrics(directory, -1, 0, False)
     write_config(directory, config)
-    tracker = Tracker(directory, config, resuming=bool(begin.source))
+    if begin.resumed:
+        repair_history(begin, config, directory, lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
+    tracker = Tracker(directory, config, resuming=begin.resumed, history=session.history)
     try:
         stop = StopRequest(log=tracker.info)
         tracker.info(f"run dir {directory}: {config.arch} on {config.dataset}, struct {struct.describe()}, "
                      f"rate {config.rate}, {config.pruning_times} rounds x {config.epochs} epochs, device {device}")
         if begin.source:
-            tracker.info(f"{'resuming' if config.resume else 'branching'} from {begin.source} "
+            tracker.info(f"{'resuming' if begin.resumed else 'branching'} from {begin.source} "
                          f"(round {begin.progress.round}, epoch {begin.progress.epoch})")
         runner = RoundRunner(session, struct, tracker, begin.rewind, stop)
-        if begin.source and config.resume and begin.round_complete:
+        if begin.resumed and begin.round_complete:
             runner.record_round(begin.payload, checkpoint.sha256_of(begin.source))
         if begin.source is None and (config.prune_type == "lt" or
                                      (config.prune_type == "rewind_lt" and config.rewind_epoch == 0)):

@@ -5,7 +5,7 @@ the current round's plan and best-validation state. `payload()` turns it into a
 checkpoint dict of plain types and tensors; `restore()` does the reverse.
 """
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -57,6 +57,9 @@ class Session:
     amp: str = "none"
     channels_last: bool = False
     step: Optional[TrainStep] = None
+    # the metrics.jsonl records of the round under way, saved in its checkpoints (utils/history.py rebuilds
+    # a lost or damaged metrics.jsonl from them); the Tracker appends to this list
+    history: List[dict] = field(default_factory=list)
 
     def __post_init__(self):
         spec, device, config = self.splits.spec, self.device, self.config
@@ -87,7 +90,7 @@ class Session:
             "best": {"val_top1": progress.best_val, "epoch": progress.best_epoch,
                      "best_test_over_rounds": self.best_test_over_rounds,
                      "last_train_loss": progress.last_train_loss},
-            "rng": capture_rng_state(), "rewind": rewind, "metrics": metrics or {},
+            "rng": capture_rng_state(), "rewind": rewind, "metrics": metrics or {}, "history": list(self.history),
             "lineage": checkpoint.lineage_record(self.config.config_hash(), progress.parent, progress.parent_sha256),
         }
         if kind == "epoch":
@@ -104,6 +107,7 @@ class Session:
         restore_rng_state(payload["rng"])
         self.best_test_over_rounds = payload["best"]["best_test_over_rounds"]
         masks = self.masks_from(payload, "masks")
+        self.history[:] = payload.get("history", []) if payload["kind"] == "epoch" else []
         if payload["kind"] == "round":
             return RoundProgress(round=payload["round"], epoch=payload["epoch"],
                                  plan=RoundPlan(train_masks=masks, final_masks=masks),

@@ -10,10 +10,13 @@ import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from training.session import RoundProgress, Session
 from utils import checkpoint, paths
 from utils.config import RunConfig, config_differences
 from utils.errors import CheckpointError, UsageError
+from utils.seeding import runtime_differences
 
 
 @dataclass
@@ -25,6 +28,7 @@ class Start:
     source: Optional[str] = None  # the checkpoint resumed or branched from
     branch_rewind_source: Optional[str] = None  # the parent's rewind file, copied in at start
     payload: Optional[dict] = None  # the checkpoint resumed from
+    resumed: bool = False  # continues this run dir's own checkpoints (else: a fresh start or a branch)
 
 
 def _has_checkpoints(directory: str) -> bool:
@@ -70,9 +74,50 @@ def _check_same_experiment(path: str, payload: dict, config: RunConfig) -> None:
 def _resume(session: Session, path: str, payload: dict) -> Start:
     checkpoint.check_compatible(path, payload, session.model.state_dict(), session.config.to_dict())
     _check_same_experiment(path, payload, session.config)
+    if payload.get("rewind"):
+        verify_rewind(paths.rewind_weights(session.directory), payload["rewind"], f"--resume from {path}")
+    for difference in runtime_differences(payload["rng"]):
+        print(f"warning: --resume: {difference}, so the resumed run is not bit-identical to an uninterrupted "
+              f"one", file=sys.stderr)
     progress = session.restore(payload)
     return Start(progress=progress, round_complete=payload["kind"] == "round",
-                 optimizer_state=payload.get("optimizer"), rewind=payload.get("rewind"), source=path, payload=payload)
+                 optimizer_state=payload.get("optimizer"), rewind=payload.get("rewind"), source=path, payload=payload,
+                 resumed=True)
+
+
+# Flags that define what a parent's weights are: a branch must use its parent's values (arch and dataset
+# are checked with the weights' shapes in checkpoint.check_compatible). Every other flag applies to the
+# rounds the branch runs itself. README "Resume and branch" lists the rules.
+BRANCH_MUST_MATCH = {
+    "seed": "initialisation and rewind weights",
+    "val_size": "training/validation split (its weights were trained on the other one)",
+    "struct": "pruning structure (its masks were made by that mode)",
+    "vit_structured": "pruning structure (its masks were made by that mode)",
+    "vit_prune_target": "pruning structure (its masks were made by that mode)",
+}
+LAYER_FLAGS = ("prune_classifier", "conv1")  # flags that choose which layers are prunable (--fc: prune_classifier)
+
+
+def _refuse_flag(path: str, flag: str, ours, theirs, what: str) -> None:
+    raise CheckpointError(f"--{flag} {ours}: {path} was made with --{flag} {theirs}; a branch keeps its "
+                          f"parent's {what}: pass --{flag} {theirs}, or start a new run")
+
+
+def _check_branch_flags(path: str, payload: dict, session: Session) -> None:
+    """Refuse (one line naming the flag and the file) a branch flag its parent's checkpoint cannot honour;
+    give layers the branch prunes but the parent kept dense (--prune_classifier) a dense mask to start from."""
+    saved, ours = payload["config"], session.config.to_dict()
+    for flag, what in BRANCH_MUST_MATCH.items():
+        if flag in ours and saved.get(flag, ours[flag]) != ours[flag]:
+            _refuse_flag(path, flag, ours[flag], saved.get(flag), what)
+    regrown = sorted(set(payload["masks"]) - set(session.weights))
+    if regrown:
+        flag = next((f for f in LAYER_FLAGS if f in ours and saved.get(f, ours[f]) != ours[f]), "prune_classifier")
+        _refuse_flag(path, flag, ours.get(flag), saved.get(flag), f"pruned {', '.join(regrown[:2])} (a branch "
+                     f"cannot un-prune a layer)")
+    newly_pruned = {name: torch.ones(tuple(w.shape), dtype=torch.bool) for name, w in session.weights.items()
+                    if name not in payload["masks"]}
+    payload["masks"] = {**payload["masks"], **newly_pruned}  # dense: pruned from the branch's next round on
 
 
 def _branch(session: Session, path: str) -> Start:
@@ -81,6 +126,7 @@ def _branch(session: Session, path: str) -> Start:
         raise CheckpointError(f"--resume_from {path}: an epoch-level checkpoint; branch from a numbered "
                               f"<round>checkpoint.pth.tar")
     checkpoint.check_compatible(path, payload, session.model.state_dict(), session.config.to_dict())
+    _check_branch_flags(path, payload, session)
     progress = session.restore(payload)
     progress.parent, progress.parent_sha256 = os.path.abspath(path), checkpoint.sha256_of(path)
     rewind, rewind_source = None, None
@@ -90,24 +136,49 @@ def _branch(session: Session, path: str) -> Start:
             raise CheckpointError(f"--resume_from {path}: its run saved no rewind weights; "
                                   f"branch with --prune_type pt")
         if rewind["prune_type"] != session.config.prune_type:
-            raise CheckpointError(f"--resume_from {path}: its rewind weights are for --prune_type "
-                                  f"{rewind['prune_type']}, this run uses {session.config.prune_type}")
+            _refuse_flag(path, "prune_type", session.config.prune_type, rewind["prune_type"], "rewind weights")
+        if session.config.prune_type == "rewind_lt" and rewind["epoch"] != session.config.rewind_epoch:
+            _refuse_flag(path, "rewind_epoch", session.config.rewind_epoch, rewind["epoch"],
+                         f"rewind weights (epoch {rewind['epoch']} of its round 0)")
         rewind_source = os.path.join(os.path.dirname(path), rewind["path"])
-        if not os.path.isfile(rewind_source) or checkpoint.sha256_of(rewind_source) != rewind["sha256"]:
-            raise CheckpointError(f"--resume_from {path}: rewind weights {rewind_source} are missing or changed")
+        verify_rewind(rewind_source, rewind, f"--resume_from {path}")
     return Start(progress=progress, round_complete=True, rewind=rewind, source=path,
                  branch_rewind_source=rewind_source)
 
 
+def verify_rewind(path: str, rewind: dict, context: str) -> None:
+    """The rewind file a checkpoint names must exist with the sha256 recorded there; CheckpointError if not."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{context}: its rewind weights {path} are missing")
+    if checkpoint.sha256_of(path) != rewind["sha256"]:
+        raise CheckpointError(f"{path}: damaged or replaced, its sha256 differs from the one recorded in the "
+                              f"checkpoints ({context}); the rewind weights cannot be rebuilt: restore the file "
+                              f"or start the run again")
+
+
+def _check_branch_origin(path: str, payload: dict, config: RunConfig) -> None:
+    """`--resume --resume_from X` continues the branch of X made in this run dir, never another run."""
+    origin = payload["config"].get("resume_from")
+    if origin is None or os.path.abspath(origin) != os.path.abspath(config.resume_from):
+        made = f"a branch of {origin}" if origin else "not a branch"
+        raise UsageError(f"--resume_from {config.resume_from}: the run in {os.path.dirname(path)} is {made}; "
+                         f"to continue it, pass --resume with its own flags")
+
+
 def resolve(session: Session) -> Start:
+    """Where this run starts. Raises CheckpointError/UsageError (one line) before anything is written."""
     config, directory = session.config, session.directory
     if config.resume:
         found = checkpoint.find_latest_valid(directory, log=lambda m: print(f"warning: {m}", file=sys.stderr))
         if found:
+            if config.resume_from:
+                _check_branch_origin(found[0], found[1], config)
             return _resume(session, *found)
         if _has_checkpoints(directory):
             raise CheckpointError(f"--resume: no usable checkpoint in {directory} (all are corrupt)")
-        print(f"--resume: no checkpoint in {directory} yet; starting from round 0", file=sys.stderr)
+        what = f"starting the branch from {config.resume_from}" if config.resume_from else \
+            "starting a new run from round 0"
+        print(f"--resume: no checkpoint in {directory} yet; {what}", file=sys.stderr)
     if config.resume_from:
         return _branch(session, config.resume_from)
     return Start(progress=RoundProgress(round=0, plan=session.dense_plan()), round_complete=False)

@@ -1,13 +1,17 @@
 """Checkpoints: atomic writes, safe validated loads, newest-valid lookup, lineage.
 
 A checkpoint is a plain dict of tensors and plain Python types, so it loads with
-`torch.load(weights_only=True)`: nothing in a file can execute code.
+`torch.load(weights_only=True)`: nothing in a file can execute code. Every file
+written by `save` carries a sha256 `digest` of its content (tensor bytes, dtypes,
+shapes and every plain value), checked by every load: torch's zip reader does not
+check CRCs, so without it flipped bytes inside a tensor would load silently.
 """
 import datetime
 import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import tempfile
 import warnings
@@ -52,10 +56,36 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def content_digest(value) -> str:
+    """sha256 (hex) of a checkpoint's content: dict keys and values, sequences, tensors (dtype, shape and
+    raw bytes) and plain scalars. Lists and tuples hash alike (a saved tuple may load as either)."""
+    digest = hashlib.sha256()
+
+    def feed(item) -> None:
+        if isinstance(item, torch.Tensor):
+            flat = item.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"T{item.dtype}{tuple(item.shape)}".encode())
+            digest.update(memoryview(flat.view(torch.uint8).numpy()))
+        elif isinstance(item, dict):
+            digest.update(f"D{len(item)}".encode())
+            for key in sorted(item, key=repr):
+                digest.update(repr(key).encode())
+                feed(item[key])
+        elif isinstance(item, (list, tuple)):
+            digest.update(f"L{len(item)}".encode())
+            for element in item:
+                feed(element)
+        else:
+            digest.update(f"V{type(item).__name__}:{item!r};".encode())
+    feed(value)
+    return digest.hexdigest()
+
+
 def save(path: str, payload: dict) -> str:
-    """Atomically save `payload`; returns the sha256 of the bytes written."""
+    """Atomically save `payload` plus its `digest`; returns the sha256 of the bytes written."""
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    payload = {key: value for key, value in payload.items() if key != "digest"}
+    torch.save(dict(payload, digest=content_digest(payload)), buffer)
     data = buffer.getvalue()
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
@@ -69,8 +99,19 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+def _first_sentence(exc: Exception) -> str:
+    """The first sentence of an exception's message, whole (torch appends long advice to its errors)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    sentence = re.split(r"(?<=[a-z)])\. ", text, maxsplit=1)[0].rstrip(".")
+    return sentence if len(sentence) <= 160 else f"{type(exc).__name__}, a {len(text)}-character message"
+
+
 def load_file(path: str) -> dict:
-    """Load any of our .pth.tar files safely; errors name the file."""
+    """Load any of our .pth.tar files safely and check its content digest.
+
+    Raises CheckpointError (one line naming `path`) for a missing, empty, truncated, unsafe or foreign
+    file, and for one whose content no longer matches the digest it was saved with.
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     if os.path.getsize(path) == 0:
@@ -78,10 +119,15 @@ def load_file(path: str) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/foreign/unsafe files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({reason[:200]})") from None
+        raise CheckpointError(f"{path}: not a loadable checkpoint, truncated or damaged "
+                              f"({_first_sentence(exc)})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(payload).__name__})")
+    if "digest" in payload:
+        stored = payload.pop("digest")
+        if stored != content_digest(payload):
+            raise CheckpointError(f"{path}: damaged, its content no longer matches the sha256 digest "
+                                  f"it was saved with (flipped or overwritten bytes)")
     return payload
 
 
@@ -163,12 +209,28 @@ def lineage_record(config_hash: str, parent: Optional[str], parent_sha256: Optio
             "git_commit": git_commit(), "created": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
+def lineage_entry(payload: dict, sha: str) -> dict:
+    """lineage.json's entry for a round checkpoint `payload` whose file has sha256 `sha`."""
+    metrics, lineage = payload["metrics"], payload["lineage"]
+    return {"round": payload["round"], "checkpoint": os.path.basename(metrics["checkpoint"]), "sha256": sha,
+            "test_top1": metrics["test_top1"], "val_top1": metrics["val_top1"],
+            "remaining_pct": metrics["remaining_pct"], "parent": lineage["parent"],
+            "parent_sha256": lineage["parent_sha256"]}
+
+
 def read_lineage(directory: str) -> dict:
+    """lineage.json of a run dir ({"rounds": []} when absent); CheckpointError when unreadable."""
     path = paths.lineage_file(directory)
     if not os.path.exists(path):
         return {"rounds": []}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            lineage = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {_first_sentence(exc)})") from None
+    if not isinstance(lineage, dict) or not isinstance(lineage.get("rounds"), list):
+        raise CheckpointError(f"{path}: not a lineage file (no list of rounds)")
+    return lineage
 
 
 def record_round(directory: str, entry: dict, header: dict) -> None:

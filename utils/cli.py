@@ -6,11 +6,13 @@ run directory is created.
 import argparse
 import difflib
 import math
+import os
 import sys
 from typing import List, Optional, Sequence
 
 import torch
 
+from utils import paths
 from utils.config import RunConfig, resolve_schedule
 from utils.errors import NumericalError, UsageError
 from utils.interrupts import Interrupted
@@ -188,6 +190,8 @@ def validate(args: argparse.Namespace, given: Optional[set] = None) -> RunConfig
     from models import MODELS, is_known_arch
     from pruners import STRUCTS
 
+    paths.check_text_flags(vars(args))
+    _check(0 <= args.seed < 2 ** 32, f"--seed {args.seed}: must be in [0, 2**32 - 1] (numpy's seed range)")
     _check(is_known_arch(args.arch), f"--arch: unknown architecture {args.arch!r}; choose from "
            f"{', '.join(MODELS.names())} or a timm model name")
     DATASETS[args.dataset]
@@ -248,7 +252,8 @@ def validate(args: argparse.Namespace, given: Optional[set] = None) -> RunConfig
         token_keep=tuple(args.token_keep or ()), k_anchors=args.k_anchors, alpha=args.alpha,
         token_start_block=args.token_start_block, RST_schedule=args.RST_schedule,
         reg_granularity_prune=args.reg_granularity_prune, exponents=args.exponents, save_dir=args.save_dir,
-        exp_name=args.exp_name, resume=args.resume, resume_from=args.resume_from,
+        exp_name=args.exp_name, resume=args.resume,
+        resume_from=args.resume_from and os.path.abspath(args.resume_from),  # replayable from any directory
         checkpoint_interval=args.checkpoint_interval, workers=args.workers, print_freq=args.print_freq,
         no_wandb=args.no_wandb, wandb_project=args.wandb_project, wandb_mode=args.wandb_mode,
         deterministic=args.deterministic, device=args.device, progress=not args.no_progress,

@@ -79,6 +79,8 @@ class RunLock:
             except OSError as exc:
                 raise UsageError(f"--save_dir {self.directory}: cannot create the run dir "
                                  f"({exc.strerror or exc})") from None
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise UsageError(f"--save_dir {self.directory}: the run dir is not writable")
         for _ in range(_ATTEMPTS):
             fd, created = self._open()
             if fd is None:
@@ -120,6 +122,10 @@ class RunLock:
             return os.open(self.path, os.O_RDWR), False
         except FileNotFoundError:
             return None, False
+        except OSError as exc:
+            self._forget_directory()
+            raise UsageError(f"--save_dir {self.directory}: cannot open the lock file {self.path} "
+                             f"({exc.strerror or exc})") from None
 
     def _still_linked(self, fd: int) -> bool:
         try:
@@ -171,7 +177,10 @@ class RunLock:
         try:
             holder = read_holder(self.path)
             if self._still_linked(fd) and holder and holder.get("pid") == os.getpid():
-                os.unlink(self.path)  # while still flocked, so a waiting starter re-checks the inode
+                try:
+                    os.unlink(self.path)  # while still flocked, so a waiting starter re-checks the inode
+                except OSError as exc:  # the run dir turned read-only: the flock still goes with our fd
+                    self.warn(f"could not remove {self.path} ({exc.strerror or exc}); the next run takes it over")
         finally:
             os.close(fd)
         if self.created_directory and os.path.isdir(self.directory) and not os.listdir(self.directory):

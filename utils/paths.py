@@ -4,8 +4,37 @@ import re
 from typing import Optional
 
 from utils.config import RunConfig
+from utils.errors import UsageError
 
 ROUND_CHECKPOINT = re.compile(r"^(\d+)checkpoint\.pth\.tar$")
+
+
+PATH_FLAGS = ("data", "save_dir", "resume_from")  # may not be empty when given
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
+
+
+def check_text_flags(values: dict) -> None:
+    """Every string flag must be printable UTF-8 text on one line; path flags non-empty; --exp_name a
+    plain name, so a run dir stays under the working directory. Raises UsageError naming the flag."""
+    for flag, value in values.items():
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError(f"--{flag} {ascii(value)}: not valid UTF-8") from None
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+            raise UsageError(f"--{flag} {ascii(value)}: contains a newline or another control character")
+        if flag in PATH_FLAGS and not value:
+            raise UsageError(f"--{flag}: empty path" + (" (leave the flag out for the default run dir)"
+                                                       if flag == "save_dir" else ""))
+    name = values.get("exp_name") or ""
+    if "/" in name or name in (".", "..") or name.startswith("-"):
+        raise UsageError(f"--exp_name {name}: must be a plain name (no '/', not '.' or '..'); "
+                         f"use --save_dir to put a run elsewhere")
+    project = values.get("wandb_project")
+    if project is not None and (not project or any(ch in WANDB_PROJECT_FORBIDDEN for ch in project)):
+        raise UsageError(f"--wandb_project {project!r}: must be non-empty and free of {WANDB_PROJECT_FORBIDDEN}")
 
 
 def run_dir(config: RunConfig) -> str:
@@ -45,6 +74,10 @@ def log_file(directory: str) -> str:
 
 def config_file(directory: str) -> str:
     return os.path.join(directory, "config.json")
+
+
+def wandb_state_file(directory: str) -> str:
+    return os.path.join(directory, "wandb_state.json")
 
 
 def lock_file(directory: str) -> str:

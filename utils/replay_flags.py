@@ -10,7 +10,7 @@ from typing import List
 
 from utils.config import RunConfig
 
-NOT_REPLAYED = {"save_dir", "resume", "resume_from"}  # the caller decides where and how to resume
+NOT_REPLAYED = {"save_dir", "resume"}  # the caller decides where and whether to resume; a branch keeps its --resume_from
 NEGATED = {"progress": "--no_progress", "cuda_graph": "--no_cuda_graph"}  # fields set by a --no_ flag
 
 

@@ -23,6 +23,23 @@ def derived_seed(seed: int, *parts: int) -> int:
     return value
 
 
+def runtime_settings() -> dict:
+    """Settings outside the RNG that change floating-point results: CPU threads (reductions split
+    differently) and deterministic kernels."""
+    return {"threads": torch.get_num_threads(), "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+
+
+def runtime_differences(rng_state: dict) -> list:
+    """One phrase per runtime setting that differs from those a checkpoint's RNG state was saved with."""
+    saved, now = rng_state.get("runtime"), runtime_settings()
+    if not saved:
+        return []
+    names = {"threads": "torch threads", "deterministic": "deterministic algorithms",
+             "cudnn_benchmark": "cudnn.benchmark"}
+    return [f"{names[k]} {saved[k]} when saved, {now[k]} now" for k in names if k in saved and saved[k] != now[k]]
+
+
 def capture_rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
@@ -30,6 +47,7 @@ def capture_rng_state() -> dict:
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "torch": torch.get_rng_state(),
+        "runtime": runtime_settings(),
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

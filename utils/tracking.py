@@ -3,12 +3,25 @@
 wandb is optional: `--no_wandb` or a missing package disables it with one
 warning; it runs offline unless `--wandb_mode` says otherwise, and secrets come
 from the environment only (WANDB_API_KEY), never from code.
+
+metrics.jsonl is the record of truth; wandb mirrors it exactly once, in one run:
+record i of metrics.jsonl is logged at wandb step i once a checkpoint covers it
+(`commit()`: a resume never truncates it away), and `wandb_state.json` in the
+run dir keeps the run id and how many records wandb was given (written
+atomically after each log). A resumed run (`resume="allow"`, same id) first
+replays the records wandb has not been given, then logs on. A record logged
+twice (a kill between the log and the state write) lands on the same step with
+the same values, so wandb keeps one. Offline, each process writes its own
+`wandb/offline-run-*` folder under that id; `wandb sync` uploads them into the
+one run.
 """
 import hashlib
 import json
 import os
+import secrets
 import sys
 import time
+from typing import List, Optional
 
 from utils import paths
 from utils.checkpoint import atomic_write_text
@@ -60,31 +73,89 @@ def has_round_record(directory: str, round_index: int) -> bool:
     return False
 
 
+def read_records(directory: str) -> List[dict]:
+    """The complete records of metrics.jsonl, in order (a line cut by a crash is left out)."""
+    path = paths.metrics_file(directory)
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def read_wandb_state(directory: str) -> Optional[dict]:
+    """{"run_id", "logged"} from wandb_state.json, or None when absent or unreadable."""
+    try:
+        with open(paths.wandb_state_file(directory)) as f:
+            state = json.load(f)
+        return state if isinstance(state.get("run_id"), str) and isinstance(state.get("logged"), int) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def wandb_row(record: dict) -> dict:
+    """The numeric fields of a metrics record, named `<type>/<field>` for wandb."""
+    return {f"{record['type']}/{k}": v for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 class Tracker:
-    def __init__(self, directory: str, config: RunConfig, resuming: bool):
+    def __init__(self, directory: str, config: RunConfig, resuming: bool, history: Optional[List[dict]] = None):
+        """`history`: a list the epoch records are appended to (Session.history, saved in checkpoints)."""
         self.directory, self.config = directory, config
+        self.history = [] if history is None else history
+        self.records = len(read_records(directory))  # metrics.jsonl index of the next record
         self.log_handle = open(paths.log_file(directory), "a", buffering=1)
         self.metrics_handle = open(paths.metrics_file(directory), "a", buffering=1)
-        self.wandb = None
+        self.wandb, self.wandb_id, self.wandb_logged = None, None, 0
+        self.pending: List[dict] = []  # records written but not yet covered by a checkpoint
         if not config.no_wandb:
             self.wandb = self._start_wandb(resuming)
         self._header_printed = False
 
     def _start_wandb(self, resuming: bool):
+        if "disabled" in (self.config.wandb_mode, os.environ.get("WANDB_MODE")):
+            return None  # wandb would accept and drop every call: nothing to mirror, nothing to record
         try:
             import wandb
         except ImportError:
             self.warn("wandb is not installed: logging to metrics.jsonl and log.txt only")
             return None
-        run_id = hashlib.sha256(os.path.abspath(self.directory).encode()).hexdigest()[:12]
+        state = read_wandb_state(self.directory) if resuming else None
+        if state is not None:
+            self.wandb_id, self.wandb_logged = state["run_id"], min(state["logged"], self.records)
+        elif resuming and self.records:  # a run dir from before wandb_state.json: its id came from the path
+            self.wandb_id = hashlib.sha256(os.path.abspath(self.directory).encode()).hexdigest()[:12]
+        else:
+            self.wandb_id = secrets.token_hex(6)
         try:
-            return wandb.init(project=self.config.wandb_project, name=run_name(self.config), id=run_id,
-                              resume="allow" if resuming else None, mode=self.config.wandb_mode,
-                              dir=self.directory, reinit=True,
-                              config=dict(self.config.to_dict(), struct_head=self.config.vit_structured))
+            run = wandb.init(project=self.config.wandb_project, name=run_name(self.config), id=self.wandb_id,
+                             resume="allow", mode=self.config.wandb_mode, dir=self.directory,
+                             config=dict(self.config.to_dict(), struct_head=self.config.vit_structured))
         except Exception as exc:  # a tracking failure must not lose the run
             self.warn(f"wandb could not start ({type(exc).__name__}: {exc}); continuing without it")
             return None
+        self._save_wandb_state()
+        pending = read_records(self.directory)[self.wandb_logged:]
+        if pending:
+            self.info(f"wandb: replaying {len(pending)} record(s) of metrics.jsonl it has not been given")
+        for record in pending:  # the resume point's checkpoint covers them
+            self._log_wandb(run, self.wandb_logged, record)
+        return run
+
+    def _save_wandb_state(self) -> None:
+        atomic_write_text(paths.wandb_state_file(self.directory),
+                          json.dumps({"run_id": self.wandb_id, "logged": self.wandb_logged}) + "\n")
+
+    def _log_wandb(self, run, index: int, record: dict) -> None:
+        run.log(wandb_row(record), step=index)
+        self.wandb_logged = index + 1
+        self._save_wandb_state()
 
     def info(self, message: str) -> None:
         print(message, flush=True)
@@ -97,13 +168,21 @@ class Tracker:
     def _write(self, record: dict) -> None:
         self.metrics_handle.write(json.dumps(record, sort_keys=True) + "\n")
         self.metrics_handle.flush()
+        self.records += 1
         if self.wandb is not None:
-            prefix = record["type"]
-            self.wandb.log({f"{prefix}/{k}": v for k, v in record.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            self.pending.append(record)
+
+    def commit(self) -> None:
+        """Send wandb the records written so far: call once a checkpoint covers them."""
+        if self.wandb is not None:
+            for record in self.pending:
+                self._log_wandb(self.wandb, self.wandb_logged, record)
+            self.pending.clear()
 
     def epoch(self, record: dict) -> None:
-        self._write({"type": "epoch", **record})
+        record = {"type": "epoch", **record}
+        self._write(record)
+        self.history.append(record)
 
     def round(self, record: dict) -> None:
         self._write({"type": "round", **record})
