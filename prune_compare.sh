@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Baseline vs training-free anchor token pruning (SPEC section 4), zero-shot with clip_benchmark,
-# then one table: accuracy, image-encoder images/s and tokens per block side by side.
+# then one table: accuracy, image-encoder images/s (steady state, and all batches with the warm-up) and
+# tokens per block side by side. Offline CIFAR-10: python -m tokens.wds_data --cifar10_npz ... --out DIR
+# writes a 16-shard set (clip_benchmark's default 4 loader workers each need a shard).
 #
 #   MODEL=ViT-B-32 PRETRAINED=openai DATASET=cifar10 DATASET_ROOT=data ./prune_compare.sh
 #   MODEL=ViT-B-16 PRETRAINED=openai DATASET=wds/cifar10 DATASET_ROOT=data/wds_cifar10 K=10 M=50 ./prune_compare.sh --batch_size 256

@@ -24,6 +24,9 @@ for result in (base, pruned):
     assert not missing, f"metrics missing {missing}"
 assert base["token_pruning"]["tokens_per_block"] == [65, 65, 65], base["token_pruning"]
 assert pruned["token_pruning"]["tokens_per_block"] == [65, 17, 17], pruned["token_pruning"]
+for result in (base, pruned):  # 20 images in one stream of batches of 10: 2 warm-up batches, no steady ones
+    stats = result["token_pruning"]
+    assert (stats["warmup_batches"], stats["steady_batches"], stats["partial_batches"]) == (2, 0, 0), stats
 attention = torch.load(f"{folder}/pruned_attention.pt", weights_only=True)
 assert attention["num_images"] == 20 and attention["kept_positions"][1].shape == (20, 17)
 print("prune_test: OK (tokens per block 65,65,65 -> 65,17,17; attention file loads with weights_only=True)")
