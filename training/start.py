@@ -98,9 +98,15 @@ BRANCH_MUST_MATCH = {
 LAYER_FLAGS = ("prune_classifier", "conv1")  # flags that choose which layers are prunable (--fc: prune_classifier)
 
 
+def _flag_text(flag: str, value) -> str:
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"no --{flag}"
+    return f"--{flag} {value}"
+
+
 def _refuse_flag(path: str, flag: str, ours, theirs, what: str) -> None:
-    raise CheckpointError(f"--{flag} {ours}: {path} was made with --{flag} {theirs}; a branch keeps its "
-                          f"parent's {what}: pass --{flag} {theirs}, or start a new run")
+    raise CheckpointError(f"{_flag_text(flag, ours)}: {path} was made with {_flag_text(flag, theirs)}; a branch "
+                          f"keeps its parent's {what}, so use the parent's setting or start a new run")
 
 
 def _check_branch_flags(path: str, payload: dict, session: Session) -> None:
