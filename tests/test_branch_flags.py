@@ -162,3 +162,12 @@ def test_resume_with_another_thread_count_warns_once(parent, tmp_path, capsys):
     warnings = [line for line in capsys.readouterr().err.splitlines() if "threads" in line]
     assert warnings == ["warning: --resume: torch threads 1 when saved, 2 now, so the resumed run is not "
                         "bit-identical to an uninterrupted one"]
+
+
+def test_resume_on_a_dir_without_checkpoints_says_it_starts_a_new_run(tmp_path, capsys):
+    directory = str(tmp_path / "empty")
+    os.makedirs(directory)
+    assert main(PARENT + ["--pruning_times", "1", "--save_dir", directory, "--resume"]) == 0
+    out, err = capsys.readouterr()
+    assert f"--resume: no checkpoint in {directory} yet; starting a new run from round 0" in err
+    assert "resuming" not in out and os.path.isfile(paths.round_checkpoint(directory, 0))
