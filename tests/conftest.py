@@ -69,7 +69,8 @@ def run_main_core_install(*args, timeout=600):
     ImportError there), as after `pip install -r requirements-core.txt`; returns the CompletedProcess."""
     blocker = (f"import sys; sys.modules.update(dict.fromkeys({EXTRA_PACKAGES!r})); "
                f"sys.argv[0] = 'main_imp_fillback.py'; from utils.cli import main; sys.exit(main())")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}  # WANDB_MODE=disabled would skip the import
+    env["PYTHONUNBUFFERED"] = "1"
     return subprocess.run([sys.executable, "-c", blocker, *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=env)
 

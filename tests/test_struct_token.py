@@ -162,6 +162,8 @@ def test_cli_rounds_log_a_shrinking_token_budget(tmp_path):
     assert all(r["images_per_second"] > 0 for r in records if r["type"] == "epoch")
 
 
+@pytest.mark.slow  # ~36 s; the token-specific part (a checkpoint saved with pruning attached) is the
+# default-suite test_state_dict_is_the_same_with_pruning_attached, the resume machinery test_crash_resume
 def test_killed_token_run_resumes_bit_identically(tmp_path):
     args = [*TOKEN_VIT, "--prune_type", "pt", "--pruning_times", "2", "--epochs", "2", "--deterministic",
             "--checkpoint_interval", "0"]
