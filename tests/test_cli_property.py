@@ -55,8 +55,9 @@ FLAGS = {
     "compile": (["auto", "on", "off"], ["maybe"]),
     "prune_type": (["lt", "pt", "rewind_lt"], ["foo"]),
     "vit_prune_target": (["head", "mlp", "both"], ["all"]),
-    "seed": (["0", "7", "-3"], ["1.5", "x"]),
-    "exp_name": (["a", "run_1"], []),
+    "seed": (["0", "7", str(2 ** 32 - 1)], ["1.5", "x", "-3", str(2 ** 32), "18446744073709551616"]),
+    "exp_name": (["a", "run_1"], ["../x", "a/b", "a\nb"]),
+    "wandb_project": (["RSST", "my-project"], ["", "a/b", "p\nq"]),
 }
 SWITCHES = ["--vit_structured", "--prune_classifier", "--deterministic", "--no_progress", "--no_wandb", "--resume",
             "--no_cuda_graph"]
