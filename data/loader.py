@@ -33,7 +33,12 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.
 
 
 class TensorLoader:
-    """An iterable over (normalised float images, labels) batches of an ImageSet."""
+    """An iterable over (normalised float images, labels) batches of an ImageSet.
+
+    `train`: shuffle and augment (seeded by `set_epoch_seed`). `drop_last`: drop a partial last batch
+    when there is a full one -- the rule for every loader whose batches a model sees in training mode
+    (training, BatchNorm recalibration), so no such batch is smaller than `smallest_batch`.
+    """
 
     def __init__(self, dataset: ImageSet, batch_size: int, mean, std, device: torch.device,
                  train: bool, drop_last: bool = False):
@@ -48,6 +53,12 @@ class TensorLoader:
     def __len__(self) -> int:
         full, rest = divmod(len(self.labels), self.batch_size)
         return full if self.drop_last or rest == 0 else full + 1
+
+    @property
+    def smallest_batch(self) -> int:
+        """Images in the smallest batch an epoch yields (0 for an empty set)."""
+        rest = len(self.labels) % self.batch_size
+        return min(self.batch_size, len(self.labels)) if self.drop_last or rest == 0 else rest
 
     def set_epoch_seed(self, seed: int) -> None:
         self.seed = seed

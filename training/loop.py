@@ -2,10 +2,13 @@
 
 The step itself (forward, backward, masked SGD, RSST penalty) is a TrainStep
 (step.py); metrics accumulate on the device and are read once per epoch, so a
-CUDA epoch has exactly one host synchronisation.
+CUDA epoch has one host synchronisation -- plus one per `report_every` steps
+when progress lines are printed (no progress bar), and one per epoch for the
+finiteness check of the weights.
 """
+import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,25 +21,70 @@ from training.step import TrainStep, autocast
 class EpochResult:
     loss: float
     accuracy: float
-    samples: int
+    samples: int  # images trained on in the epoch (a resumed epoch: before the stop too)
     bad_step: Optional[int] = None  # first step whose loss was not finite (policy "stop")
     skipped: int = 0  # batches skipped for a non-finite loss (policy "skip_batch")
+    stopped_at: Optional[int] = None  # batches done when a stop request ended the epoch early
 
 
 def train_epoch(model: nn.Module, step: TrainStep, batches: Iterable[Tuple[torch.Tensor, torch.Tensor]],
-                schedule: Callable[[int], Tuple[float, float]]) -> EpochResult:
-    """`schedule(i)` gives (learning rate, regulariser strength) for step i."""
+                schedule: Callable[[int], Tuple[float, float]], start: int = 0, carried: Tuple[int, int] = (0, 0),
+                stop: Optional[Callable[[], bool]] = None, report: Optional[Callable[[int, int], None]] = None,
+                report_every: int = 0) -> EpochResult:
+    """Train on `batches`, the epoch's batches from number `start` on (a resumed epoch starts past 0).
+
+    `schedule(i)` gives (learning rate, regulariser strength) for batch i of the epoch. `carried`:
+    (images trained, batches skipped) before `start`; the step's device sums already hold their loss.
+    `stop()` is asked after every step (a host flag: no sync); when it says yes the epoch ends there
+    with `stopped_at` set and the step's sums left unread, for a mid-epoch checkpoint.
+    `report(done, seen)` is called every `report_every` batches (it may read the running sums).
+    """
     model.train()
-    seen, skipped = 0, 0
-    for index, (images, labels) in enumerate(batches):
+    seen, skipped = carried
+    for index, (images, labels) in enumerate(batches, start):
         lr, reg_lambda = schedule(index)
         if step(images, labels, lr, reg_lambda):
             seen += labels.shape[0]
         else:
             skipped += 1
+        if report is not None and report_every and (index + 1) % report_every == 0:
+            report(index + 1, seen)
+        if stop is not None and stop():
+            return EpochResult(loss=math.nan, accuracy=math.nan, samples=seen, skipped=skipped,
+                               stopped_at=index + 1)
     loss_sum, correct, bad = step.read_epoch()
     return EpochResult(loss=loss_sum / max(seen, 1), accuracy=100.0 * correct / max(seen, 1), samples=seen,
                        bad_step=bad, skipped=skipped)
+
+
+@torch.no_grad()
+def nonfinite_tensors(model: nn.Module) -> List[str]:
+    """Names of the model's floating-point parameters and buffers holding a NaN or inf (one host sync)."""
+    floats = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    if not floats or bool(torch.stack([torch.isfinite(t).all() for _, t in floats]).all()):
+        return []
+    return [name for name, t in floats if not bool(torch.isfinite(t).all())]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0)))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def epoch_line(record: dict, epochs: int, eta_seconds: float) -> str:
+    """One log line for a finished epoch: loss, accuracies, lr, lambda, img/s, ETA of the round."""
+    val = record.get("val_top1")
+    return (f"round {record['round']} epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}  "
+            f"train {record['train_top1']:.2f}%  val {'-' if val is None else f'{val:.2f}%'}  "
+            f"lr {record['lr']:.3g}  lambda {record['reg_lambda']:.3g}  "
+            f"{record['images_per_second']:.0f} img/s  round ETA {format_duration(eta_seconds)}")
+
+
+def step_line(round_index: int, epoch: int, epochs: int, done: int, steps: int, loss: float,
+              images_per_second: float) -> str:
+    """One log line inside an epoch: batches done, running loss, images/s so far."""
+    return (f"round {round_index} epoch {epoch}/{epochs} step {done}/{steps}: running loss {loss:.4f}  "
+            f"{images_per_second:.0f} img/s")
 
 
 @torch.no_grad()

@@ -21,22 +21,21 @@ from pruners import create_struct
 from pruners.base import PruneContext, RoundPlan
 from pruners.masks import apply_masks, layer_sparsity, prunable_weights, remaining_fraction
 from training import start as starting
-from training.loop import evaluate, recalibrate_batchnorm, train_epoch
+from training.epochs import EpochTraining
+from training.loop import epoch_line, evaluate, recalibrate_batchnorm
 from training.optim import effective_warmup, lr_at
 from training.step import TrainStep, resolve_amp
 from training.session import RoundProgress, Session, cpu_state, device_state
 from utils import checkpoint, history, paths
-from utils.errors import NumericalError
 from utils.interrupts import Interrupted, StopRequest
 from utils.lock import RunLock
-from utils.seeding import derived_seed, seed_everything
-from utils.tracking import Tracker, has_round_record, progress as progress_bar, truncate_metrics, write_config
+from utils.seeding import seed_everything
+from utils.tracking import Tracker, has_round_record, truncate_metrics, write_config
 
-STREAM_TRAIN = 1
 BN_RECALIBRATION_BATCHES = 20
 
 
-class RoundRunner:
+class RoundRunner(EpochTraining):
     def __init__(self, session: Session, struct, tracker: Tracker, rewind: Optional[dict],
                  stop: Optional[StopRequest] = None):
         self.session, self.struct, self.tracker, self.rewind = session, struct, tracker, rewind
@@ -110,39 +109,36 @@ class RoundRunner:
         step.start_round(plan)
         if optimizer_state is not None:
             step.load_state_dict(optimizer_state)
-        loader = session.loaders["train"]
-        steps, warmup, milestones = len(loader), effective_warmup(config), config.milestones()
+        steps, warmup, milestones = len(session.loaders["train"]), effective_warmup(config), config.milestones()
         total_steps = steps * config.epochs
         regularized = plan.penalty_masks is not None
+        durations = []
         for epoch in range(progress.epoch, config.epochs):
             started = time.time()
-            loader.set_epoch_seed(derived_seed(config.seed, STREAM_TRAIN, progress.round, epoch))
 
             def schedule(index: int, epoch=epoch) -> Tuple[float, float]:
                 reg = self.struct.reg_lambda((epoch * steps + index) / total_steps) if regularized else 0.0
                 return lr_at(config.lr, epoch, index, steps, warmup, milestones), reg
 
-            batches = progress_bar(loader, steps, f"round {progress.round} epoch {epoch + 1}/{config.epochs}",
-                                   config.progress)
-            result = train_epoch(session.model, step, batches, schedule)
+            result, trained = self.train_epoch(progress, epoch, schedule)
             train_seconds = time.time() - started
-            if result.bad_step is not None:
-                raise NumericalError(
-                    f"round {progress.round} epoch {epoch + 1} step {result.bad_step}: the loss is not finite; "
-                    f"stopped without saving this epoch (last good checkpoint: {self.last_good_checkpoint(progress)}); "
-                    f"lower --lr, or pass --nan_policy skip_batch")
+            self.check_numerics(progress, epoch, result, regularized)
             val, state = self.validate(plan, progress.best_val)
             progress.epoch = epoch + 1
             if state is not None:
                 progress.best_val, progress.best_epoch, progress.best_model = val, progress.epoch, state
             elapsed = time.time() - started
-            self.tracker.epoch({
+            durations.append(elapsed)
+            record = {
                 "round": progress.round, "epoch": progress.epoch, "lr": schedule(steps - 1)[0],
                 "train_loss": result.loss, "train_top1": result.accuracy, "val_top1": val,
                 "reg_lambda": schedule(steps - 1)[1], "penalized_l2": step.penalized_norm(),
                 "remaining_pct": 100 * remaining_fraction(plan.train_masks), "epoch_seconds": elapsed,
                 "skipped_batches": result.skipped, "train_seconds": train_seconds,
-                "images_per_second": result.samples / max(train_seconds, 1e-9)})
+                "images_per_second": trained / max(train_seconds, 1e-9)}
+            self.tracker.epoch(record)
+            eta = sum(durations) / len(durations) * (config.epochs - progress.epoch)
+            self.tracker.info(epoch_line(record, config.epochs, eta))
             if progress.round == 0 and config.prune_type == "rewind_lt" and progress.epoch == config.rewind_epoch:
                 self.save_rewind(progress.epoch)
             progress.last_train_loss = result.loss
@@ -196,12 +192,6 @@ class RoundRunner:
                         self.session.payload("epoch", progress, rewind=self.rewind))
         self.last_save = time.time()
         self.tracker.commit()  # the records this checkpoint covers can no longer be truncated: to wandb
-
-    def last_good_checkpoint(self, progress: RoundProgress) -> str:
-        latest = paths.latest_checkpoint(self.session.directory)
-        if os.path.exists(latest):
-            return latest
-        return progress.parent or "none yet"
 
     def save_rewind(self, epoch: int) -> None:
         path = paths.rewind_weights(self.session.directory)

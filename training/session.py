@@ -16,6 +16,7 @@ from pruners.masks import Masks, dense_masks, from_storage, to_storage
 from training.step import TrainStep
 from utils import checkpoint
 from utils.config import RunConfig
+from utils.errors import UsageError
 from utils.seeding import capture_rng_state, restore_rng_state
 
 EVAL_BATCH = 1024
@@ -30,6 +31,20 @@ def cpu_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def check_batch_statistics(model: torch.nn.Module, train: TensorLoader, config: RunConfig) -> None:
+    """UsageError, before any work, when a BatchNorm model would see a training batch of one image
+    (train-mode BatchNorm needs more than one value per channel)."""
+    if train.smallest_batch >= 2 or not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                            for m in model.modules()):
+        return
+    if config.batch_size == 1:
+        raise UsageError(f"--batch_size 1: --arch {config.arch} has BatchNorm, which needs at least 2 images "
+                         f"per training batch")
+    raise UsageError(f"--val_size{'' if config.val_size is None else f' {config.val_size}'}: leaves "
+                     f"{len(train.labels)} training image(s); "
+                     f"--arch {config.arch} has BatchNorm, which needs at least 2 per training batch")
+
+
 @dataclass
 class RoundProgress:
     """Where the current round stands."""
@@ -42,6 +57,10 @@ class RoundProgress:
     last_train_loss: float = float("nan")
     parent: Optional[str] = None  # the checkpoint this round continues from
     parent_sha256: Optional[str] = None
+    # a stop inside epoch `epoch` (0-based): batches done, and the epoch's running sums so far
+    # ({"counters": TrainStep.counters_state(), "seen": images, "skipped": batches})
+    batch: int = 0
+    epoch_sums: Optional[dict] = None
 
 
 @dataclass
@@ -69,8 +88,10 @@ class Session:
             "train": TensorLoader(train, config.batch_size, spec.mean, spec.std, device, True, True),
             "val": TensorLoader(self.splits.val, EVAL_BATCH, spec.mean, spec.std, device, False),
             "test": TensorLoader(self.splits.test, EVAL_BATCH, spec.mean, spec.std, device, False),
-            "calibration": TensorLoader(train, config.batch_size, spec.mean, spec.std, device, False),
+            # batches seen in training mode (BatchNorm recalibration) follow the training loader's drop_last
+            "calibration": TensorLoader(train, config.batch_size, spec.mean, spec.std, device, False, True),
         }
+        check_batch_statistics(self.model, self.loaders["train"], config)
 
     def dense_plan(self) -> RoundPlan:
         ones = dense_masks(self.weights)
@@ -97,7 +118,11 @@ class Session:
             record["final_masks"] = to_storage(plan.final_masks)
             record["penalty_masks"] = None if plan.penalty_masks is None else to_storage(plan.penalty_masks)
             record["optimizer"] = self.step.state_dict()
-            record["scheduler"] = {"epoch": progress.epoch, "steps_per_epoch": len(self.loaders["train"])}
+            # the loader position: the epoch's order and augmentation come from its seed, so a resume
+            # continues epoch `epoch` at batch `batch`
+            record["scheduler"] = {"epoch": progress.epoch, "steps_per_epoch": len(self.loaders["train"]),
+                                   "batch": progress.batch}
+            record["epoch_sums"] = progress.epoch_sums
             record["best_model"] = progress.best_model
         return record
 
@@ -121,4 +146,5 @@ class Session:
         return RoundProgress(round=payload["round"], epoch=payload["epoch"], plan=plan,
                              best_val=payload["best"]["val_top1"], best_epoch=payload["best"]["epoch"],
                              best_model=best_model, parent=lineage["parent"], parent_sha256=lineage["parent_sha256"],
-                             last_train_loss=payload["best"]["last_train_loss"])
+                             last_train_loss=payload["best"]["last_train_loss"],
+                             batch=payload.get("scheduler", {}).get("batch", 0), epoch_sums=payload.get("epoch_sums"))

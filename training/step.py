@@ -191,6 +191,22 @@ class TrainStep:
         self.graph.replay()
         return True
 
+    COUNTERS = ("loss_sum", "correct", "first_bad", "step_index")
+
+    def running_loss_sum(self) -> float:
+        """The loss summed over this epoch's images so far, without resetting it (one host sync)."""
+        return float(self.loss_sum)
+
+    def counters_state(self) -> dict:
+        """The epoch's running sums (loss sum, correct count, first bad step, steps) as CPU tensors,
+        for a mid-epoch checkpoint; `load_counters` puts them back bit-exactly."""
+        return {name: getattr(self, name).detach().cpu().clone() for name in self.COUNTERS}
+
+    @torch.no_grad()
+    def load_counters(self, state: dict) -> None:
+        for name in self.COUNTERS:
+            getattr(self, name).copy_(state[name])
+
     def read_epoch(self):
         """(loss sum, correct count, first bad step or None) since the last read; one host sync."""
         loss_sum, correct, bad = float(self.loss_sum), int(self.correct), int(self.first_bad)

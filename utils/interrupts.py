@@ -1,8 +1,11 @@
-"""Graceful stops: SIGTERM (Slurm preemption) and Ctrl-C finish the current epoch, save, exit.
+"""Graceful stops: SIGTERM (Slurm preemption) and Ctrl-C stop at the next training step, save, exit.
 
-The handler only records the request; the round loop checks it at epoch
-boundaries, writes an epoch checkpoint and raises `Interrupted`. A second
-signal while waiting falls through to the default behaviour (immediate exit).
+The handler only records the request; the training loop checks it after every
+step (a host flag, no device sync), writes a mid-epoch checkpoint (loader
+position, running sums, RNG) and raises `Interrupted`, so a preempted run is
+saved within seconds whatever the epoch length. A request during validation or
+a round's end takes effect when that finishes. A second signal while waiting
+falls through to the default behaviour (immediate exit).
 """
 import signal
 import threading
@@ -20,7 +23,7 @@ class Interrupted(Exception):
 
 
 class StopRequest:
-    """Context manager that turns SIGTERM/SIGINT into a request checked between epochs."""
+    """Context manager that turns SIGTERM/SIGINT into a request checked after every training step."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -38,7 +41,7 @@ class StopRequest:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
         self.signum = signum
-        self.log(f"{signal.Signals(signum).name} received: finishing this epoch, saving a checkpoint, then stopping "
+        self.log(f"{signal.Signals(signum).name} received: stopping after this training step, saving a checkpoint "
                  f"(send it again to stop at once)")
 
     def __enter__(self):
