@@ -63,17 +63,19 @@ def test_branch_flag_the_parent_cannot_honour_is_refused(parent, tmp_path, capsy
     assert "Traceback" not in err and not branch.exists()
 
 
-def test_branch_with_prune_classifier_starts_the_classifier_dense(parent, tmp_path, capsys):
+@pytest.mark.parametrize("flag,field,layer", [("--prune_classifier", "prune_classifier", "head.weight"),
+                                              ("--conv1", "conv1", "patch_embed.proj.weight")])
+def test_branch_pruning_a_layer_its_parent_kept_dense_starts_it_dense(parent, tmp_path, flag, field, layer):
     source, branch = paths.round_checkpoint(parent, 1), str(tmp_path / "branch")
-    assert main(PARENT + BRANCH + ["--prune_classifier", "--save_dir", branch, "--resume_from", source]) == 0
+    assert main(PARENT + BRANCH + [flag, "--save_dir", branch, "--resume_from", source]) == 0
     masks = checkpoint.load(paths.round_checkpoint(branch, 2))["masks"]
     parent_masks = checkpoint.load(source)["masks"]
-    assert "head.weight" in masks and "head.weight" not in parent_masks
-    head = masks["head.weight"].float().mean().item()
-    assert 0.0 < head < 1.0  # pruned in the branch's own round, from a dense start
+    assert layer in masks and layer not in parent_masks
+    kept = masks[layer].float().mean().item()
+    assert 0.0 < kept < 1.0  # pruned in the branch's own round, from a dense start
     for name, mask in parent_masks.items():  # nothing the parent pruned grows back
         assert not torch.any(masks[name] & ~mask), name
-    assert json.load(open(paths.config_file(branch)))["config"]["prune_classifier"] is True
+    assert json.load(open(paths.config_file(branch)))["config"][field] is True
 
 
 def test_branch_without_the_parents_prune_classifier_is_refused(parent, tmp_path, capsys):

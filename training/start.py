@@ -112,7 +112,7 @@ def _refuse_flag(path: str, flag: str, ours, theirs, what: str) -> None:
 def _check_branch_flags(path: str, payload: dict, session: Session) -> None:
     """Refuse (one line naming the flag and the file) a branch flag its parent's checkpoint cannot honour;
     give layers the branch prunes but the parent kept dense (--prune_classifier) a dense mask to start from."""
-    saved, ours = payload["config"], session.config.to_dict()
+    saved, ours = RunConfig.from_dict(payload["config"]).to_dict(), session.config.to_dict()  # legacy values filled
     for flag, what in BRANCH_MUST_MATCH.items():
         if flag in ours and saved.get(flag, ours[flag]) != ours[flag]:
             _refuse_flag(path, flag, ours[flag], saved.get(flag), what)
