@@ -63,6 +63,7 @@ class EpochTraining:
         progress.epoch_sums = {"counters": counters, "seen": result.samples, "skipped": result.skipped}
         path = paths.latest_checkpoint(self.session.directory)
         checkpoint.save(path, self.session.payload("epoch", progress, rewind=self.rewind))
+        self.tracker.commit()  # the epoch records this checkpoint covers can no longer be truncated: to wandb
         self.tracker.info(f"saved round {progress.round} epoch {epoch + 1} at step {result.stopped_at}/{steps} "
                           f"to {path}")
         raise Interrupted(self.stop.signum, path)
