@@ -21,6 +21,12 @@ checkpoint written while pruning is active loads into a plain model), and
 (top-k indices) is not differentiable, so it is computed without autograd;
 the kept tokens are gathered with it, so in training gradients flow through
 them into every weight.
+
+The hooks (and the readers they hold, which keep the blocks' modules, never closures over them)
+are the only pruning state, and they live in each block's own hook table. So `copy.deepcopy`,
+`pickle` and `torch.save` of a pruned model carry the pruning with the copy's own modules (a copy
+scores with its own weights; `pruning_handle(copy)` restores it), `.to()` / dtype moves and
+train/eval switches keep it, and `pruning_attached` / `restore` need no registry outside the model.
 """
 import inspect
 from dataclasses import dataclass
