@@ -64,7 +64,8 @@ def test_branch_flag_the_parent_cannot_honour_is_refused(parent, tmp_path, capsy
 
 
 @pytest.mark.parametrize("flag,field,layer", [("--prune_classifier", "prune_classifier", "head.weight"),
-                                              ("--conv1", "conv1", "patch_embed.proj.weight")])
+                                              pytest.param("--conv1", "conv1", "patch_embed.proj.weight",
+                                                           marks=pytest.mark.slow)])
 def test_branch_pruning_a_layer_its_parent_kept_dense_starts_it_dense(parent, tmp_path, flag, field, layer):
     source, branch = paths.round_checkpoint(parent, 1), str(tmp_path / "branch")
     assert main(PARENT + BRANCH + [flag, "--save_dir", branch, "--resume_from", source]) == 0

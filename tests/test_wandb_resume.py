@@ -16,7 +16,7 @@ from utils import paths
 from utils.tracking import wandb_row
 
 ARGS = ["--dataset", "synthetic", "--arch", "test_vit", "--no_progress", "--batch_size", "64", "--lr", "0.05",
-        "--struct", "none", "--rate", "0.5", "--pruning_times", "2", "--epochs", "3", "--val_size", "2400",
+        "--struct", "none", "--rate", "0.5", "--pruning_times", "2", "--epochs", "2", "--val_size", "2400",
         "--checkpoint_interval", "0", "--wandb_mode", "offline"]
 
 FAKE = textwrap.dedent('''
@@ -86,7 +86,8 @@ def check_exactly_once(calls, directory):
     return rows
 
 
-@pytest.mark.parametrize("delay", [1.0, 0.0], ids=["a_second_after_the_log", "right_after_the_log"])
+@pytest.mark.parametrize("delay", [pytest.param(1.0, id="a_second_after_the_log"),
+                                   pytest.param(0.0, id="right_after_the_log", marks=pytest.mark.slow)])
 def test_wandb_holds_every_record_once_after_a_kill_and_resume(fake_wandb, tmp_path, delay):
     env, calls = fake_wandb
     directory = tmp_path / "run"
@@ -105,6 +106,7 @@ def test_wandb_holds_every_record_once_after_a_kill_and_resume(fake_wandb, tmp_p
     assert state["logged"] == len(read(paths.metrics_file(str(directory))))
 
 
+@pytest.mark.slow
 def test_wandb_started_without_records_then_resumed_replays_none_twice(fake_wandb, tmp_path):
     env, calls = fake_wandb
     directory = tmp_path / "run"
