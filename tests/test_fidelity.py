@@ -191,3 +191,14 @@ def test_configs_saved_before_the_stem_flag_replay_what_they_ran():
     assert legacy.conv1 is True and legacy.refill_count == "nearest"
     current = RunConfig.from_dict(RunConfig(struct="refill").to_dict())
     assert current.conv1 is False and current.refill_count == "reference"
+
+
+def test_head_saliency_is_the_heads_sum_of_activation_times_gradient():
+    layer, batches = qkv_example()  # a = rows q0 q1 k0 k1 v0 v1 = [3, 2, 0, 2, 0, 0]
+    classifier = linear([[1, 0, -1, 2, 0, 1], [0, 1, 1, 0, -2, 0]])  # logits [7, 2]
+    model = nn.Sequential(layer, nn.Flatten(1), classifier)
+    got = head_scores(scores("saliency", layer, model=model, batches=batches), 2)
+    # label 0: dL/dlogits = softmax - onehot = p1 * [-1, 1] with p1 = softmax([7, 2])[1] = 1 / (1 + e^5);
+    # dL/da = p1 * [-1, 1, 2, -2, -2, -1]; |a * dL/da| = p1 * [3, 2, 0, 4, 0, 0]: head 0 3 p1, head 1 6 p1
+    p1 = 1 / (1 + math.exp(5))
+    assert got.tolist() == pytest.approx([3 * p1, 6 * p1], rel=1e-5)
