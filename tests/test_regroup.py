@@ -166,7 +166,7 @@ def test_resnet20_regroup_after_global_l1_is_block_structured_near_half_density(
 def test_cli_runs_three_regroup_rounds(tmp_path):
     command = [sys.executable, "main_imp_fillback.py", "--dataset", "synthetic", "--arch", "res20s",
                "--struct", "regroup", "--pruning_times", "3", "--epochs", "1", "--rate", "0.5",
-               "--no_wandb", "--no_progress", "--save_dir", str(tmp_path)]
+               "--val_size", "2400", "--no_wandb", "--no_progress", "--save_dir", str(tmp_path)]  # 9 steps an epoch
     env = dict(os.environ, WANDB_MODE="disabled")
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

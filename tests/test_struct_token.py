@@ -190,7 +190,7 @@ def test_vit_tiny_three_rounds_halve_the_tokens(tmp_path):
     directory = str(tmp_path / "vit_tiny")
     run_main("--dataset", "synthetic", "--arch", "vit_tiny", "--struct", "token", "--rate", "0.5",
              "--pruning_times", "3", "--epochs", "1", "--batch_size", "64", "--lr", "0.05", "--no_wandb",
-             "--no_progress", "--save_dir", directory)
+             "--no_progress", "--val_size", "2400", "--save_dir", directory)  # 600 training images: 9 steps
     records = read_jsonl(paths.metrics_file(directory))
     rounds = [r for r in records if r["type"] == "round"]
     assert [r["tokens_kept"] for r in rounds] == [65, 33, 17]
