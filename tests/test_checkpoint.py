@@ -146,7 +146,8 @@ def test_digest_covers_plain_values_and_ignores_list_or_tuple():
     base = {"a": [1, 2.5, None, "x"], "t": torch.ones(3)}
     assert checkpoint.content_digest(base) == checkpoint.content_digest({"t": torch.ones(3), "a": (1, 2.5, None, "x")})
     assert checkpoint.content_digest(base) != checkpoint.content_digest({**base, "a": [1, 2.5, None, "y"]})
-    assert checkpoint.content_digest(base) != checkpoint.content_digest({**base, "t": torch.ones(3, dtype=torch.float64)})
+    as_double = {**base, "t": torch.ones(3, dtype=torch.float64)}
+    assert checkpoint.content_digest(base) != checkpoint.content_digest(as_double)
 
 
 def test_truncated_file_message_is_one_whole_sentence(tmp_path):

@@ -41,7 +41,8 @@ def repair_lineage(directory: str, rounds: List[int], header: dict, warn: Callab
     rebuilt = _round_payloads(directory, missing, warn)
     entries = [e for e in lineage["rounds"] if isinstance(e, dict) and e.get("round") not in rebuilt]
     for index, payload in rebuilt.items():
-        entries.append(checkpoint.lineage_entry(payload, checkpoint.sha256_of(paths.round_checkpoint(directory, index))))
+        sha = checkpoint.sha256_of(paths.round_checkpoint(directory, index))
+        entries.append(checkpoint.lineage_entry(payload, sha))
     lineage.update(header)
     lineage["rounds"] = sorted(entries, key=lambda e: e["round"])
     checkpoint.atomic_write_text(path, json.dumps(lineage, indent=2) + "\n")
