@@ -47,6 +47,10 @@ USED_ONLY_WITH = {
     "alpha": (lambda a: a.struct == "token", _STRUCT, "--struct token"),
     "token_start_block": (lambda a: a.struct == "token", _STRUCT, "--struct token"),
     "prune_classifier": (lambda a: a.struct != "token", _STRUCT, "the modes that prune weights"),
+    "conv1": (lambda a: a.struct != "token", _STRUCT, "the modes that prune weights"),
+    "refill_count": (lambda a: a.struct in CHANNEL_MODES and not a.vit_structured,
+                     lambda a: _STRUCT(a) if a.struct not in CHANNEL_MODES else "--vit_structured",
+                     "channel-level --struct refill or rsst"),
     "rewind_epoch": (lambda a: a.prune_type == "rewind_lt", lambda a: f"--prune_type {a.prune_type}",
                      "--prune_type rewind_lt"),
 }
