@@ -26,7 +26,7 @@ import torch.nn.functional as F
 try:
     from data import DATASETS, ImageSet, load
     from data.loader import TensorLoader
-    from models import classifier_of, create_model
+    from models import create_model, dense_modules
     from pruners.base import RoundPlan
     from pruners.masks import prunable_weights
     from training.loop import evaluate, train_epoch
@@ -75,7 +75,7 @@ def reference_epoch(arch, root, batch_size, device, max_steps=None):
 
 def our_step(arch, splits, batch_size, device, masked, compiled):
     model = create_model(arch, 10).to(device)
-    weights = prunable_weights(model, exclude=[classifier_of(model)])
+    weights = prunable_weights(model, exclude=dense_modules(model))
     convnet = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d)) * 2 > \
         sum(p.numel() for p in model.parameters())
     if convnet and device.type == "cuda":

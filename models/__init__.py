@@ -38,11 +38,6 @@ def classifier_modules(model: nn.Module) -> List[nn.Module]:
     return [head for head in heads if isinstance(head, nn.Module) and not isinstance(head, nn.Identity)]
 
 
-def classifier_of(model: nn.Module) -> nn.Module:
-    """The first classification head; models with several heads need `classifier_modules`."""
-    return classifier_modules(model)[0]
-
-
 def stem_modules(model: nn.Module) -> List[nn.Module]:
     """The stem: the first convolution that sees the image (kept dense unless --conv1).
 

@@ -10,11 +10,21 @@ from pruners import STRUCTS
 from pruners.base import PruneContext, StructMode
 from pruners.blocks import block_structure, regroup_layer
 from pruners.masks import Masks, remaining_count, total_count
+from utils.errors import UsageError
 
 
 @STRUCTS.register("regroup")
 class Regroup(StructMode):
     name = "regroup"
+
+    def check_model(self, model) -> None:
+        """Refuse before round 0 trains when the partitioner is missing (it is first needed in round 1)."""
+        super().check_model(model)
+        try:
+            import pymetis  # noqa: F401
+        except ImportError:
+            raise UsageError("--struct regroup: needs pymetis, which is not installed; "
+                             "pip install '.[regroup]' (or pymetis)") from None
 
     def regroup(self, ctx: PruneContext, element_masks: Masks) -> Masks:
         block_size, density = self.config.block_size, self.config.block_density

@@ -174,3 +174,19 @@ def test_resume_on_a_dir_without_checkpoints_says_it_starts_a_new_run(tmp_path, 
     out, err = capsys.readouterr()
     assert f"--resume: no checkpoint in {directory} yet; starting a new run from round 0" in err
     assert "resuming" not in out and os.path.isfile(paths.round_checkpoint(directory, 0))
+
+
+def test_branch_compares_the_split_not_how_it_was_given(parent, tmp_path, capsys):
+    """A parent run with the default --val_size (None in its config) and a branch that names the same
+    size explicitly use one split: accepted; another size is refused with both sizes resolved."""
+    run = copy_of(parent, tmp_path, "parent_default_split")
+    payload = checkpoint.load(paths.round_checkpoint(run, 1))
+    payload["config"]["val_size"] = None  # as saved by a run without --val_size (synthetic default: 300)
+    source = os.path.join(run, "default_split.pth.tar")
+    checkpoint.save(source, payload)
+    flags = [f for i, f in enumerate(PARENT) if "--val_size" not in PARENT[max(i - 1, 0):i + 1]]
+    code = main(flags + BRANCH + ["--val_size", "301", "--save_dir", str(tmp_path / "b1"), "--resume_from", source])
+    lines, _ = error_lines(capsys)
+    assert code == 2 and f"--val_size 301: {source} was made with --val_size 300" in lines[0], lines
+    assert main(flags + BRANCH + ["--val_size", "300", "--save_dir", str(tmp_path / "b2"),
+                                  "--resume_from", source]) == 0

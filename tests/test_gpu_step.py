@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from models import classifier_of, create_model
+from models import create_model, dense_modules
 from pruners.base import RoundPlan
 from pruners.masks import prunable_weights
 from training.step import TrainStep
@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def make(arch, graph, amp="none", compiled=False):
     torch.manual_seed(0)
     model = create_model(arch, 10).cuda()
-    weights = prunable_weights(model, exclude=[classifier_of(model)])
+    weights = prunable_weights(model, exclude=dense_modules(model))
     step = TrainStep(model, weights, torch.device("cuda"), amp, 0.9, 1e-4, regularized=True, use_graph=graph,
                      compile_model=compiled)
     generator = torch.Generator().manual_seed(1)

@@ -175,3 +175,14 @@ def test_cli_runs_three_regroup_rounds(tmp_path):
     log = tmp_path / "log.txt"
     output = result.stdout + result.stderr + (log.read_text() if log.exists() else "")
     assert "[regroup] round 2" in output
+
+
+def test_regroup_without_pymetis_is_refused_before_round_0(tmp_path):
+    from conftest import run_main_core_install
+    directory = tmp_path / "run"
+    result = run_main_core_install("--dataset", "synthetic", "--struct", "regroup", "--no_wandb",
+                                   "--save_dir", directory)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --struct regroup: needs pymetis, which is not installed; pip install '.[regroup]' (or pymetis)"]
+    assert not directory.exists()

@@ -41,7 +41,7 @@ def write_run(directory, rounds, config, first_parent, extra=None):
                           "train_top1": 60.0, "val_top1": val, "reg_lambda": 0.0, "penalized_l2": 0.0,
                           "remaining_pct": remaining, "epoch_seconds": 1.0, "images_per_second": 100.0})
         lines.append({"type": "round", "round": index, "epochs": 2, "val_top1": val, "best_epoch": 2,
-                      "test_top1": test, "train_loss": 1.4, "remaining_pct": remaining, "best_test_top1": test,
+                      "test_top1": test, "train_loss": 1.4, "remaining_pct": remaining,
                       "checkpoint": os.path.join(str(directory), checkpoint),
                       "layer_sparsity": {"conv1.weight": 1 - remaining / 100}, **(extra(index) if extra else {})})
         lineage["rounds"].append({"round": index, "checkpoint": checkpoint, "sha256": "ab" * 32,

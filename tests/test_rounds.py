@@ -42,6 +42,19 @@ def test_round_table_checkpoints_and_schedule(finished_run):
     assert not os.path.exists(paths.latest_checkpoint(directory))
 
 
+def test_best_round_is_selected_on_validation_not_test(finished_run):
+    directory, stdout = finished_run
+    rounds = [r for r in read_jsonl(paths.metrics_file(directory)) if r["type"] == "round"]
+    for k, record in enumerate(rounds):
+        seen = rounds[:k + 1]
+        best = max(range(len(seen)), key=lambda i: (seen[i]["val_top1"], i))  # ties: the later round
+        assert record["best_round"] == {"round": best, "val_top1": seen[best]["val_top1"],
+                                        "test_top1": seen[best]["test_top1"]}
+    last = rounds[-1]["best_round"]
+    assert f"{last['round']}:{last['test_top1']:.2f}" in stdout.splitlines()[-1]
+    assert "best_round" in stdout and "best_test" not in stdout
+
+
 def test_lineage_chains_rounds_to_the_rewind_root(finished_run):
     directory, _ = finished_run
     lineage = json.load(open(paths.lineage_file(directory)))

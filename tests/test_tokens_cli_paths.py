@@ -106,3 +106,16 @@ def test_truncated_weights_file_is_one_complete_line(tmp_path):
     message = str(info.value)
     assert message.startswith(f"--pretrained {weights}: could not build TinyClipH3 with weights")
     assert "\n" not in message and message.endswith("must be deleted and fetched again")
+
+
+def test_missing_clip_packages_give_one_line_and_exit_2():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules.update(dict.fromkeys(('open_clip', 'clip_benchmark'))); "
+            "from tokens.clip_eval import main; sys.exit(main(['--dataset', 'cifar10']))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "clip_prune.py: error: open_clip and clip_benchmark not installed; pip install '.[tokens]' "
+        "(open_clip_torch, clip_benchmark)"]

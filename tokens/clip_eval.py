@@ -228,8 +228,23 @@ def register(session: Session) -> None:
         models.MODEL_TYPES.append(MODEL_TYPE)
 
 
+def require_packages() -> None:
+    """Raise CliError (one line) when open_clip or clip_benchmark is not installed."""
+    import importlib
+    missing = []
+    for name in ("open_clip", "clip_benchmark"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise CliError(f"{' and '.join(missing)} not installed; pip install '.[tokens]' "
+                       f"(open_clip_torch, clip_benchmark)")
+
+
 def run(argv: List[str]) -> List[dict]:
     options, rest = build_parser().parse_known_args(argv)
+    require_packages()
     if rest and rest[0] == "build":  # clip_benchmark's CSV builder: nothing to prune
         _call_benchmark(rest)
         return []

@@ -210,13 +210,13 @@ class RoundRunner(EpochTraining):
         test = self.evaluate("test")
         best_model = cpu_state(session.model)
         session.model.load_state_dict(final_state)
-        session.best_test_over_rounds = max(session.best_test_over_rounds, test)
+        self.update_best_round(progress.round, progress.best_val, test)
         ckpt_path = paths.round_checkpoint(directory, progress.round)
         metrics = {"round": progress.round, "epochs": progress.epoch, "val_top1": progress.best_val,
                    "best_epoch": progress.best_epoch, "test_top1": test,
                    "train_loss": progress.last_train_loss,
                    "remaining_pct": 100 * remaining_fraction(plan.final_masks),
-                   "best_test_top1": session.best_test_over_rounds, "checkpoint": ckpt_path,
+                   "best_round": session.best_round, "checkpoint": ckpt_path,
                    "layer_sparsity": layer_sparsity(plan.final_masks), **self.struct.round_metrics()}
         payload = session.payload("round", progress, metrics=metrics, rewind=self.rewind)
         # the best file goes first: once the numbered checkpoint exists, the round is complete
@@ -224,6 +224,13 @@ class RoundRunner(EpochTraining):
         sha = checkpoint.save(ckpt_path, payload)
         self.record_round(payload, sha)
         return plan
+
+    def update_best_round(self, round_index: int, val: Optional[float], test: float) -> None:
+        """Model selection across rounds is on validation too: the best round is the one with the
+        highest val top-1 (ties: the later, sparser round); its test top-1 is reported beside it."""
+        best = self.session.best_round
+        if val is not None and val >= 0 and (best is None or val >= best["val_top1"]):
+            self.session.best_round = {"round": round_index, "val_top1": val, "test_top1": test}
 
     def record_round(self, payload: dict, sha: str) -> None:
         """The round-end bookkeeping of a saved round: lineage.json entry, round record, removal of the

@@ -71,7 +71,7 @@ class Session:
     model: torch.nn.Module
     weights: Dict[str, torch.Tensor]
     splits: DataSplits
-    best_test_over_rounds: float = -1.0
+    best_round: Optional[dict] = None  # {round, val_top1, test_top1} of the best-validation round so far
     loaders: Dict[str, TensorLoader] = field(default_factory=dict)
     amp: str = "none"
     channels_last: bool = False
@@ -109,7 +109,7 @@ class Session:
             "masks": to_storage(plan.final_masks if kind == "round" else plan.train_masks),
             "config": self.config.to_dict(), "config_hash": self.config.config_hash(),
             "best": {"val_top1": progress.best_val, "epoch": progress.best_epoch,
-                     "best_test_over_rounds": self.best_test_over_rounds,
+                     "best_round": self.best_round,
                      "last_train_loss": progress.last_train_loss},
             "rng": capture_rng_state(), "rewind": rewind, "metrics": metrics or {}, "history": list(self.history),
             "lineage": checkpoint.lineage_record(self.config.config_hash(), progress.parent, progress.parent_sha256),
@@ -130,7 +130,7 @@ class Session:
         """Load weights, masks and RNG from a checkpoint; returns the round it describes."""
         self.model.load_state_dict(payload["model"])
         restore_rng_state(payload["rng"])
-        self.best_test_over_rounds = payload["best"]["best_test_over_rounds"]
+        self.best_round = payload["best"].get("best_round")  # absent in checkpoints of earlier versions
         masks = self.masks_from(payload, "masks")
         self.history[:] = payload.get("history", []) if payload["kind"] == "epoch" else []
         if payload["kind"] == "round":

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from data import resolve_val_size
 from training.session import RoundProgress, Session
 from utils import checkpoint, paths
 from utils.config import RunConfig, config_differences
@@ -113,6 +114,8 @@ def _check_branch_flags(path: str, payload: dict, session: Session) -> None:
     """Refuse (one line naming the flag and the file) a branch flag its parent's checkpoint cannot honour;
     give layers the branch prunes but the parent kept dense (--prune_classifier) a dense mask to start from."""
     saved, ours = RunConfig.from_dict(payload["config"]).to_dict(), session.config.to_dict()  # legacy values filled
+    for config in (saved, ours):  # the default split and the same size given explicitly are one split
+        config["val_size"] = resolve_val_size(config["dataset"], config["val_size"])
     for flag, what in BRANCH_MUST_MATCH.items():
         if flag in ours and saved.get(flag, ours[flag]) != ours[flag]:
             _refuse_flag(path, flag, ours[flag], saved.get(flag), what)

@@ -28,7 +28,7 @@ from utils.checkpoint import atomic_write_text
 from utils.config import RunConfig
 
 ROUND_COLUMNS = (("round", 5), ("epochs", 6), ("train_loss", 10), ("val_top1", 8), ("test_top1", 9),
-                 ("remaining%", 10), ("best_test", 9), ("checkpoint", 0))
+                 ("remaining%", 10), ("best_round", 10), ("checkpoint", 0))
 
 
 def run_name(config: RunConfig) -> str:
@@ -192,7 +192,7 @@ class Tracker:
         val = record["val_top1"]
         cells = [str(record["round"]), str(record["epochs"]), f"{record['train_loss']:.4f}",
                  "-" if val is None or val < 0 else f"{val:.2f}", f"{record['test_top1']:.2f}",
-                 f"{record['remaining_pct']:.2f}", f"{record['best_test_top1']:.2f}", record["checkpoint"]]
+                 f"{record['remaining_pct']:.2f}", _best_round_cell(record.get("best_round")), record["checkpoint"]]
         self.info("  ".join(cell.rjust(width) for cell, (_, width) in zip(cells, ROUND_COLUMNS)))
 
     def close(self) -> None:
@@ -200,6 +200,11 @@ class Tracker:
             self.wandb.finish()
         self.log_handle.close()
         self.metrics_handle.close()
+
+
+def _best_round_cell(best) -> str:
+    """`<round>:<test top-1>` of the best-validation round so far; `-` without a validation split."""
+    return "-" if not best else f"{best['round']}:{best['test_top1']:.2f}"
 
 
 def progress(iterable, total: int, description: str, enabled: bool):
