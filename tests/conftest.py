@@ -16,9 +16,13 @@ FAST = ["--dataset", "synthetic", "--arch", "res20s", "--no_wandb", "--no_progre
         "--lr", "0.05"]
 
 
-def run_main(*args, timeout=600, check=True):
-    """Run main_imp_fillback.py in a subprocess; returns the CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
+def run_main(*args, timeout=600, check=True, wandb_env="disabled"):
+    """Run main_imp_fillback.py in a subprocess; returns the CompletedProcess. WANDB_MODE is set to
+    `wandb_env` there (None: left unset, so --wandb_mode decides)."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    env["PYTHONUNBUFFERED"] = "1"
+    if wandb_env is not None:
+        env["WANDB_MODE"] = wandb_env
     result = subprocess.run([sys.executable, os.path.join(ROOT, "main_imp_fillback.py"), *map(str, args)],
                             cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
@@ -83,3 +87,14 @@ def core_run(tmp_path_factory):
     (run dir, CompletedProcess); the run dir is shared: copy it before changing anything in it."""
     directory = str(tmp_path_factory.mktemp("core_run") / "run")
     return directory, run_main_core_install(*CORE_RUN_ARGS, "--save_dir", directory)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """In-process runs on one torch thread for a test module (two threads on two cores shared with
+    other work crawl); the previous setting is restored for the other modules."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -25,13 +25,7 @@ RUN = ["--dataset", "synthetic", "--arch", "test_vit", "--no_wandb", "--no_progr
        "--val_size", "1800"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on two cores shared with other work crawl; restore the setting for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_line_error(capsys):

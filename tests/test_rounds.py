@@ -118,6 +118,7 @@ def test_branch_from_wrong_architecture_is_refused(finished_run, tmp_path):
     assert not os.path.exists(tmp_path / "b")
 
 
+@pytest.mark.slow  # the default suite has test_crash_resume.py::test_kill_mid_epoch_resumes_bit_identically
 def test_killed_run_resumes_bit_identically(tmp_path):
     args = [*FAST, "--arch", "test_vit", "--struct", "rsst", "--vit_structured", "--rate", "0.5",
             "--pruning_times", "2", "--epochs", "3", "--deterministic", "--checkpoint_interval", "0",

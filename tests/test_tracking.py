@@ -15,13 +15,8 @@ def test_wandb_offline_run_is_written_into_the_run_dir(tmp_path):
     pytest.importorskip("wandb")
     directory = str(tmp_path / "run")
     flags = [f for f in FAST if f != "--no_wandb"]
-    env_mode = os.environ.pop("WANDB_MODE", None)
-    try:
-        result = run_main(*flags, "--arch", "test_vit", "--struct", "rsst", "--vit_structured", "--pruning_times",
-                          "1", "--epochs", "1", "--save_dir", directory, "--wandb_mode", "offline", check=True)
-    finally:
-        if env_mode is not None:
-            os.environ["WANDB_MODE"] = env_mode
+    result = run_main(*flags, "--arch", "test_vit", "--struct", "rsst", "--vit_structured", "--pruning_times",
+                      "1", "--epochs", "1", "--save_dir", directory, "--wandb_mode", "offline", wandb_env=None)
     runs = glob.glob(os.path.join(directory, "wandb", "offline-run-*"))
     assert len(runs) == 1, os.listdir(directory)
     state = json.load(open(os.path.join(directory, "wandb_state.json")))
