@@ -56,6 +56,13 @@ def test_sigterm_stops_at_the_next_step_with_a_mid_epoch_checkpoint(tmp_path):
     assert sums["seen"] == 16 * saved["scheduler"]["batch"] and sums["skipped"] == 0
     assert int(sums["counters"]["step_index"]) == saved["scheduler"]["batch"]
     assert float(sums["counters"]["loss_sum"]) > 0 and int(sums["counters"]["first_bad"]) == -1
+    # stopped inside a round's first epoch: metrics.jsonl has no record of the round yet, and the resume
+    # (which checks it against the checkpoints) once failed with KeyError there
+    resumed = run_main(*SMALL_STEPS, "--pruning_times", "1", "--epochs", "1", "--save_dir", directory, "--resume")
+    assert "Traceback" not in resumed.stderr and os.path.isfile(paths.round_checkpoint(directory, 0))
+    with open(paths.metrics_file(directory)) as f:
+        kinds = [(r["type"], r["round"], r.get("epoch")) for r in map(json.loads, f)]
+    assert kinds == [("epoch", 0, 1), ("round", 0, None)]
 
 
 @pytest.mark.slow

@@ -98,7 +98,7 @@ def repair_metrics(directory: str, rounds: List[int], current: Optional[dict], w
     if current is not None:
         index, epochs = current["round"], current["epoch"]
         if complete(index, epochs, False):
-            out += by_round[index]
+            out += by_round.get(index, [])  # a mid-epoch save in the round's first epoch has none yet
         else:
             out += current.get("history", [])
             rebuilt.append(index)
