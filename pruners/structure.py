@@ -31,10 +31,10 @@ def _sparsity(*masks) -> float:
 
 
 class ChannelStructure:
-    label = "Channel-level Structured Pruning (refill)"
+    label = "Channel-level Structured Pruning"
 
-    def __init__(self, config):
-        self.config = config
+    def __init__(self, config, mode_label: str):
+        self.config, self.mode_label = config, mode_label
 
     def check_model(self, model: nn.Module) -> None:
         """Any conv/linear model works, unless an activation criteria cannot see a layer's outputs."""
@@ -47,7 +47,7 @@ class ChannelStructure:
         scores = output_scores(self.config.criteria, layers, element, ctx.model, ctx.calibration_batches)
         out = dict(element)
         lines = [f"[{self.label}] criteria={self.config.criteria} rate={self.config.rate} "
-                 f"fillback_rate={self.config.fillback_rate} count={self.config.refill_count}"]
+                 f"fillback_rate={self.config.fillback_rate} count={self.config.refill_count} mode={self.mode_label}"]
         for name in layers:
             key = _weight(name)
             out[key] = regroup_to_channels(element[key], scores[name], self.config.fillback_rate,
@@ -148,4 +148,4 @@ def check_called(config, model: nn.Module, layers: Dict[str, nn.Module]) -> None
 
 
 def create_structure(config, mode_label: str):
-    return VitStructure(config, mode_label) if config.vit_structured else ChannelStructure(config)
+    return (VitStructure if config.vit_structured else ChannelStructure)(config, mode_label)

@@ -76,8 +76,8 @@ def test_table_marks_the_best_validation_round_with_its_test_beside(sweep):
     runs, warnings = reports.load_runs(list(sweep))
     assert warnings == []
     rows = table_rows(reports.markdown_table(runs))
-    parent_label = "none res20s synthetic rate=0.5 crit=l1"
-    branch_label = "none res20s synthetic rate=0.3 crit=l1 [br]"
+    parent_label = "none res20s synthetic rate=0.5"
+    branch_label = "none res20s synthetic rate=0.3 [br]"
     assert rows == [
         [parent_label, "0", "100.00", "70.50", "69.00", "2"],
         [parent_label, "1", "50.00", "71.25", "70.00", "2"],
@@ -96,9 +96,9 @@ def test_tree_hangs_the_branch_under_its_parent_at_round_1(sweep):
     runs, _ = reports.load_runs([branch, parent])  # order given must not matter
     lines = reports.lineage_tree(runs).splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("none res20s synthetic rate=0.5 crit=l1  rounds 0-2  remaining 100%->25%  "
+    assert lines[0].startswith("none res20s synthetic rate=0.5  rounds 0-2  remaining 100%->25%  "
                                "best val 70.00 (test 71.25) @ 50%  ") and parent in lines[0]
-    assert lines[1].startswith("└── branch at round 1: none res20s synthetic rate=0.3 crit=l1 [br]  rounds 2-3")
+    assert lines[1].startswith("└── branch at round 1: none res20s synthetic rate=0.3 [br]  rounds 2-3")
     assert branch in lines[1] and "not in this report" not in lines[1]
 
 
@@ -131,7 +131,7 @@ def test_cli_writes_a_png_and_report_md(sweep, tmp_path, capsys):
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# IMP sweep\n") and "![IMP sweep](accuracy_vs_remaining.png)" in markdown
     assert "| **best val** (round 1) |" in markdown.replace("  ", "")
-    assert "```\nnone res20s synthetic rate=0.5 crit=l1" in markdown and "└── branch at round 1" in markdown
+    assert "```\nnone res20s synthetic rate=0.5" in markdown and "└── branch at round 1" in markdown
     printed = capsys.readouterr().out
     assert "└── branch at round 1" in printed and "71.25" in printed
     assert sorted(os.listdir(out)) == ["accuracy_vs_remaining.png", "report.md"]  # no temp files left
@@ -209,10 +209,10 @@ def test_token_runs_get_their_own_x_tokens_kept(token_and_weight_runs):
     assert warnings == [] and [run.is_token for run in runs] == [False, True]
     rows = table_rows(reports.markdown_table(runs))
     assert rows[4:] == [
-        ["token vit_tiny synthetic rate=0.5 crit=l1", "0", "100.00", "65", "60.00", "61.00", "2"],
-        ["token vit_tiny synthetic rate=0.5 crit=l1", "1", "100.00", "33", "58.50", "59.50", "2"],
-        ["token vit_tiny synthetic rate=0.5 crit=l1", "2", "100.00", "17", "55.25", "60.00", "2"],
-        ["token vit_tiny synthetic rate=0.5 crit=l1", "**best val** (round 0)", "100.00", "65", "60.00", "**61.00**", ""],
+        ["token vit_tiny synthetic rate=0.5", "0", "100.00", "65", "60.00", "61.00", "2"],
+        ["token vit_tiny synthetic rate=0.5", "1", "100.00", "33", "58.50", "59.50", "2"],
+        ["token vit_tiny synthetic rate=0.5", "2", "100.00", "17", "55.25", "60.00", "2"],
+        ["token vit_tiny synthetic rate=0.5", "**best val** (round 0)", "100.00", "65", "60.00", "**61.00**", ""],
     ]
     assert rows[3][3] == "-"  # a weight run has no tokens kept
     assert "tokens 65->17  best val 61.00 (test 60.00) @ 65 tokens" in reports.lineage_tree(runs)

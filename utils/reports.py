@@ -125,7 +125,7 @@ def run_label(config: dict, fallback: str) -> str:
         return fallback
     parts = [f"{config.get('struct', '?')}{'+head' if config.get('vit_structured') else ''}",
              config.get("arch", "?"), config.get("dataset", "?"), f"rate={config.get('rate', '?')}",
-             f"crit={config.get('criteria', '?')}"] + ([f"[{config['exp_name']}]"] if config.get("exp_name") else [])
+             *([f"crit={config['criteria']}"] if config.get("struct") in ("refill", "rsst") else [])] + ([f"[{config['exp_name']}]"] if config.get("exp_name") else [])
     return " ".join(str(part) for part in parts)
 
 
