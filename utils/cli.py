@@ -87,7 +87,8 @@ def _check_used(args: argparse.Namespace, given: set) -> None:
         if flag in given and value != defaults.get_default(flag) and not is_used(args):
             shown = "" if isinstance(value, bool) else " " + (",".join(map(str, value)) if isinstance(value, list)
                                                               else str(value))
-            raise UsageError(f"--{flag}{shown}: not used with {setting(args)} (read only by {reader}); drop it")
+            name = "--fc/--prune_classifier" if flag == "prune_classifier" else f"--{flag}"  # two spellings
+            raise UsageError(f"{name}{shown}: not used with {setting(args)} (read only by {reader}); drop it")
 
 
 def _milestones(text: str) -> List[int]:
