@@ -59,18 +59,7 @@ def truncate_metrics(directory: str, round_index: int, epoch: int, round_complet
 
 
 def has_round_record(directory: str, round_index: int) -> bool:
-    path = paths.metrics_file(directory)
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("type") == "round" and record.get("round") == round_index:
-                return True
-    return False
+    return any(r.get("type") == "round" and r.get("round") == round_index for r in read_records(directory))
 
 
 def read_records(directory: str) -> List[dict]:
@@ -109,16 +98,17 @@ class Tracker:
         """`history`: a list the epoch records are appended to (Session.history, saved in checkpoints)."""
         self.directory, self.config = directory, config
         self.history = [] if history is None else history
-        self.records = len(read_records(directory))  # metrics.jsonl index of the next record
+        existing = read_records(directory)
+        self.records = len(existing)  # metrics.jsonl index of the next record
         self.log_handle = open(paths.log_file(directory), "a", buffering=1)
         self.metrics_handle = open(paths.metrics_file(directory), "a", buffering=1)
         self.wandb, self.wandb_id, self.wandb_logged = None, None, 0
         self.pending: List[dict] = []  # records written but not yet covered by a checkpoint
         if not config.no_wandb:
-            self.wandb = self._start_wandb(resuming)
+            self.wandb = self._start_wandb(resuming, existing)
         self._header_printed = False
 
-    def _start_wandb(self, resuming: bool):
+    def _start_wandb(self, resuming: bool, existing: List[dict]):
         if "disabled" in (self.config.wandb_mode, os.environ.get("WANDB_MODE")):
             return None  # wandb would accept and drop every call: nothing to mirror, nothing to record
         try:
@@ -141,7 +131,7 @@ class Tracker:
             self.warn(f"wandb could not start ({type(exc).__name__}: {exc}); continuing without it")
             return None
         self._save_wandb_state()
-        pending = read_records(self.directory)[self.wandb_logged:]
+        pending = existing[self.wandb_logged:]
         if pending:
             self.info(f"wandb: replaying {len(pending)} record(s) of metrics.jsonl it has not been given")
         for record in pending:  # the resume point's checkpoint covers them
