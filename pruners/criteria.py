@@ -18,6 +18,7 @@ Activation criteria run `--criteria_batches` training batches through the model
 in eval mode with forward hooks on the scored layers; a scored layer that the
 model never calls as a module (e.g. a qkv weight applied with F.linear) is an error.
 """
+import contextlib
 import functools
 from typing import Callable, Dict, Iterable, List, Tuple
 
@@ -55,6 +56,21 @@ def _feature_axis_last(output: torch.Tensor) -> torch.Tensor:
     return output.reshape(-1, output.shape[-1])
 
 
+@contextlib.contextmanager
+def hooked_eval(model: nn.Module, modules: Dict[str, nn.Module], make_hook: Callable[[str], Callable]):
+    """`model` in eval mode with the forward hook `make_hook(name)` on each of `modules`; on exit the
+    hooks are removed and the model's training mode restored."""
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
 def activation_scores(kind: str, modules: Dict[str, nn.Module], model: nn.Module,
                       batches: Iterable[Tuple[torch.Tensor, torch.Tensor]], **_) -> Dict[str, torch.Tensor]:
     totals: Dict[str, torch.Tensor] = {}
@@ -71,26 +87,21 @@ def activation_scores(kind: str, modules: Dict[str, nn.Module], model: nn.Module
                 totals[name] = totals.get(name, 0) + value
         return record
 
-    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for images, labels in batches:
-            if kind == "saliency":
-                model.zero_grad(set_to_none=True)
-                F.cross_entropy(model(images), labels).backward()
-                for name, output in captured.items():
-                    value = _feature_axis_last((output.detach() * output.grad).abs().float()).sum(0)
-                    totals[name] = totals.get(name, 0) + value
-                captured.clear()
-            else:
-                with torch.no_grad():
-                    model(images)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+    with hooked_eval(model, modules, hook):
+        try:
+            for images, labels in batches:
+                if kind == "saliency":
+                    model.zero_grad(set_to_none=True)
+                    F.cross_entropy(model(images), labels).backward()
+                    for name, output in captured.items():
+                        value = _feature_axis_last((output.detach() * output.grad).abs().float()).sum(0)
+                        totals[name] = totals.get(name, 0) + value
+                    captured.clear()
+                else:
+                    with torch.no_grad():
+                        model(images)
+        finally:
+            model.zero_grad(set_to_none=True)
     if not totals:
         raise ValueError("activation criteria need at least one calibration batch")
     silent = [name for name in modules if name not in totals]
@@ -108,16 +119,8 @@ def uncalled_modules(model: nn.Module, modules: Dict[str, nn.Module], sample: to
     """Names of `modules` that one eval forward of `sample` [B, 3, H, W] never calls as modules:
     activation criteria cannot see their outputs (checked before any work starts)."""
     called = set()
-    handles = [module.register_forward_hook(lambda *_, name=name: called.add(name)) for name, module in modules.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    with hooked_eval(model, modules, lambda name: lambda *_: called.add(name)), torch.no_grad():
+        model(sample)
     return [name for name in modules if name not in called]
 
 
