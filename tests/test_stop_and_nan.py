@@ -130,3 +130,19 @@ def test_skip_batch_skips_a_non_finite_batch_and_trains_on_the_rest():
     result = train_epoch(model, step, [good[0], poisoned, good[1], good[2]], lambda i: (0.1, 0.0))
     assert (result.skipped, result.samples, result.bad_step) == (1, 12, None)
     assert all(torch.isfinite(p).all() for p in model.parameters()) and result.loss > 0
+
+
+def test_signal_during_a_log_write_only_records_the_request(tmp_path):
+    """The handler must not write: a SIGTERM landing inside the run log's own write once raised
+    'reentrant call inside BufferedWriter' and the run died with exit 1 instead of saving."""
+    from utils.interrupts import StopRequest
+    lines = []
+    with open(tmp_path / "log.txt", "wb") as handle:
+        def log(message):
+            lines.append(message)
+            handle.write(message.encode())
+        with StopRequest(log=log) as stop:
+            stop._handle(signal.SIGTERM, None)  # as the interpreter calls it, between two bytecodes of a write
+            assert lines == [] and stop.signum == signal.SIGTERM
+            assert stop.requested and stop.requested
+    assert len(lines) == 1 and lines[0].startswith("SIGTERM received: stopping after this training step")

@@ -1,6 +1,8 @@
 """Graceful stops: SIGTERM (Slurm preemption) and Ctrl-C stop at the next training step, save, exit.
 
-The handler only records the request; the training loop checks it after every
+The handler only records the request (no I/O: a handler that wrote to the run log
+while the interrupted main thread was itself writing to it raised "reentrant call");
+the message is logged when the loop first sees the request. The loop checks it after every
 step (a host flag, no device sync), writes a mid-epoch checkpoint (loader
 position, running sums, RNG) and raises `Interrupted`, so a preempted run is
 saved within seconds whatever the epoch length. A request during validation or
@@ -30,19 +32,25 @@ class StopRequest:
     def __init__(self, log=print):
         self.signum: Optional[int] = None
         self.log = log
+        self._announced = False
         self._previous = {}
 
     @property
     def requested(self) -> bool:
-        return self.signum is not None
+        """True once a signal arrived; the first call that sees it logs the request (outside the handler)."""
+        if self.signum is None:
+            return False
+        if not self._announced:
+            self._announced = True
+            self.log(f"{signal.Signals(self.signum).name} received: stopping after this training step, saving a "
+                     f"checkpoint (send it again to stop at once)")
+        return True
 
     def _handle(self, signum, _frame):
         if self.signum is not None:  # asked twice: stop now
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
         self.signum = signum
-        self.log(f"{signal.Signals(signum).name} received: stopping after this training step, saving a checkpoint "
-                 f"(send it again to stop at once)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
