@@ -98,9 +98,9 @@ class LearnableTokenMerger(nn.Module):
         perturbed = scores
         if self.training:  # Gumbel(0, 1) noise = -log(Exp(1))
             perturbed = scores - torch.empty_like(scores).exponential_().log()
-        top = perturbed.topk(self.num_centres + 1, dim=-1).values  # [B, M + 1], descending
-        centres = perturbed.topk(self.num_centres, dim=-1).indices.sort(dim=-1).values  # [B, M]
-        threshold = (top[:, -2:].mean(dim=-1, keepdim=True)).detach()  # between M-th and (M+1)-th
+        top = perturbed.topk(self.num_centres + 1, dim=-1)  # [B, M + 1], descending
+        centres = top.indices[:, :-1].sort(dim=-1).values  # [B, M]
+        threshold = top.values[:, -2:].mean(dim=-1, keepdim=True).detach()  # between M-th and (M+1)-th
         membership = torch.sigmoid((perturbed - threshold) / temperature).gather(1, centres)  # [B, M]
         selection = 1.0 + membership - membership.detach()  # value 1, gradient of the relaxed top-k
 
