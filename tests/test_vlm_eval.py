@@ -1,0 +1,114 @@
+"""Evaluation side of the VLM token pruning (issue 11 items 5, 6, 9): baselines, token budgets, cost counting,
+the eval CLI and the speed benchmark at tiny size."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from conftest import ROOT  # noqa: E402
+from vlm.baselines import FastVDrop, RandomDrop, keep_counts_for_budget, top_k_keep, vision_tokens_per_layer  # noqa: E402
+from vlm.cost import count_flops, kv_cache_bytes, kv_cache_lengths  # noqa: E402
+from vlm.llava import build_llava, tiny_llava_config  # noqa: E402
+
+VOCAB, IMAGE_ID, PAD_ID = 40, 3, 0
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_llava(tiny_llava_config(VOCAB, IMAGE_ID, PAD_ID))
+
+
+def test_top_k_keep_respects_validity_and_count():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.6]])
+    valid = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    keep = top_k_keep(scores, valid, 2)
+    assert keep.tolist() == [[0.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]]
+    assert top_k_keep(scores, valid, 3)[1].tolist() == [1.0, 1.0, 0.0, 0.0]  # only 2 valid
+
+
+def test_random_drop_keeps_k_per_sample_and_is_seeded():
+    index = torch.arange(50).expand(4, 50)
+    valid = torch.ones(4, 50, dtype=torch.bool)
+    valid[3, 10:] = False
+    hidden = torch.zeros(4, 60, 8)
+    first = RandomDrop([5, 9], [20, 7], seed=3)
+    keep = first.decide(5, hidden, index, valid)
+    assert keep.sum(1).tolist() == [20.0, 20.0, 20.0, 10.0]
+    assert keep[3, 10:].sum() == 0
+    assert not torch.equal(keep[0], keep[1])                   # drawn per sample
+    assert first.decide(9, hidden, index, valid).sum(1).tolist() == [7.0, 7.0, 7.0, 7.0]
+    again = RandomDrop([5, 9], [20, 7], seed=3)
+    assert torch.equal(again.decide(5, hidden, index, valid), keep)
+    first.reset()
+    assert torch.equal(first.decide(5, hidden, index, valid), keep)
+    assert not torch.equal(RandomDrop([5, 9], [20, 7], seed=4).decide(5, hidden, index, valid), keep)
+    with pytest.raises(ValueError, match="keep_tokens"):
+        RandomDrop([5, 9], [20], seed=0)
+
+
+def test_fastv_keeps_top_k_of_the_eager_attention_row(tiny_model):
+    """The row FastVDrop recomputes equals the weights of the layer's own eager attention (HF code path),
+    and the kept tokens are exactly the top-k of that row at the vision positions."""
+    language_model = tiny_model.model.language_model
+    torch.manual_seed(1)
+    batch, length, layer = 2, 30, 2
+    hidden = torch.randn(batch, length, tiny_model.config.text_config.hidden_size)
+    decoder_layer = language_model.layers[layer]
+    normed = decoder_layer.input_layernorm(hidden)
+    positions = torch.arange(length).expand(batch, -1)
+    embeddings = language_model.rotary_emb(normed, positions)
+    causal = torch.full((length, length), float("-inf")).triu(1).expand(batch, 1, -1, -1)
+    attention = decoder_layer.self_attn
+    saved = attention.config._attn_implementation
+    attention.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            _, weights = attention(hidden_states=normed, position_embeddings=embeddings, attention_mask=causal)
+    finally:
+        attention.config._attn_implementation = saved
+    row = weights[:, :, -1].mean(1)                                   # [B, S]: last query, mean over heads
+    vision_index = torch.arange(4, 24).expand(batch, -1)
+    valid = torch.ones(batch, 20, dtype=torch.bool)
+    fastv = FastVDrop(layer=layer, keep_tokens=6, model=tiny_model)
+    assert torch.allclose(fastv.attention_row(hidden), row, atol=1e-6)
+    keep = fastv.decide(layer, hidden, vision_index, valid)
+    expected = torch.zeros(batch, 20)
+    expected.scatter_(1, row[:, 4:24].topk(6, dim=1).indices, 1.0)
+    assert torch.equal(keep, expected)
+    with pytest.raises(ValueError, match="layer=40"):
+        FastVDrop(layer=40, keep_tokens=6, model=tiny_model)
+
+
+@pytest.mark.parametrize("target,tokens,layers", [(192, 576, [10, 20, 31]), (128, 288, [10, 20, 31]),
+                                                   (91.0, 288, [10, 20, 31]), (64, 576, [2]), (144, 576, [2, 8])])
+def test_keep_counts_reach_the_budget_within_one_token(target, tokens, layers):
+    keep = keep_counts_for_budget(target, tokens, layers, 32)
+    per_layer = vision_tokens_per_layer(tokens, layers, keep, 32)
+    assert abs(sum(per_layer) / 32 - target) <= 1.0
+    assert keep == sorted(keep, reverse=True)
+
+
+def test_budget_below_the_reachable_minimum_names_it():
+    """288 centres, layers [10, 20, 31]: T̄ cannot go below 288 * 10 / 32 = 90."""
+    with pytest.raises(ValueError, match=r"\[90, 288\]"):
+        keep_counts_for_budget(64, 288, [10, 20, 31], 32)
+    assert vision_tokens_per_layer(576, [2], [64], 4) == [576.0, 576.0, 64.0, 64.0]
+
+
+def test_flops_and_kv_bytes_of_a_plain_forward_follow_the_sequence_length(tiny_model):
+    lm = tiny_model.model.language_model
+    short, long_ = torch.randint(5, VOCAB, (1, 50)), torch.randint(5, VOCAB, (1, 100))
+    assert count_flops(lambda: lm(input_ids=long_)) > 1.9 * count_flops(lambda: lm(input_ids=short))
+    with torch.no_grad():
+        cache = lm(input_ids=short, use_cache=True).past_key_values
+    config = tiny_model.config.text_config
+    head_dim = config.hidden_size // config.num_attention_heads
+    assert kv_cache_bytes(cache) == 2 * 32 * 50 * config.num_key_value_heads * head_dim * 4
+    assert kv_cache_lengths(cache) == [50] * 32
+    assert kv_cache_bytes(None) == 0
