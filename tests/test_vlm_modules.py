@@ -176,3 +176,33 @@ def test_discriminator_on_layers_of_different_lengths():
     assert discriminator(changed, masks)[0] != logits[0]
     with pytest.raises(ValueError, match=r"layers \(-1, -3, -5\) need more than the 4"):
         discriminator(hidden[:4], masks[:4])
+
+
+def test_stages_on_a_tiny_llava():
+    """Each stage on a tiny random LLaVA: projected features -> merger (question-aware, question from the
+    LLM's input embeddings) -> keep head on the merged tokens; discriminator on the model's hidden states."""
+    from vlm.llava import build_llava, image_features, llava_parts, question_mask, tiny_llava_config
+    torch.manual_seed(0)
+    image_token, pad = 99, 0
+    model = build_llava(tiny_llava_config(100, image_token, pad, num_layers=6))
+    parts = llava_parts(model)
+    text = torch.randint(1, 99, (B, 9))
+    input_ids = torch.cat([text[:, :2], torch.full((B, N), image_token), text[:, 2:]], dim=1)
+    attention_mask = torch.ones_like(input_ids)
+    input_ids[1, :2], attention_mask[1, :2] = pad, 0  # sample 1 left-padded by 2
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+             "pixel_values": torch.randn(B, 3, 336, 336)}
+    with torch.no_grad():
+        vision = image_features(model, batch["pixel_values"])
+        assert vision.shape == (B, N, D)
+        question = parts.language_model.embed_tokens(input_ids)  # [B, S, D], masked to the question
+        mask = question_mask(batch, image_token)
+        assert mask.sum(-1).tolist() == [9, 7]
+        out = _merger(True).eval()(vision, 0.1, question, mask)
+        assert out.merged.shape == (B, 288, D)
+        logits = VisionPrunerHead(D)(out.merged, question, mask)
+        assert logits.shape == (B, 288)
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+        assert len(hidden) == 7 and hidden[-1].shape == (B, N + 9, D)
+        masks = [attention_mask.bool()] * len(hidden)
+        assert Discriminator(D)(hidden, masks).shape == (B,)
