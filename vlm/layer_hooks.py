@@ -1,0 +1,154 @@
+"""Forward-pre-hooks on the LLM decoder layers that give every layer its own attention mask, RoPE position
+embeddings and (after a hard drop) shorter hidden states, and take the pruning decisions (issue 11 item 2).
+
+transformers builds one causal mask for all layers (or None under SDPA) and one set of position embeddings;
+after a layer drops tokens the later layers run on a shorter sequence, and under a KV cache each layer holds
+a cache of its own length. So the hooks replace `attention_mask`, `position_embeddings` and `position_ids` of
+every layer's call with the ones of that layer's sequence. `layer_hooks` attaches them and removes them all
+on exit, also when the forward raises.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+from typing import Callable, Iterator, List, Optional
+
+import torch
+
+from vlm.hard_drop import NEG_INF, attention_bias, gather_tokens, left_pack, scatter_to_tokens
+
+TRAIN_LOG_EPS = 1e-6  # train mode's key bias is log(keep + eps): finite, with a gradient at keep = 0
+
+
+@contextmanager
+def layer_hooks(language_model, hook: Callable) -> Iterator[None]:
+    """Attach `hook(layer_index, module, args, kwargs) -> (args, kwargs)` as a forward-pre-hook (with kwargs)
+    to every decoder layer of `language_model.layers`; all are removed on exit, also on an exception."""
+    handles = []
+    try:
+        for index, layer in enumerate(language_model.layers):
+            handles.append(layer.register_forward_pre_hook(partial(hook, index), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: Optional[torch.Tensor]):
+    """The decoder layer's call arguments with its hidden states replaced (positional or keyword)."""
+    if hidden is not None:
+        if args:
+            args = (hidden,) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+    return args, kwargs
+
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+class PrefillState:
+    """The live sequence of one pruned prefill, updated at each pruning layer.
+
+    mode "soft": dropped vision keys get a -inf key bias in this and every later layer; "train": the key
+    bias is log(cumulative keep + 1e-6) (differentiable); "hard": dropped tokens are removed from the hidden
+    states, masks, labels and position ids, the survivors packed right and re-padded left (batched).
+    Position ids are the ORIGINAL RoPE positions of the surviving tokens (no re-indexing), so a kept token
+    is rotated exactly as in the unpruned model and a later decode step continues at prompt length.
+
+    Tensors [B, S_cur]: valid (real token), vision (vision token still kept), question, positions, labels
+    (or None), key_bias (float32, for soft/train also carrying the drops), live (valid and not dropped).
+    Records per layer: key_bias (for decoding), vision counts, inputs and live masks when asked.
+    """
+
+    def __init__(self, mode: str, decider, temperature: float, rotary, valid, vision, question, positions,
+                 labels, num_layers: int, record_hidden: bool):
+        self.mode, self.decider, self.temperature, self.rotary = mode, decider, temperature, rotary
+        self.valid, self.vision, self.question, self.positions, self.labels = (valid, vision, question,
+                                                                               positions, labels)
+        self.live = valid
+        self.cumulative_keep = torch.ones(valid.shape, device=valid.device)  # soft / train
+        self.key_bias = torch.where(valid, 0.0, NEG_INF)
+        self.pruning_layers = set(decider.layers) if decider is not None else set()
+        self.record_hidden = record_hidden
+        self.keep: dict = {}
+        self.vision_counts: List[torch.Tensor] = []
+        self.layer_bias: List[torch.Tensor] = []
+        self.hidden_inputs: List[torch.Tensor] = []
+        self.hidden_masks: List[torch.Tensor] = []
+        self._count = None
+        self._mask = self._embeddings = None
+
+    def hook(self, layer: int, module, args, kwargs):
+        """Forward-pre-hook of decoder layer `layer`: prune if it is a pruning layer, then hand the layer its
+        own mask and position embeddings."""
+        hidden = _hidden_of(args, kwargs)
+        if layer in self.pruning_layers:
+            hidden = self._prune(layer, hidden)
+        if self._mask is None:
+            self._mask = attention_bias(self.key_bias, hidden.shape[1], hidden.dtype)
+            self._embeddings = self.rotary(hidden, self.positions)
+            self._count = self.vision.sum(dim=1).float().mean()
+        kwargs["attention_mask"] = self._mask
+        kwargs["position_embeddings"] = self._embeddings
+        kwargs["position_ids"] = self.positions
+        self.vision_counts.append(self._count)
+        self.layer_bias.append(self.key_bias)
+        if self.record_hidden:
+            self.hidden_inputs.append(hidden)
+            self.hidden_masks.append(self.live)
+        return _with_hidden(args, kwargs, hidden)
+
+    def _prune(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        index, index_valid = left_pack(self.vision)
+        keep = self.decider.decide(layer=layer, hidden=hidden, vision_index=index, vision_valid=index_valid,
+                                   question_hidden=hidden, question_mask=self.question,
+                                   training=self.mode == "train", temperature=self.temperature)
+        keep = keep * index_valid.to(keep.dtype)
+        self.keep[layer] = keep
+        token_keep = scatter_to_tokens(keep, index, index_valid, hidden.shape[1], 1.0)
+        kept = token_keep > 0.5
+        self._mask = None
+        if self.mode == "hard":
+            return self._drop(hidden, kept)
+        self.vision = self.vision & kept
+        self.live = self.live & kept
+        self.cumulative_keep = self.cumulative_keep * token_keep.float()
+        if self.mode == "train":
+            bias = torch.log(self.cumulative_keep + TRAIN_LOG_EPS)
+        else:
+            bias = torch.where(self.cumulative_keep > 0.5, 0.0, NEG_INF)
+        self.key_bias = torch.where(self.valid, bias, NEG_INF)
+        return hidden
+
+    def _drop(self, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Remove the dropped tokens: pack the survivors right, re-pad left; keep original positions."""
+        index, slot_valid = left_pack(kept)
+        self.valid = gather_tokens(self.valid, index) & slot_valid
+        self.vision = gather_tokens(self.vision, index) & slot_valid
+        self.question = gather_tokens(self.question, index) & slot_valid
+        self.positions = gather_tokens(self.positions, index)
+        if self.labels is not None:
+            self.labels = gather_tokens(self.labels, index).masked_fill(~slot_valid, -100)
+        self.live = self.valid
+        self.key_bias = torch.where(self.valid, 0.0, NEG_INF)
+        return gather_tokens(hidden, index)
+
+
+class DecodeState:
+    """One cached decode step: every layer attends to its own cache (its length fixed at prefill, plus the
+    tokens generated since) with its own key bias; the new tokens sit at `positions` [B, q]."""
+
+    def __init__(self, layer_bias: List[torch.Tensor], positions: torch.Tensor, rotary):
+        self.layer_bias, self.positions, self.rotary = layer_bias, positions, rotary
+        self._embeddings = None
+
+    def hook(self, layer: int, module, args, kwargs):
+        hidden = _hidden_of(args, kwargs)
+        if self._embeddings is None:
+            self._embeddings = self.rotary(hidden, self.positions)
+        kwargs["attention_mask"] = attention_bias(self.layer_bias[layer], hidden.shape[1], hidden.dtype)
+        kwargs["position_embeddings"] = self._embeddings
+        kwargs["position_ids"] = self.positions
+        return args, kwargs
