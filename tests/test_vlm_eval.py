@@ -52,27 +52,34 @@ def test_random_drop_keeps_k_per_sample_and_is_seeded():
         RandomDrop([5, 9], [20], seed=0)
 
 
-def test_fastv_keeps_top_k_of_the_eager_attention_row(tiny_model):
-    """The row FastVDrop recomputes equals the weights of the layer's own eager attention (HF code path),
-    and the kept tokens are exactly the top-k of that row at the vision positions."""
-    language_model = tiny_model.model.language_model
-    torch.manual_seed(1)
-    batch, length, layer = 2, 30, 2
-    hidden = torch.randn(batch, length, tiny_model.config.text_config.hidden_size)
+def _eager_attention_row(model, hidden, layer, key_mask, query):
+    """Attention weights of decoder layer `layer` from HF's own eager attention: row `query`, mean over heads.
+    key_mask bool [B, S] (False = padding key)."""
+    language_model = model.model.language_model
+    batch, length, _ = hidden.shape
     decoder_layer = language_model.layers[layer]
     normed = decoder_layer.input_layernorm(hidden)
-    positions = torch.arange(length).expand(batch, -1)
-    embeddings = language_model.rotary_emb(normed, positions)
-    causal = torch.full((length, length), float("-inf")).triu(1).expand(batch, 1, -1, -1)
+    embeddings = language_model.rotary_emb(normed, torch.arange(length).expand(batch, -1))
+    causal = torch.ones(length, length, dtype=torch.bool).tril()[None] & key_mask[:, None, :]
+    bias = torch.zeros(batch, 1, length, length).masked_fill(~causal[:, None], float("-inf"))
     attention = decoder_layer.self_attn
     saved = attention.config._attn_implementation
     attention.config._attn_implementation = "eager"
     try:
         with torch.no_grad():
-            _, weights = attention(hidden_states=normed, position_embeddings=embeddings, attention_mask=causal)
+            _, weights = attention(hidden_states=normed, position_embeddings=embeddings, attention_mask=bias)
     finally:
         attention.config._attn_implementation = saved
-    row = weights[:, :, -1].mean(1)                                   # [B, S]: last query, mean over heads
+    return weights[:, :, query].mean(1)                                   # [B, S]
+
+
+def test_fastv_keeps_top_k_of_the_eager_attention_row(tiny_model):
+    """The row FastVDrop recomputes equals the weights of the layer's own eager attention (HF code path),
+    and the kept tokens are exactly the top-k of that row at the vision positions."""
+    torch.manual_seed(1)
+    batch, length, layer = 2, 30, 2
+    hidden = torch.randn(batch, length, tiny_model.config.text_config.hidden_size)
+    row = _eager_attention_row(tiny_model, hidden, layer, torch.ones(batch, length, dtype=torch.bool), -1)
     vision_index = torch.arange(4, 24).expand(batch, -1)
     valid = torch.ones(batch, 20, dtype=torch.bool)
     fastv = FastVDrop(layer=layer, keep_tokens=6, model=tiny_model)
@@ -83,6 +90,30 @@ def test_fastv_keeps_top_k_of_the_eager_attention_row(tiny_model):
     assert torch.equal(keep, expected)
     with pytest.raises(ValueError, match="layer=40"):
         FastVDrop(layer=40, keep_tokens=6, model=tiny_model)
+
+
+def test_fastv_queries_the_last_question_token_and_skips_left_padding(tiny_model):
+    """Sample 1 has 3 padding slots; positions 28-29 are teacher-forced answer tokens: the query is position 27
+    (the last question token) and padding keys get no weight."""
+    torch.manual_seed(2)
+    batch, length, layer = 2, 30, 2
+    hidden = torch.randn(batch, length, tiny_model.config.text_config.hidden_size)
+    real = torch.ones(batch, length, dtype=torch.bool)
+    real[1, :3] = False
+    question = torch.zeros(batch, length, dtype=torch.bool)
+    question[:, 24:28] = True
+    question[0, 3] = question[1, 3] = True                                  # bos
+    question[0, :3] = True
+    row = _eager_attention_row(tiny_model, hidden, layer, real, 27)
+    vision_index = torch.arange(4, 24).expand(batch, -1)
+    valid = torch.ones(batch, 20, dtype=torch.bool)
+    keep = FastVDrop(layer=layer, keep_tokens=5, model=tiny_model).decide(
+        layer, hidden, vision_index, valid, question_hidden=hidden, question_mask=question)
+    expected = torch.zeros(batch, 20)
+    expected.scatter_(1, row[:, 4:24].topk(5, dim=1).indices, 1.0)
+    assert torch.equal(keep, expected)
+    unpadded = FastVDrop(layer=layer, keep_tokens=5, model=tiny_model).attention_row(hidden)
+    assert not torch.allclose(unpadded[1], row[1], atol=1e-4)               # the query and padding matter
 
 
 @pytest.mark.parametrize("target,tokens,layers", [(192, 576, [10, 20, 31]), (128, 288, [10, 20, 31]),

@@ -7,16 +7,16 @@ sample, so the equivalent token budget T̄ = Σ_l n_l / L (mean vision tokens ov
 by `keep_counts_for_budget` rather than learned:
 
 - `RandomDrop`: keeps k uniformly random vision tokens per sample at each of its layers (seeded).
-- `FastVDrop`: at one layer (FastV's K = 2) keeps the k vision tokens the last token of the sequence attends to
-  most, averaged over heads. SDPA returns no attention weights, so the row is recomputed from the layer's own
-  weights: x = input_layernorm(hidden); q = q_proj(x[:, -1]), k = k_proj(x) with RoPE at the sequence index
-  (equal to the original position when no earlier layer dropped tokens; RoPE scores depend only on the offset,
-  so the left-padding convention does not matter); softmax(q kᵀ · head_dim^-1/2) over every position up to the
-  last one (left-padding keys are included in each head's normaliser: the decider is not given the attention
-  mask; they do not change the order of vision tokens within a head). The last position is the last prompt
-  token when the batch holds prompts only (generation); with teacher-forced answers it is the answer's end.
+- `FastVDrop`: at one layer (FastV's K = 2) keeps the k vision tokens the last text token attends to most,
+  averaged over heads. SDPA returns no attention weights, so the row is recomputed from the layer's own
+  weights: x = input_layernorm(hidden); q = q_proj(x[query]), k = k_proj(x), RoPE at the sequence index
+  (equal to the original position up to a constant when no earlier layer dropped tokens, and RoPE scores
+  depend only on the offset); softmax(q kᵀ · head_dim^-1/2) per head over the keys from the first real token
+  up to the query, then the mean over heads. The query is the last question token when the decider is given a
+  question mask aligned with the sequence (vlm.pruned_forward does: so teacher-forced answer tokens are never
+  the query and left padding is left out of the softmax), else the last position.
 """
-from typing import List, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
@@ -84,33 +84,55 @@ class FastVDrop:
         if not 0 <= int(layer) < depth:
             raise ValueError(f"FastVDrop layer={layer} is outside the decoder's {depth} layers")
         self.layers = [int(layer)]
-        self.keep_tokens = _counts(int(keep_tokens), self.layers)[0]
+        self.keep_tokens = dict(zip(self.layers, _counts(int(keep_tokens), self.layers)))
 
-    def attention_row(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 [B, S]: attention of the last position to every position at this layer, mean over heads."""
+    def attention_row(self, hidden: torch.Tensor, query_index: Optional[torch.Tensor] = None,
+                      key_valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """float32 [B, S]: attention of position query_index (long [B]; default the last) to every position at
+        this layer, mean over heads. Keys after the query or with key_valid (bool [B, S]) False get weight 0."""
         decoder_layer = self.language_model.layers[self.layers[0]]
         attention = decoder_layer.self_attn
         x = decoder_layer.input_layernorm(hidden)
         batch, length, _ = x.shape
         head_dim = attention.head_dim
-        query = attention.q_proj(x[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)   # [B, H, 1, d]
-        key = attention.k_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)         # [B, Hkv, S, d]
-        positions = torch.arange(length, device=x.device).unsqueeze(0).expand(batch, -1)
-        cos, sin = self.language_model.rotary_emb(x, positions)                             # [B, S, d]
+        slots = torch.arange(length, device=x.device)
+        if query_index is None:
+            query_index = torch.full((batch,), length - 1, device=x.device)
+        rows = torch.arange(batch, device=x.device)
+        query = attention.q_proj(x[rows, query_index]).view(batch, -1, 1, head_dim)            # [B, H, 1, d]
+        key = attention.k_proj(x).view(batch, length, -1, head_dim).transpose(1, 2)           # [B, Hkv, S, d]
+        cos, sin = self.language_model.rotary_emb(x, slots.unsqueeze(0).expand(batch, -1))   # [B, S, d]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        query = query * cos[:, :, -1:] + rotate_half(query) * sin[:, :, -1:]
+        query_cos, query_sin = cos[rows, :, query_index].unsqueeze(2), sin[rows, :, query_index].unsqueeze(2)
+        query = query * query_cos + rotate_half(query) * query_sin
         key = key * cos + rotate_half(key) * sin
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)                  # grouped-query heads
-        logits = (query.float() @ key.float().transpose(-1, -2)).squeeze(2) * head_dim ** -0.5   # [B, H, S]
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)                    # grouped-query heads
+        logits = (query.float() @ key.float().transpose(-1, -2)).squeeze(2) * head_dim ** -0.5     # [B, H, S]
+        allowed = slots[None, :] <= query_index[:, None]
+        if key_valid is not None:
+            allowed = allowed & key_valid
+        logits = logits.masked_fill(~allowed[:, None, :], float("-inf"))
         return logits.softmax(dim=-1).mean(dim=1)
 
     def decide(self, layer, hidden, vision_index, vision_valid, question_hidden=None, question_mask=None,
                training=False, temperature=1.0) -> torch.Tensor:
-        """keep float [B, n]: the k valid vision tokens with the highest attention_row at their positions."""
+        """keep float [B, n]: the k valid vision tokens with the highest attention_row at their positions.
+
+        When question_mask is aligned with the sequence (bool [B, S], as vlm.pruned_forward passes it), the
+        query is each sample's last question token and keys before its first question or vision token (left
+        padding) are left out; otherwise the query is the last position and every key counts."""
+        query_index = key_valid = None
+        length = hidden.shape[1]
+        if question_mask is not None and tuple(question_mask.shape) == tuple(hidden.shape[:2]):
+            slots = torch.arange(length, device=hidden.device).expand_as(question_mask)
+            query_index = torch.where(question_mask, slots, -1).amax(dim=1).clamp(min=0)
+            first_vision = torch.where(vision_valid, vision_index, length).amin(dim=1)
+            first_question = torch.where(question_mask, slots, length).amin(dim=1)
+            key_valid = slots >= torch.minimum(first_vision, first_question)[:, None]
         with torch.no_grad():
-            row = self.attention_row(hidden)
-        scores = row.gather(1, vision_index.clamp(min=0, max=row.shape[1] - 1))
-        return top_k_keep(scores, vision_valid, self.keep_tokens).to(hidden.dtype)
+            row = self.attention_row(hidden, query_index, key_valid)
+        scores = row.gather(1, vision_index.clamp(min=0, max=length - 1))
+        return top_k_keep(scores, vision_valid, self.keep_tokens[layer]).to(hidden.dtype)
 
 
 def vision_tokens_per_layer(num_tokens: int, pruning_layers: Sequence[int], keep_tokens: Sequence[int],
