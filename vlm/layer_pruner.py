@@ -1,0 +1,68 @@
+"""`LayerSpecificPruner`: one learnable keep head per LLM pruning layer (SPEC §5 stage 2, issue 11 item 2).
+
+It is a keep decider for `vlm.pruned_forward`: at each of its `pruning_layers` the forward-pre-hooks of
+`vlm.layer_hooks` hand it the layer's input hidden states and where each sample's still-kept vision tokens
+sit (`vision_index`, derived from `input_ids == image_token_id`, so left padding and earlier drops are
+accounted for); its head scores those tokens against the question tokens' hidden states of the same layer
+and `keep_mask` turns the logits into a keep mask (Gumbel-softmax straight-through in training, logit > 0
+at eval). Hooks are attached only for the duration of one forward (`layer_hooks` context manager).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from vlm.hard_drop import gather_tokens
+from vlm.pruner_heads import VisionPrunerHead, VisionPrunerHeadSimple, keep_mask
+
+PRUNER_TYPES = ("cross_attention", "simple")
+
+
+class LayerSpecificPruner(nn.Module):
+    """One head per layer of `pruning_layers` (a ModuleDict keyed by str(layer)).
+
+    dim: the LLM hidden size D; num_layers: the LLM depth L; pruner_type "cross_attention"
+    (VisionPrunerHead, vision -> question cross-attention with `num_heads`) or "simple"
+    (VisionPrunerHeadSimple, MLP on the vision tokens); d_internal: the heads' width.
+    Raises ValueError naming `pruning_layers` (a layer outside 0..L-1, repeated or none) or `pruner_type`.
+    """
+
+    def __init__(self, dim: int, num_layers: int, pruning_layers: Sequence[int] = (10, 20, 31),
+                 pruner_type: str = "cross_attention", d_internal: int = 512, num_heads: int = 4):
+        super().__init__()
+        layers = [int(layer) for layer in pruning_layers]
+        bad = [layer for layer in layers if not 0 <= layer < num_layers]
+        if not layers or bad or len(set(layers)) != len(layers):
+            raise ValueError(f"pruning_layers {list(pruning_layers)} must be distinct layers in 0..{num_layers - 1} "
+                             f"(the model has {num_layers} decoder layers)")
+        if pruner_type not in PRUNER_TYPES:
+            raise ValueError(f"pruner_type={pruner_type!r} is not one of {list(PRUNER_TYPES)}")
+        self.layers = sorted(layers)
+        self.num_layers = num_layers
+        self.pruner_type = pruner_type
+
+        def head() -> nn.Module:
+            if pruner_type == "simple":
+                return VisionPrunerHeadSimple(dim, d_internal=d_internal)
+            return VisionPrunerHead(dim, d_internal=d_internal, num_heads=num_heads)
+
+        self.heads = nn.ModuleDict({str(layer): head() for layer in self.layers})
+
+    def keep_logits(self, layer: int, hidden: torch.Tensor, vision_index: torch.Tensor,
+                    vision_valid: torch.Tensor, question_hidden: torch.Tensor,
+                    question_mask: torch.Tensor) -> torch.Tensor:
+        """Keep logits [B, n] of layer `layer`'s head for the vision tokens hidden[b, vision_index[b]]."""
+        vision = gather_tokens(hidden, vision_index)
+        return self.heads[str(layer)](vision, question_hidden, question_mask, vision_valid)
+
+    def decide(self, layer: int, hidden: torch.Tensor, vision_index: torch.Tensor, vision_valid: torch.Tensor,
+               question_hidden: torch.Tensor, question_mask: torch.Tensor, training: bool,
+               temperature: float) -> torch.Tensor:
+        """Keep mask [B, n] (float; 0 on invalid slots) for the vision tokens at vision_index long [B, n].
+
+        hidden [B, S, D]: the layer's input hidden states; question_hidden [B, Q, D] with question_mask bool
+        [B, Q]; training: Gumbel-softmax straight-through at `temperature`, else logit > 0."""
+        logits = self.keep_logits(layer, hidden, vision_index, vision_valid, question_hidden, question_mask)
+        return keep_mask(logits, temperature, training) * vision_valid.to(logits.dtype)
