@@ -16,16 +16,17 @@ from typing import Optional, Tuple
 import torch
 
 import data
-from models import create_model, dense_modules
+from models import create_model
 from pruners import create_struct
 from pruners.base import PruneContext, RoundPlan
-from pruners.masks import apply_masks, layer_sparsity, prunable_weights, remaining_fraction
+from pruners.masks import apply_masks, layer_sparsity, remaining_fraction
+from pruners.reshaping import ShapeChangingMode
 from training import start as starting
 from training.epochs import EpochTraining
 from training.loop import epoch_line, evaluate, recalibrate_batchnorm
 from training.optim import effective_warmup, lr_at
-from training.step import TrainStep, resolve_amp
-from training.session import RoundProgress, Session, cpu_state, device_state
+from training.step import resolve_amp
+from training.session import RoundProgress, Session, cpu_state, device_state, prunable_of
 from utils import checkpoint, history, paths
 from utils.interrupts import Interrupted, StopRequest
 from utils.lock import RunLock
@@ -77,6 +78,9 @@ class RoundRunner(EpochTraining):
                                log=self.tracker.info)
             plan = self.struct.plan_round(ctx, masks)
             self.rewind_weights()
+            if isinstance(self.struct, ShapeChangingMode):  # layers replaced or added: train all of their weights
+                session.layers_changed()
+                plan = session.dense_plan()
         apply_masks(session.weights, plan.train_masks)
         if plan.penalty_masks is not None:
             self.tracker.info(
@@ -117,7 +121,10 @@ class RoundRunner(EpochTraining):
             started = time.time()
 
             def schedule(index: int, epoch=epoch) -> Tuple[float, float]:
-                reg = self.struct.reg_lambda((epoch * steps + index) / total_steps) if regularized else 0.0
+                fraction = (epoch * steps + index) / total_steps
+                if isinstance(self.struct, ShapeChangingMode):
+                    self.struct.on_progress(fraction)  # asked before each step: e.g. the merger's temperature
+                reg = self.struct.reg_lambda(fraction) if regularized else 0.0
                 return lr_at(config.lr, epoch, index, steps, warmup, milestones), reg
 
             result, trained = self.train_epoch(progress, epoch, schedule)
@@ -133,7 +140,7 @@ class RoundRunner(EpochTraining):
                 "round": progress.round, "epoch": progress.epoch, "lr": schedule(steps - 1)[0],
                 "train_loss": result.loss, "train_top1": result.accuracy, "val_top1": val,
                 "reg_lambda": schedule(steps - 1)[1], "penalized_l2": step.penalized_norm(),
-                "remaining_pct": 100 * remaining_fraction(plan.train_masks), "epoch_seconds": elapsed,
+                "remaining_pct": self.remaining_pct(plan.train_masks), "epoch_seconds": elapsed,
                 "skipped_batches": result.skipped, "train_seconds": train_seconds,
                 "images_per_second": trained / max(train_seconds, 1e-9)}
             self.tracker.epoch(record)
@@ -145,6 +152,11 @@ class RoundRunner(EpochTraining):
             self.maybe_save_epoch(progress)
             if self.stop.requested and progress.epoch < config.epochs:
                 raise Interrupted(self.stop.signum, paths.latest_checkpoint(session.directory))
+
+    def remaining_pct(self, masks) -> float:
+        if isinstance(self.struct, ShapeChangingMode):  # weights removed by changing layers, not by masks
+            return self.struct.remaining_pct(masks)
+        return 100 * remaining_fraction(masks)
 
     def validate(self, plan: RoundPlan, best_so_far: Optional[float]) -> Tuple[Optional[float], Optional[dict]]:
         """Validation accuracy of the weights the round will end with, and their state when it beats
@@ -215,7 +227,7 @@ class RoundRunner(EpochTraining):
         metrics = {"round": progress.round, "epochs": progress.epoch, "val_top1": progress.best_val,
                    "best_epoch": progress.best_epoch, "test_top1": test,
                    "train_loss": progress.last_train_loss,
-                   "remaining_pct": 100 * remaining_fraction(plan.final_masks),
+                   "remaining_pct": self.remaining_pct(plan.final_masks),
                    "best_round": session.best_round, "checkpoint": ckpt_path,
                    "layer_sparsity": layer_sparsity(plan.final_masks), **self.struct.round_metrics()}
         payload = session.payload("round", progress, metrics=metrics, rewind=self.rewind)
@@ -292,16 +304,13 @@ def _run_locked(config, directory: str) -> str:
     struct = create_struct(config)
     struct.check_model(model)
     splits = data.load(config.dataset, config.data, config.val_size)
-    weights = prunable_weights(model, exclude=dense_modules(model, config.conv1, config.prune_classifier))
+    weights = prunable_of(model, config)
     channels_last = wants_channels_last(config.channels_last, model, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     session = Session(config=config, directory=directory, device=device, model=model, weights=weights,
-                      splits=splits, amp=resolve_amp(config.amp, device), channels_last=channels_last)
-    session.step = TrainStep(model, weights, device, session.amp, config.momentum, config.weight_decay,
-                             struct.regularized, use_graph=config.cuda_graph, channels_last=channels_last,
-                             compile_model=config.compile == "on" or (config.compile == "auto" and device.type == "cuda"),
-                             skip_nonfinite=config.nan_policy == "skip_batch")
+                      splits=splits, amp=resolve_amp(config.amp, device), channels_last=channels_last, struct=struct)
+    session.step = session.new_step()
     begin = starting.resolve(session)
     os.makedirs(directory, exist_ok=True)
     starting.install_branch_rewind(begin, directory)

@@ -11,8 +11,10 @@ import torch
 
 from data import DataSplits, ImageSet
 from data.loader import TensorLoader
-from pruners.base import RoundPlan
-from pruners.masks import Masks, dense_masks, from_storage, to_storage
+from models import dense_modules
+from pruners.base import RoundPlan, StructMode
+from pruners.masks import Masks, dense_masks, from_storage, prunable_weights, to_storage
+from pruners.reshaping import ShapeChangingMode
 from training.step import TrainStep
 from utils import checkpoint
 from utils.config import RunConfig
@@ -29,6 +31,12 @@ def device_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 def cpu_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def prunable_of(model: torch.nn.Module, config: RunConfig) -> Dict[str, torch.nn.Parameter]:
+    """The weights a run masks: every conv / linear weight but the stem's and the classifier's
+    (unless --conv1 / --fc)."""
+    return prunable_weights(model, exclude=dense_modules(model, config.conv1, config.prune_classifier))
 
 
 def check_batch_statistics(model: torch.nn.Module, train: TensorLoader, config: RunConfig) -> None:
@@ -76,6 +84,7 @@ class Session:
     amp: str = "none"
     channels_last: bool = False
     step: Optional[TrainStep] = None
+    struct: Optional[StructMode] = None
     # the metrics.jsonl records of the round under way, saved in its checkpoints (utils/history.py rebuilds
     # a lost or damaged metrics.jsonl from them); the Tracker appends to this list
     history: List[dict] = field(default_factory=list)
@@ -92,6 +101,28 @@ class Session:
             "calibration": TensorLoader(train, config.batch_size, spec.mean, spec.std, device, False, True),
         }
         check_batch_statistics(self.model, self.loaders["train"], config)
+
+    def new_step(self) -> TrainStep:
+        """A training step over the model's current parameters (fresh optimiser state)."""
+        config, device = self.config, self.device
+        return TrainStep(self.model, self.weights, device, self.amp, config.momentum, config.weight_decay,
+                         self.struct.regularized, use_graph=config.cuda_graph, channels_last=self.channels_last,
+                         compile_model=config.compile == "on" or (config.compile == "auto" and device.type == "cuda"),
+                         skip_nonfinite=config.nan_policy == "skip_batch")
+
+    def layers_changed(self) -> None:
+        """After a struct mode replaced or added layers (--struct lowrank / merge): the prunable weights
+        and the training step follow the model's new parameters."""
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.weights = prunable_of(self.model, self.config)
+        self.step = self.new_step()
+
+    def adopt_shapes(self, state: Dict[str, torch.Tensor]) -> None:
+        """Give the model the layers of a checkpoint's model `state` before it is checked and loaded
+        (modes that change layers; a no-op for the others)."""
+        if isinstance(self.struct, ShapeChangingMode) and self.struct.shape_model(self.model, state):
+            self.layers_changed()
 
     def dense_plan(self) -> RoundPlan:
         ones = dense_masks(self.weights)

@@ -73,6 +73,7 @@ def _check_same_experiment(path: str, payload: dict, config: RunConfig) -> None:
 
 
 def _resume(session: Session, path: str, payload: dict) -> Start:
+    session.adopt_shapes(payload["model"])  # --struct lowrank / merge: the checkpoint's factorised layers, merger
     checkpoint.check_compatible(path, payload, session.model.state_dict(), session.config.to_dict())
     _check_same_experiment(path, payload, session.config)
     if payload.get("rewind"):
@@ -134,6 +135,7 @@ def _branch(session: Session, path: str) -> Start:
     if payload["kind"] != "round":
         raise CheckpointError(f"--resume_from {path}: an epoch-level checkpoint; branch from a numbered "
                               f"<round>checkpoint.pth.tar")
+    session.adopt_shapes(payload["model"])
     checkpoint.check_compatible(path, payload, session.model.state_dict(), session.config.to_dict())
     _check_branch_flags(path, payload, session)
     progress = session.restore(payload)

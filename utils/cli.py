@@ -23,6 +23,7 @@ SCHEDULES = ("x", "x^2", "x^3", "exp", "exp_custom", "exp_custom_exponents")
 
 ACTIVATION_CRITERIA = ("l1", "l2", "saliency")
 CHANNEL_MODES = ("refill", "rsst")
+TOKEN_MODES = ("token", "merge")  # modes that shrink the tokens a ViT processes, not its weights
 # flags that only some settings read: flag -> (is it read, given the parsed args; the setting that makes it
 # unread; what reads it). A flag given explicitly with a value other than its default where it is not read
 # is refused (README, "Flags a mode does not read").
@@ -42,12 +43,12 @@ USED_ONLY_WITH = {
                   "--RST_schedule exp_custom_exponents of --struct rsst"),
     "block_size": (lambda a: a.struct == "regroup", _STRUCT, "--struct regroup"),
     "block_density": (lambda a: a.struct == "regroup", _STRUCT, "--struct regroup"),
-    "token_keep": (lambda a: a.struct == "token", _STRUCT, "--struct token"),
+    "token_keep": (lambda a: a.struct in TOKEN_MODES, _STRUCT, "--struct token or merge"),
     "k_anchors": (lambda a: a.struct == "token", _STRUCT, "--struct token"),
     "alpha": (lambda a: a.struct == "token", _STRUCT, "--struct token"),
-    "token_start_block": (lambda a: a.struct == "token", _STRUCT, "--struct token"),
-    "prune_classifier": (lambda a: a.struct != "token", _STRUCT, "the modes that prune weights"),
-    "conv1": (lambda a: a.struct != "token", _STRUCT, "the modes that prune weights"),
+    "token_start_block": (lambda a: a.struct in TOKEN_MODES, _STRUCT, "--struct token or merge"),
+    "prune_classifier": (lambda a: a.struct not in TOKEN_MODES, _STRUCT, "the modes that prune weights"),
+    "conv1": (lambda a: a.struct not in TOKEN_MODES, _STRUCT, "the modes that prune weights"),
     "refill_count": (lambda a: a.struct in CHANNEL_MODES and not a.vit_structured,
                      lambda a: _STRUCT(a) if a.struct not in CHANNEL_MODES else "--vit_structured",
                      "channel-level --struct refill or rsst"),
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_size", type=int, default=None, help="training images held out for model selection "
                    "(default 5000; 10%% for synthetic; 0: train on all, report the last epoch)")
     g = p.add_argument_group("rounds")
-    g.add_argument("--struct", default=d.struct, help="none, refill, regroup, rsst, ...")
+    g.add_argument("--struct", default=d.struct, help="none, refill, regroup, rsst, token, lowrank, merge")
     g.add_argument("--rate", type=float, default=d.rate, help="fraction of the remaining weights pruned per round")
     g.add_argument("--pruning_times", type=int, default=d.pruning_times, help="rounds, including dense round 0")
     g.add_argument("--prune_type", default=d.prune_type, choices=("lt", "rewind_lt", "pt"),
@@ -150,11 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--block_density", type=float, default=d.block_density,
                    help="regroup: a block column is kept only if at least this fraction of it survives")
     g.add_argument("--token_keep", type=_milestones, default=None,
-                   help="token: kept patch tokens per round from round 1 (default: (1-rate)^k of them)")
+                   help="token / merge: kept patch tokens (merge centres) per round from round 1 "
+                   "(default: (1-rate)^k of them)")
     g.add_argument("--k_anchors", type=int, default=d.k_anchors, help="token: anchors per image")
     g.add_argument("--alpha", type=float, default=d.alpha, help="token: importance vs diversity weight")
     g.add_argument("--token_start_block", type=int, default=d.token_start_block,
-                   help="token: the block whose attention selects the tokens")
+                   help="token / merge: the block whose input is pruned / merged")
     g.add_argument("--RST_schedule", default=d.RST_schedule, choices=SCHEDULES)
     g.add_argument("--reg_granularity_prune", type=float, default=d.reg_granularity_prune)
     g.add_argument("--exponents", type=int, default=d.exponents)

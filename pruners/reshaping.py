@@ -1,0 +1,101 @@
+"""Struct modes that change the model's layers (`--struct lowrank`, `--struct merge`), and what they measure.
+
+Such a mode adds or replaces modules at a round's start (factorised layers, a token merger), so the
+parameters the training step updates and the state_dict keys and shapes change. The round loop then
+rebuilds the prunable-weight dict and the training step (`Session.layers_changed`), and before a
+checkpoint is checked and loaded the mode gives the fresh model that checkpoint's layers
+(`shape_model`): checkpoints hold the changed shapes and resume bit-identically.
+
+Per round these modes report the model's parameters, FLOPs per image (torch.utils.flop_counter, which
+counts a multiply-add as 2 FLOPs) and the eval-mode images/s measured over the round's validation and
+test passes (synchronised on CUDA; the first `WARMUP_CALLS` forwards of a round are not counted).
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from pruners.base import StructMode
+from pruners.masks import Masks, remaining_fraction
+from tokens.backends import Target
+from tokens.stats import EncoderStats
+from utils.errors import UsageError
+
+
+class ShapeChangingMode(StructMode):
+    changes_forward = True  # a changed model runs differently: CUDA graphs are captured anew
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model: Optional[nn.Module] = None
+        self.stats: Optional[EncoderStats] = None
+        self.input_shape: Optional[Tuple[int, ...]] = None  # one image, as the model last saw it
+        self._shape_hook = None
+
+    def check_model(self, model: nn.Module) -> None:
+        super().check_model(model)
+        if self.config.prune_type != "pt":
+            raise UsageError(f"--prune_type {self.config.prune_type}: --struct {self.config.struct} retrains the "
+                             f"layers it changed from the previous round's trained weights, which the rewind "
+                             f"weights do not have; pass --prune_type pt")
+
+    def shape_model(self, model: nn.Module, state: Dict[str, torch.Tensor]) -> bool:
+        """Give `model` the layers of `state` (a checkpoint's model state); True when it changed any."""
+        raise NotImplementedError
+
+    def on_progress(self, fraction: float) -> None:
+        """Called before every training step with the round's progress in [0, 1]."""
+
+    def remaining_pct(self, masks: Masks) -> float:
+        """% of the prunable weights left, for the epoch and round records (masks: the round's)."""
+        return 100.0 * remaining_fraction(masks)
+
+    # ---- measurement ---------------------------------------------------------------------------
+    def measure(self, model: nn.Module, target: Optional[Target] = None) -> None:
+        """Start timing `model`'s eval-mode forwards for this round (`target`: a ViT's blocks, whose
+        token counts are then recorded too)."""
+        self.stop_measuring()
+        self.model = model
+        self.stats = EncoderStats(target or Target(library="model", encoder=model, blocks=nn.ModuleList(),
+                                                   readers=[], num_prefix_tokens=0, num_tokens=None,
+                                                   sequence_first=False), eval_only=True)
+        self._shape_hook = model.register_forward_pre_hook(self._record_shape)
+
+    def _record_shape(self, module: nn.Module, args) -> None:
+        self.input_shape = tuple(args[0].shape[1:])
+
+    def stop_measuring(self) -> None:
+        if self.stats is not None:
+            self.stats.close()
+            self.stats = None
+        if self._shape_hook is not None:
+            self._shape_hook.remove()
+            self._shape_hook = None
+
+    def cost_metrics(self) -> dict:
+        """parameters, flops_per_image and eval_images_per_second of the model as it runs now."""
+        metrics = {}
+        if self.stats is not None and self.stats.seconds > 0:  # read before the FLOP count's own forward
+            metrics["eval_images_per_second"] = self.stats.summary()["images_per_s"]
+        if self.model is not None:
+            metrics["parameters"] = sum(p.numel() for p in self.model.parameters())
+            if self.input_shape is not None:
+                metrics["flops_per_image"] = flops_per_image(self.model, self.input_shape)
+        return metrics
+
+
+@torch.no_grad()
+def flops_per_image(model: nn.Module, image_shape: Tuple[int, ...]) -> int:
+    """FLOPs of one eval-mode forward of one image of `image_shape` (e.g. (3, 32, 32)), counted by
+    torch.utils.flop_counter (a multiply-add is 2 FLOPs). The model's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        parameter = next(model.parameters())
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(torch.zeros((1, *image_shape), device=parameter.device, dtype=parameter.dtype))
+        return int(counter.get_total_flops())
+    finally:
+        model.train(was_training)
