@@ -1,0 +1,213 @@
+"""Train a whole tiny LLaVA (random-init CLIP tower + projector + LLaMA) on the CIFAR-10 VQA set, so that
+pruning is measured on a model whose answers depend on the image (`python train_tiny_llava.py`).
+
+Writes to --out: tiny_llava.pt (a checkpoint `load_tiny_llava` reads, weights_only-loadable: the
+LlavaConfig as a dict, the tokenizer's words, the weights, the model fingerprint, the accuracy),
+tiny_llava.json (val / test accuracy by question kind, steps, seconds) and metrics.jsonl.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from utils import checkpoint
+from utils.errors import CheckpointError, UsageError
+from utils.tracking import progress
+from vlm.data import (VQACollator, batch_to, cifar10_vqa_splits, cifar10_vqa_tokenizer,
+                      exact_match, vqa_accuracy, vqa_loader)
+from vlm.llava import build_llava, tiny_llava_config
+from vlm.tokenizer import WordTokenizer
+
+FORMAT = "vlm-tiny-llava/1"
+
+
+def num_image_tokens(config) -> int:
+    """Image-token ids per sample: patches of the tower (plus CLS under the "full" select strategy)."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def model_fingerprint(model) -> dict:
+    """What makes two LLaVA models interchangeable for a checkpoint: vocabulary, widths, depths, tokens."""
+    config = model.config
+    return {"vocab_size": int(config.text_config.vocab_size), "hidden_size": int(config.text_config.hidden_size),
+            "num_layers": int(config.text_config.num_hidden_layers),
+            "vision_hidden_size": int(config.vision_config.hidden_size),
+            "vision_layers": int(config.vision_config.num_hidden_layers),
+            "image_size": int(config.vision_config.image_size), "num_image_tokens": num_image_tokens(config),
+            "image_token_id": int(config.image_token_id)}
+
+
+def save_tiny_llava(path: str, model, tokenizer: WordTokenizer, step: int, metrics: dict) -> None:
+    checkpoint.save(path, {"format": FORMAT, "llava_config": model.config.to_dict(), "tokenizer": list(tokenizer.words),
+                           "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                           "fingerprint": model_fingerprint(model), "step": step, "metrics": metrics})
+
+
+def load_tiny_llava(path: str, dtype: torch.dtype = torch.float32):
+    """(model in eval mode, WordTokenizer, payload) of a tiny_llava.pt; CheckpointError naming `path`."""
+    from transformers import LlavaConfig
+    payload = checkpoint.load_file(path)
+    if payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a tiny LLaVA checkpoint of train_tiny_llava.py "
+                              f"(format {payload.get('format')!r}, expected {FORMAT!r})")
+    model = build_llava(LlavaConfig.from_dict(payload["llava_config"]), dtype=dtype)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit its own LlavaConfig ({str(exc).splitlines()[0]})") from None
+    return model.eval(), WordTokenizer.from_words(payload["tokenizer"]), payload
+
+
+@torch.no_grad()
+def evaluate_vqa(model, loader, tokenizer: WordTokenizer, device, image_size: int, amp: bool,
+                 max_new_tokens: int = 3) -> dict:
+    """Greedy answers of `model` on a loader of prompt batches (VQACollator with_answers=False):
+    {"vqa_accuracy", "exact_match", "what_accuracy", "is_there_accuracy", "samples"} (accuracies in %)."""
+    was_training = model.training
+    model.eval()
+    scores = {"all": [], "what": [], "is_there": []}
+    for batch in loader:
+        moved = batch_to(batch, device, image_size=image_size)
+        inputs = {k: moved[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp and torch.device(device).type == "cuda"):
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        new = out[:, inputs["input_ids"].shape[1]:].cpu()
+        for ids, answers in zip(new.tolist(), batch["answers"]):
+            prediction = tokenizer.decode(ids)
+            scores["all"].append((vqa_accuracy(prediction, answers), exact_match(prediction, answers)))
+            kind = "is_there" if answers[0] in ("yes", "no") else "what"  # the generated set's two kinds
+            scores[kind].append(exact_match(prediction, answers))
+    model.train(was_training)
+    mean = lambda values: 100.0 * sum(values) / max(len(values), 1)  # noqa: E731
+    return {"vqa_accuracy": mean([s[0] for s in scores["all"]]), "exact_match": mean([s[1] for s in scores["all"]]),
+            "what_accuracy": mean(scores["what"]), "is_there_accuracy": mean(scores["is_there"]),
+            "samples": len(scores["all"])}
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    from utils.cli import OneLineParser
+    p = OneLineParser(description="Train a tiny LLaVA on the CIFAR-10 VQA set (whole model, random init).")
+    p.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (materialise ../shared/data)")
+    p.add_argument("--out", default="runs/tiny_llava")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--hidden_size", type=int, default=128)
+    p.add_argument("--num_layers", type=int, default=32)
+    p.add_argument("--vision_hidden_size", type=int, default=128)
+    p.add_argument("--vision_layers", type=int, default=4)
+    p.add_argument("--num_heads", type=int, default=4)
+    p.add_argument("--image_size", type=int, default=336)
+    p.add_argument("--train_images", type=int, default=45000)
+    p.add_argument("--val_images", type=int, default=5000)
+    p.add_argument("--eval_images", type=int, default=2000, help="test images scored at the end (2 questions each)")
+    p.add_argument("--eval_every", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no_amp", action="store_true", help="no bf16 autocast on cuda")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "hidden_size", "num_layers", "vision_hidden_size", "vision_layers",
+                 "image_size", "train_images", "val_images", "eval_images", "eval_every"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name} {getattr(args, name)}: must be positive")
+    if args.lr <= 0 or args.warmup < 0:
+        raise UsageError(f"--lr {args.lr} / --warmup {args.warmup}: lr must be positive, warmup not negative")
+    return args
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device here")
+    return torch.device(name)
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    """Train, evaluate, save; returns the summary written to tiny_llava.json."""
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    tokenizer = cifar10_vqa_tokenizer()
+    config = tiny_llava_config(len(tokenizer), tokenizer.image_token_id, tokenizer.pad_token_id,
+                               num_layers=args.num_layers, hidden_size=args.hidden_size,
+                               vision_hidden_size=args.vision_hidden_size, vision_layers=args.vision_layers,
+                               image_size=args.image_size, num_heads=args.num_heads)
+    train, val, test = cifar10_vqa_splits(args.data, args.seed, args.train_images, args.val_images)
+    test = test[:2 * args.eval_images]
+    os.makedirs(args.out, exist_ok=True)
+    model = build_llava(config).to(device).train()
+    tokens = num_image_tokens(config)
+    amp = not args.no_amp and device.type == "cuda"
+    loader = lambda samples, answers, shuffle, seed: vqa_loader(  # noqa: E731
+        samples, VQACollator(tokenizer, tokens, args.image_size, with_answers=answers, raw_images=True),
+        args.batch_size, shuffle, seed, workers=args.workers, drop_last=shuffle)
+    val_loader = loader(val[:2 * min(len(val) // 2, args.eval_images)], False, False, 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    schedule = lambda step: min(1.0, (step + 1) / max(args.warmup, 1)) * 0.5 * (  # noqa: E731
+        1 + math.cos(math.pi * min(step / args.steps, 1.0)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    start, step, epoch = time.time(), 0, 0
+    bar = progress(range(args.steps), args.steps, "tiny llava", not args.no_progress)
+    steps_iter = iter(bar)
+    with open(metrics_path, "w") as metrics:
+        while step < args.steps:
+            for batch in loader(train, True, True, args.seed + epoch):
+                moved = batch_to(batch, device, image_size=args.image_size)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    loss = model(input_ids=moved["input_ids"], attention_mask=moved["attention_mask"],
+                                 pixel_values=moved["pixel_values"], labels=moved["labels"]).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                next(steps_iter, None)
+                record = {"type": "step", "step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]}
+                if step % args.eval_every == 0 or step == args.steps:
+                    record.update({f"val_{k}": v for k, v in evaluate_vqa(model, val_loader, tokenizer, device,
+                                                                           args.image_size, amp).items()})
+                    print(f"step {step}: loss {record['loss']:.4f}  val exact match {record['val_exact_match']:.2f}%",
+                          flush=True)
+                if step % 50 == 0 or "val_exact_match" in record:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                if step == args.steps:
+                    break
+            epoch += 1
+    seconds = time.time() - start
+    val_metrics = evaluate_vqa(model, val_loader, tokenizer, device, args.image_size, amp)
+    test_metrics = evaluate_vqa(model, loader(test, False, False, 0), tokenizer, device, args.image_size, amp)
+    model_path = os.path.join(args.out, "tiny_llava.pt")
+    summary = {"checkpoint": model_path, "steps": step, "epochs_seen": round(step * args.batch_size / len(train), 3),
+               "train_seconds": round(seconds, 1), "final_loss": float(loss.detach()), "val": val_metrics,
+               "test": test_metrics, "fingerprint": model_fingerprint(model), "args": vars(args),
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    save_tiny_llava(model_path, model.cpu(), tokenizer, step, {"val": val_metrics, "test": test_metrics})
+    checkpoint.atomic_write_text(os.path.join(args.out, "tiny_llava.json"), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        summary = pretrain(parse_args(argv))
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    test = summary["test"]
+    print(f"test: exact match {test['exact_match']:.2f}% (what {test['what_accuracy']:.2f}%, "
+          f"is there {test['is_there_accuracy']:.2f}%) on {test['samples']} questions; {summary['checkpoint']}")
+    return 0
