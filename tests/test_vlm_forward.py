@@ -108,6 +108,11 @@ def test_generate_with_and_without_cache_hard(model):
     uncached = pruned_generate(model, batch, "hard", decider=decider, max_new_tokens=3, use_cache=False)
     assert cached.shape == (2, 3)
     assert torch.equal(cached, uncached)
+    plain = pruned_generate(model, batch, "origin", max_new_tokens=3)
+    reference = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               pixel_values=batch["pixel_values"], max_new_tokens=3, do_sample=False,
+                               eos_token_id=None, pad_token_id=PAD)
+    assert torch.equal(plain, reference[:, -3:])  # the hooked cache path = Hugging Face generate
     output = pruned_forward(model, batch, "hard", decider=decider, use_cache=True)
     lengths = [output.past_key_values.layers[i].keys.shape[2] for i in (9, 10, 20, 31)]
     assert lengths[0] > lengths[1] > lengths[2] > lengths[3]  # each layer holds its own cache length

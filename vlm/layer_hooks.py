@@ -77,8 +77,8 @@ class PrefillState:
         self.layer_bias: List[torch.Tensor] = []
         self.hidden_inputs: List[torch.Tensor] = []
         self.hidden_masks: List[torch.Tensor] = []
-        self._count = None
-        self._mask = self._embeddings = None
+        self._count = self._mask = self._embeddings = None
+        self._stale = True
 
     def hook(self, layer: int, module, args, kwargs):
         """Forward-pre-hook of decoder layer `layer`: prune if it is a pruning layer, then hand the layer its
@@ -86,10 +86,11 @@ class PrefillState:
         hidden = _hidden_of(args, kwargs)
         if layer in self.pruning_layers:
             hidden = self._prune(layer, hidden)
-        if self._mask is None:
-            self._mask = attention_bias(self.key_bias, hidden.shape[1], hidden.dtype)
+        if self._stale:
+            self._mask = layer_mask(self.key_bias, hidden.shape[1], hidden.dtype)
             self._embeddings = self.rotary(hidden, self.positions)
             self._count = self.vision.sum(dim=1).float().mean()
+            self._stale = False
         kwargs["attention_mask"] = self._mask
         kwargs["position_embeddings"] = self._embeddings
         kwargs["position_ids"] = self.positions
@@ -109,7 +110,7 @@ class PrefillState:
         self.keep[layer] = keep
         token_keep = scatter_to_tokens(keep, index, index_valid, hidden.shape[1], 1.0)
         kept = token_keep > 0.5
-        self._mask = None
+        self._stale = True
         if self.mode == "hard":
             return self._drop(hidden, kept)
         self.vision = self.vision & kept
@@ -136,19 +137,29 @@ class PrefillState:
         return gather_tokens(hidden, index)
 
 
+def layer_mask(key_bias: torch.Tensor, query_length: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The layer's additive mask (see `attention_bias`), or None when no key is masked or biased (no
+    padding, no drop): SDPA then runs causal without a mask and may pick its flash kernel."""
+    if not bool((key_bias != 0).any()):
+        return None
+    return attention_bias(key_bias, query_length, dtype)
+
+
 class DecodeState:
     """One cached decode step: every layer attends to its own cache (its length fixed at prefill, plus the
-    tokens generated since) with its own key bias; the new tokens sit at `positions` [B, q]."""
+    tokens generated since) with its own key bias (float [B, K_l + q]); the new tokens sit at `positions`
+    [B, q]. masked[l]: whether layer l's bias masks anything (else it gets no mask)."""
 
-    def __init__(self, layer_bias: List[torch.Tensor], positions: torch.Tensor, rotary):
-        self.layer_bias, self.positions, self.rotary = layer_bias, positions, rotary
+    def __init__(self, layer_bias: List[torch.Tensor], masked: List[bool], positions: torch.Tensor, rotary):
+        self.layer_bias, self.masked, self.positions, self.rotary = layer_bias, masked, positions, rotary
         self._embeddings = None
 
     def hook(self, layer: int, module, args, kwargs):
         hidden = _hidden_of(args, kwargs)
         if self._embeddings is None:
             self._embeddings = self.rotary(hidden, self.positions)
-        kwargs["attention_mask"] = attention_bias(self.layer_bias[layer], hidden.shape[1], hidden.dtype)
+        kwargs["attention_mask"] = (attention_bias(self.layer_bias[layer], hidden.shape[1], hidden.dtype)
+                                    if self.masked[layer] else None)
         kwargs["position_embeddings"] = self._embeddings
         kwargs["position_ids"] = self.positions
         return args, kwargs

@@ -195,10 +195,12 @@ def pruned_generate(model, batch: dict, mode: str, decider=None, merger=None, ma
                                  False, True)
         token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
         generated, positions, layer_bias = [token], state.positions[:, -1:] + 1, state.layer_bias
+        masked = [bool((bias != 0).any()) for bias in layer_bias]
+        rotary = llava_parts(model).language_model.rotary_emb
         for _ in range(max_new_tokens - 1):
             layer_bias = [torch.cat([bias, bias.new_zeros(bias.shape[0], 1)], dim=1) for bias in layer_bias]
-            logits = _decode_step(model, token, DecodeState(layer_bias, positions, llava_parts(model)
-                                                           .language_model.rotary_emb), output.past_key_values)
+            logits = _decode_step(model, token, DecodeState(layer_bias, masked, positions, rotary),
+                                  output.past_key_values)
             token, positions = logits.argmax(dim=-1, keepdim=True), positions + 1
             generated.append(token)
         return torch.cat(generated, dim=1)
