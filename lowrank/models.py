@@ -1,25 +1,28 @@
 """Learned low-rank factorisation X [N, D] ~ A [N, r] . B [r, D] of one sample's feature map (SPEC §6).
 
 Every model reads a batch x [batch, N, D] and returns (A [batch, N, r], B [batch, r, D]); the
-reconstruction is A @ B. All three share one design, so they differ only in the network that
-predicts the factors:
+reconstruction is A @ B. All three predict a basis from the sample and code the tokens on it:
 
-    h = trunk(x)                      [batch, N, H]   token-wise network (H = hidden width)
-    B = S^T x / N,  S = h W_S^T       [batch, r, D]   a basis: r learned weightings of the tokens
-    A = x B^T + h W_A                 [batch, N, r]   the projection code plus a learned correction
+    h = trunk(x)                          [batch, N, H]  token-wise network (H = hidden width)
+    B = S^T x / (N rms(x)),  S = h W_S^T  [batch, r, D]  a basis: r learned weightings of the tokens
+    A = code(x, B) + h W_A                [batch, N, r]  coefficients plus a learned correction
 
-With the orthogonality loss (B B^T -> I, lowrank/losses.py) x B^T B is the orthogonal projection
-onto the predicted r-dimensional subspace; Eckart-Young says the best one is the top-r right
-singular subspace of x, which is what truncated SVD uses.
+ResMLP / MLP code by least squares, code = x B^T (B B^T + eps I)^-1, so A B starts as (and stays near)
+the orthogonal projection of x onto span(B) whatever B's scale; the orthogonality loss (B B^T -> I,
+lowrank/losses.py) keeps that well conditioned. Eckart-Young: the best span is the top-r right
+singular subspace of x, the one truncated SVD uses, so the learned error is never below SVD's.
 
 `AdaLoRA` (Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR 2023)
-writes the same product in SVD form P diag(E) Q with per-rank scales E, so that peft's RankAllocator
-can prune rank triplets. Its parameters carry peft's names: `lora_A.default` [r, H] (row i scores
-the tokens for basis vector i, Q = S^T x / N), `lora_B.default` [H, r] (column i corrects code i)
-and `lora_E.default` [r, 1]. It returns A = P diag(E) and B = Q.
+writes the product in SVD form P diag(E) Q with per-rank scales E, so that peft's RankAllocator can
+prune rank triplets. Q's rows are normalised to unit length (E carries the magnitudes, so λ_B is a
+constant there) and P is the least-squares code over the rows whose E is non-zero, so a masked
+triplet drops out exactly as if its row were deleted: truncation keeps the output. Its parameters
+carry peft's names: `lora_A.default` [r, H] (row i scores the tokens for basis row i),
+`lora_B.default` [H, r] (column i corrects code i), `lora_E.default` [r, 1]. It returns
+A = P diag(E) and B = Q.
 """
 import copy
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -53,7 +56,7 @@ class ResidualBlock(nn.Module):
 
 def basis_init(rank: int, width: int, num_tokens: int, dim: int) -> torch.Tensor:
     """Basis-head weight [r, H] scaled so that the rows of B = S^T x / N start near unit norm for
-    unit-variance x (token scores of std sqrt(N / D) over a LayerNorm-ed trunk output)."""
+    RMS-normalised x (token scores of std sqrt(N / D) over a LayerNorm-ed trunk output)."""
     return torch.randn(rank, width) * (num_tokens / (dim * width)) ** 0.5
 
 
@@ -82,14 +85,29 @@ class Factoriser(nn.Module):
         if x.dim() != 3 or tuple(x.shape[1:]) != (self.num_tokens, self.dim):
             raise ValueError(f"input of shape {tuple(x.shape)}: expected [batch, {self.num_tokens}, {self.dim}]")
 
-    def factors(self, x: torch.Tensor, basis_weight: torch.Tensor, code_weight: torch.Tensor):
-        """basis_weight [r, H], code_weight [H, r] -> (code [batch, N, r], basis [batch, r, D])."""
+    def factors(self, x: torch.Tensor, basis_weight: torch.Tensor):
+        """basis_weight [r, H] -> (h [batch, N, H], basis [batch, r, D] = S^T x / (N rms(x)))."""
         self.check_input(x)
         h = self.trunk(x)
-        scores = h @ basis_weight.t()                                  # [batch, N, r]
-        basis = scores.transpose(1, 2) @ x / x.shape[1]                # [batch, r, D]
-        code = x @ basis.transpose(1, 2) + h @ code_weight             # [batch, N, r]
-        return code, basis
+        scores = h @ basis_weight.t()                                              # [batch, N, r]
+        scale = x.pow(2).mean(dim=(1, 2), keepdim=True).sqrt().clamp_min(1e-12)  # per-sample RMS
+        return h, scores.transpose(1, 2) @ (x / scale) / x.shape[1]
+
+
+def least_squares_code(x: torch.Tensor, basis: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                       ridge: float = 1e-6) -> torch.Tensor:
+    """argmin_A ||A B - x||^2 for x [batch, N, D], B [batch, r, D]: x B^T (B B^T + eps I)^-1 [batch, N, r].
+
+    `keep` (bool [r], optional) solves over the kept rows only; the others get code 0, so the result
+    equals the solve over B[:, keep] alone. eps = ridge * mean kept diagonal of B B^T (a rank-deficient
+    B stays solvable)."""
+    if keep is not None:
+        basis = basis * keep.to(basis.dtype).view(1, -1, 1)
+    gram = basis @ basis.transpose(1, 2)
+    kept = gram.shape[-1] if keep is None else keep.sum().clamp_min(1)  # a tensor: no host sync
+    eps = ridge * (gram.diagonal(dim1=1, dim2=2).sum(dim=1) / kept).clamp_min(1e-12)
+    gram = gram + eps.view(-1, 1, 1) * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram, basis @ x.transpose(1, 2)).transpose(1, 2)
 
 
 class TokenFactoriser(Factoriser):
@@ -102,7 +120,8 @@ class TokenFactoriser(Factoriser):
         self.code_head = nn.Parameter(torch.randn(width, rank) * 0.02)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.factors(x, self.basis_head, self.code_head)
+        h, basis = self.factors(x, self.basis_head)
+        return least_squares_code(x, basis) + h @ self.code_head, basis
 
 
 @ARCHS.register("ResMLP")
@@ -128,8 +147,11 @@ class AdaLoRAFactoriser(Factoriser):
         self.lora_E = nn.ParameterDict({ADAPTER: nn.Parameter(torch.ones(rank, 1))})
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        code, basis = self.factors(x, self.lora_A[ADAPTER], self.lora_B[ADAPTER])
-        return code * self.lora_E[ADAPTER].view(1, 1, -1), basis
+        h, basis = self.factors(x, self.lora_A[ADAPTER])
+        basis = basis / basis.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        scales = self.lora_E[ADAPTER].view(-1)
+        code = least_squares_code(x, basis, keep=scales.detach() != 0) + h @ self.lora_B[ADAPTER]
+        return code * scales.view(1, 1, -1), basis
 
     def kept_ranks(self) -> torch.Tensor:
         """Indices of the triplets whose scale E is non-zero (those RankAllocator has not masked)."""
