@@ -6,7 +6,7 @@ from utils.registry import Registry
 
 STRUCTS: Registry = Registry("struct mode", "--struct")
 
-from pruners import lowrank, refill, regroup, rsst, token, unstructured  # noqa: E402,F401  (registration)
+from pruners import lowrank, merge, refill, regroup, rsst, token, unstructured  # noqa: E402,F401  (registration)
 
 
 def create_struct(config):

@@ -44,9 +44,6 @@ class ShapeChangingMode(StructMode):
         """Give `model` the layers of `state` (a checkpoint's model state); True when it changed any."""
         raise NotImplementedError
 
-    def on_progress(self, fraction: float) -> None:
-        """Called before every training step with the round's progress in [0, 1]."""
-
     def remaining_pct(self, masks: Masks) -> float:
         """% of the prunable weights left, for the epoch and round records (masks: the round's)."""
         return 100.0 * remaining_fraction(masks)

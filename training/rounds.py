@@ -121,10 +121,7 @@ class RoundRunner(EpochTraining):
             started = time.time()
 
             def schedule(index: int, epoch=epoch) -> Tuple[float, float]:
-                fraction = (epoch * steps + index) / total_steps
-                if isinstance(self.struct, ShapeChangingMode):
-                    self.struct.on_progress(fraction)  # asked before each step: e.g. the merger's temperature
-                reg = self.struct.reg_lambda(fraction) if regularized else 0.0
+                reg = self.struct.reg_lambda((epoch * steps + index) / total_steps) if regularized else 0.0
                 return lr_at(config.lr, epoch, index, steps, warmup, milestones), reg
 
             result, trained = self.train_epoch(progress, epoch, schedule)
