@@ -71,13 +71,17 @@ def answer_logits(output):
 def test_keep_all_hard_equals_origin(model):
     batch = make_batch([3, 6])
     keep_all = RankDecider([10, 20, 31], keep_rank=lambda layer, rank: rank >= 0)
-    origin = pruned_forward(model, batch, "origin")
-    hard = pruned_forward(model, batch, "hard", decider=keep_all)
+    origin = pruned_forward(model, batch, "origin", output_hidden_states=True)
+    hard = pruned_forward(model, batch, "hard", decider=keep_all, output_hidden_states=True)
     assert [call[0] for call in keep_all.calls] == [10, 20, 31]
     text = batch["attention_mask"].bool() & (batch["input_ids"] != IMAGE)
     assert hard.logits.shape == origin.logits.shape
     assert (hard.logits - origin.logits)[text].abs().max() <= 1e-5
     assert hard.vision_tokens_per_layer == [float(N)] * 32
+    valid = batch["attention_mask"].bool()
+    assert len(hard.hidden_states) == len(origin.hidden_states) == 33
+    for layer in (10, 31, 32):  # inputs of layers 10 and 31, final normed output: as Hugging Face's
+        assert (hard.hidden_states[layer] - origin.hidden_states[layer])[valid].abs().max() <= 1e-5
 
 
 @torch.no_grad()
@@ -108,6 +112,8 @@ def test_generate_with_and_without_cache_hard(model):
     uncached = pruned_generate(model, batch, "hard", decider=decider, max_new_tokens=3, use_cache=False)
     assert cached.shape == (2, 3)
     assert torch.equal(cached, uncached)
+    soft = pruned_generate(model, batch, "soft", decider=decider, max_new_tokens=3, use_cache=True)
+    assert torch.equal(soft, cached)  # soft decode: full caches, dropped keys masked per layer
     plain = pruned_generate(model, batch, "origin", max_new_tokens=3)
     reference = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                pixel_values=batch["pixel_values"], max_new_tokens=3, do_sample=False,
@@ -171,6 +177,11 @@ def test_vision_tokens_per_layer_and_equivalent_budget(model):
     assert output.keep[10].shape == (2, N) and output.keep[10].sum(dim=1).tolist() == [144.0, 144.0]
     with pytest.raises(ValueError, match="vision_tokens_per_layer"):
         equivalent_token_budget([])
+    drop_all = RankDecider([4, 8], keep_rank=lambda layer, rank: rank < 0)
+    output = pruned_forward(model, make_batch([2]), "hard", decider=drop_all)
+    assert output.vision_tokens_per_layer == [576.0] * 4 + [0.0] * 28
+    assert equivalent_token_budget(output.vision_tokens_per_layer) == 72.0
+    assert output.keep[8].shape == (1, 0) and output.logits.shape[1] == 2 + 2 + 2
 
 
 @torch.no_grad()

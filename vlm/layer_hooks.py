@@ -103,6 +103,9 @@ class PrefillState:
 
     def _prune(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         index, index_valid = left_pack(self.vision)
+        if index.shape[1] == 0:  # no vision token left in any sample: nothing to decide
+            self.keep[layer] = hidden.new_zeros(index.shape)
+            return hidden
         keep = self.decider.decide(layer=layer, hidden=hidden, vision_index=index, vision_valid=index_valid,
                                    question_hidden=hidden, question_mask=self.question,
                                    training=self.mode == "train", temperature=self.temperature)
