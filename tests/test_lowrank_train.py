@@ -1,0 +1,213 @@
+"""Low-rank factorisers and their trainer (issue 12, items 2 and 5): shapes, losses, peft's RankAllocator
+on schedule, truncation, resume, early stopping, bad input, outputs. Tiny caches [16, 32] on the CPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowrank.cache import write_cache
+from lowrank.losses import factorisation_loss, orthogonality
+from lowrank.models import ARCHS, create_model, load_trained, save_trained
+from lowrank.rank_allocation import AllocatorSettings, RankAllocation
+from lowrank.train_cli import main
+from utils.errors import UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N, D = 16, 32
+
+
+def _features(count, seed, true_rank=6):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(N, true_rank, generator=generator) @ torch.randn(true_rank, D, generator=generator)
+            + 0.05 * torch.randn(N, D, generator=generator) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """Two caches of the same 40 samples written by two encoder names, and an empty one."""
+    root = tmp_path_factory.mktemp("lowrank_caches")
+    paths = {}
+    for name, encoder, count in (("main", "synthetic-a", 40), ("other", "synthetic-b", 40), ("empty", "synthetic-a", 0)):
+        paths[name] = str(root / name)
+        write_cache(paths[name], encoder, {"test": True}, _features(count, seed=0), shard_size=16, dtype=torch.float32)
+    return paths
+
+
+def _train(capsys, *args):
+    """main(args) in this process; returns (exit code, stdout, stderr)."""
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _history(results, arch):
+    with open(os.path.join(results, arch, "history.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("arch", ["ResMLP", "MLP", "AdaLoRA"])
+def test_shapes_and_loss_terms(arch, one_thread):
+    torch.manual_seed(0)
+    model = create_model(arch, D, N, rank=5)
+    x = torch.randn(3, N, D)
+    a, b = model(x)
+    assert a.shape == (3, N, 5) and b.shape == (3, 5, D) and model.rank == 5
+    terms = factorisation_loss(a, b, x, lambda_b=0.1, lambda_ortho=0.01)
+    mse = ((a @ b - x) ** 2).mean()
+    gram = b @ b.transpose(1, 2)
+    ortho = ((gram - torch.eye(5)) ** 2).sum() / (3 * 25)
+    assert torch.allclose(terms.mse, mse) and torch.allclose(terms.orthogonality, ortho)
+    assert torch.allclose(terms.b_penalty, (b ** 2).sum() / (3 * 5 * D))
+    assert torch.allclose(terms.total, mse + 0.1 * terms.b_penalty + 0.01 * ortho)
+    assert sorted(ARCHS.names()) == ["AdaLoRA", "MLP", "ResMLP"]
+    with pytest.raises(ValueError, match=r"expected \[batch, 16, 32\]"):
+        model(torch.randn(3, N, D + 1))
+
+
+def test_orthogonality_zero_on_orthonormal_rows():
+    q, _ = torch.linalg.qr(torch.randn(2, D, 4))          # [2, D, 4] orthonormal columns
+    basis = q.transpose(1, 2)                              # rows orthonormal
+    assert float(orthogonality(basis)) < 1e-12
+    # 2 x orthonormal rows: B B^T = 4 I, so ||3 I||^2 / r^2 = 9 r / r^2 = 9 / 4
+    assert float(orthogonality(2 * basis)) == pytest.approx(9 / 4, rel=1e-5)
+
+
+def _allocated(init_rank=8, keep_ratio=0.5, total=20, tinit=2, tfinal=5):
+    torch.manual_seed(0)
+    model = create_model("AdaLoRA", D, N, rank=init_rank)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    allocation = RankAllocation(model, AllocatorSettings(tinit, tfinal, 1, keep_ratio), total)
+    x = torch.stack(_features(4, seed=1))
+    ranks = []
+    for step in range(1, total + 1):
+        loss = factorisation_loss(*model(x), x, 1e-4, 1e-3).total
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ranks.append(allocation.step(step))
+    return model, x, ranks
+
+
+def test_rank_allocator_lowers_rank_on_schedule(one_thread):
+    """peft's cubic budget: r(s) = int((8 - 4) (1 - (s - 2) / (20 - 5 - 2))^3 + 4) between the warm-ups."""
+    _, _, ranks = _allocated()
+    expected = [8 if s <= 2 else 4 if s >= 15 else int(4 * (1 - (s - 2) / 13) ** 3 + 4) for s in range(1, 21)]
+    assert ranks == expected
+    assert ranks[:8] == [8, 8, 7, 6, 5, 5, 4, 4]
+
+
+def test_target_rank_must_be_below_initial_rank():
+    model = create_model("AdaLoRA", D, N, rank=8)
+    with pytest.raises(UsageError, match="target rank 8 must be below the initial rank 8"):
+        RankAllocation(model, AllocatorSettings(2, 5, 1, 1.0), 20)
+    with pytest.raises(UsageError, match="leave no budgeting phase in 20 training steps"):
+        RankAllocation(model, AllocatorSettings(10, 10, 1, 0.5), 20)
+
+
+def test_truncation_keeps_output(tmp_path, one_thread):
+    model, x, ranks = _allocated()
+    model.eval()
+    small = model.truncated()
+    assert ranks[-1] == 4 and small.rank == 4 and model.rank == 8
+    assert small.lora_A["default"].shape == (4, 32) and small.lora_B["default"].shape == (32, 4)
+    assert small.lora_E["default"].shape == (4, 1)
+    with torch.no_grad():
+        a_full, b_full = model(x)
+        a_small, b_small = small(x)
+        assert torch.allclose(a_small @ b_small, a_full @ b_full, atol=1e-5)
+    meta = {"arch": "AdaLoRA", "dim": D, "num_tokens": N, "rank": 4, "dropout": 0.0, "encoder": "e",
+            "epoch": 1, "best_val_mse": 0.5}
+    save_trained(str(tmp_path / "m.pt"), small, meta)
+    loaded, loaded_meta = load_trained(str(tmp_path / "m.pt"))
+    assert loaded.rank == 4 and loaded_meta["encoder"] == "e"
+    with torch.no_grad():
+        assert torch.allclose(torch.matmul(*loaded.eval()(x)), a_full @ b_full, atol=1e-5)
+
+
+def test_issue_example_adalora_with_allocator(caches, tmp_path, capsys, one_thread):
+    """The issue's command with every flag; 36 train samples at batch 8 = 5 steps/epoch, 4 epochs = 20 steps."""
+    results = str(tmp_path / "results")
+    code, out, err = _train(capsys, "--arch", "AdaLoRA", "--features", caches["main"], "--epochs", 4, "--lr", 1e-3,
+                            "--rank", 8, "--batch_size", 8, "--lambda_B", 1e-4, "--lambda_ortho", 1e-3,
+                            "--weight_decay", 1e-5, "--patience", 10, "--results_dir", results, "--dropout", 0.0,
+                            "--use_rank_allocator", "--allocator_init_warmup", 2, "--allocator_final_warmup", 5,
+                            "--allocator_mask_interval", 1, "--allocator_keep_ratio", 0.5)
+    assert code == 0, err
+    directory = os.path.join(results, "AdaLoRA")
+    (log_dir,) = os.listdir(os.path.join(directory, "log"))
+    with open(os.path.join(directory, "log", log_dir, "effective_rank.jsonl")) as f:
+        ranks = [json.loads(line)["effective_rank"] for line in f]
+    assert len(ranks) == 20 and ranks[:2] == [8, 8] and ranks[-6:] == [4] * 6 and ranks[2] < 8
+    model, meta = load_trained(os.path.join(directory, "best_model.pt"))
+    assert model.rank == meta["rank"] == 4 and model.lora_A["default"].shape[0] == 4 and meta["allocated"]
+    assert [r["effective_rank"] for r in _history(results, "AdaLoRA")][-1] == 4
+    assert "rank 4" in out
+    for name in ("config.json", "training.log", "summary.json"):
+        assert os.path.getsize(os.path.join(directory, "log", log_dir, name)) > 0
+
+
+def test_resume_appends_epochs_and_writes_plot(caches, tmp_path, capsys, one_thread):
+    results = str(tmp_path / "results")
+    base = ["--arch", "ResMLP", "--features", caches["main"], "--rank", 4, "--lr", 1e-3, "--results_dir", results]
+    assert _train(capsys, *base, "--epochs", 2)[0] == 0
+    first = load_trained(os.path.join(results, "ResMLP", "best_model.pt"))[1]
+    code, _, err = _train(capsys, *base, "--epochs", 3, "--resume")
+    assert code == 0, err
+    history = _history(results, "ResMLP")
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+    meta = load_trained(os.path.join(results, "ResMLP", "best_model.pt"))[1]
+    assert meta["best_val_mse"] <= first["best_val_mse"] and meta["epoch"] >= first["epoch"]
+    assert len(os.listdir(os.path.join(results, "ResMLP", "log"))) == 2
+    with open(os.path.join(results, "ResMLP", "train_val_loss_comparison.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_early_stopping_triggers(caches, tmp_path, capsys, one_thread):
+    """lr 0: the validation MSE never falls after epoch 1, so patience 2 stops after epoch 3 of 10."""
+    results = str(tmp_path / "results")
+    code, out, err = _train(capsys, "--arch", "MLP", "--features", caches["main"], "--rank", 4, "--lr", 0,
+                            "--patience", 2, "--epochs", 10, "--results_dir", results)
+    assert code == 0, err
+    history = _history(results, "MLP")
+    assert len(history) == 3 and len({r["val_mse"] for r in history}) == 1
+    assert "(early stop)" in out
+
+
+def _refused(capsys, results, *args):
+    code, out, err = _train(capsys, *args, "--results_dir", results, "--epochs", 1)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (code, out, err)
+    return err
+
+
+def test_bad_inputs_one_line_exit_2_nothing_written(caches, tmp_path, capsys, one_thread):
+    results = str(tmp_path / "fresh")
+    err = _refused(capsys, results, "--arch", "ResMLP", "--features", caches["main"], "--rank", 17)
+    assert "--rank 17: must be between 1 and min(N, D) = min(16, 32) = 16" in err
+    err = _refused(capsys, results, "--arch", "ResMLP", "--features", caches["empty"])
+    assert "--features" in err and "empty feature cache (0 samples)" in err
+    err = _refused(capsys, results, "--arch", "AdaLoRA", "--features", caches["main"], "--rank", 8,
+                   "--use_rank_allocator", "--allocator_keep_ratio", 1.0)
+    assert "target rank 8 must be below the initial rank 8" in err
+    err = _refused(capsys, results, "--arch", "MLP", "--features", caches["main"], "--use_rank_allocator")
+    assert "--use_rank_allocator: only --arch AdaLoRA" in err
+    assert not os.path.exists(results)
+    trained = str(tmp_path / "trained")
+    assert _train(capsys, "--arch", "MLP", "--features", caches["main"], "--rank", 4, "--epochs", 1,
+                  "--results_dir", trained)[0] == 0
+    before = {name: os.path.getmtime(os.path.join(trained, "MLP", name)) for name in os.listdir(os.path.join(trained, "MLP"))}
+    err = _refused(capsys, trained, "--arch", "MLP", "--features", caches["other"], "--resume")
+    assert "trained on features of encoder 'synthetic-a'" in err and "holds encoder 'synthetic-b'" in err
+    after = {name: os.path.getmtime(os.path.join(trained, "MLP", name)) for name in os.listdir(os.path.join(trained, "MLP"))}
+    assert before == after and len(os.listdir(os.path.join(trained, "MLP", "log"))) == 1
+
+
+def test_seed_script_name_runs_the_same_cli(caches, tmp_path):
+    """train_real_data.py (the seed's name) is the same CLI: its refusal is train_lowrank.py's."""
+    args = ["--arch", "ResMLP", "--features", caches["main"], "--rank", "99", "--results_dir", str(tmp_path)]
+    results = [subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300) for script in ("train_real_data.py", "train_lowrank.py")]
+    assert [r.returncode for r in results] == [2, 2]
+    assert results[0].stderr == results[1].stderr == "error: --rank 99: must be between 1 and min(N, D) = min(16, 32) = 16\n"
