@@ -324,7 +324,7 @@ def test_scripts_end_to_end_with_a_killed_extraction(tmp_path):
     runner_checkpoint(path)
     out = str(tmp_path / "cache")
     command = [sys.executable, os.path.join(ROOT, "extract_features.py"), "--encoder", f"runner:{path}",
-               "--dataset", "synthetic", "--out", out, "--limit", "96", "--batch_size", "4", "--shard_size", "8"]
+               "--dataset", "synthetic", "--out", out, "--limit", "48", "--batch_size", "4", "--shard_size", "8"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (read_index(out) or {}).get("count"):
@@ -332,10 +332,10 @@ def test_scripts_end_to_end_with_a_killed_extraction(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = read_index(out)["count"]
-    assert 8 <= done < 96
+    assert 8 <= done < 48
     resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0 and f"resuming {out} at image {done} of 96" in resumed.stderr
-    assert len(FeatureCache(out)) == 96
+    assert resumed.returncode == 0 and f"resuming {out} at image {done} of 48" in resumed.stderr
+    assert len(FeatureCache(out)) == 48
     for script, extra in (("compare_svd_nn.py", []), ("visualize_svd_nn.py", ["--image_idx", "3"])):
         result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--features", out, "--results_dir",
                                  str(tmp_path / "results"), *extra], cwd=ROOT, capture_output=True, text=True,
