@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch.nn as nn
-from peft import AdaLoraConfig
-from peft.tuners.adalora import RankAllocator
 
 from lowrank.models import ADAPTER
 from utils.errors import UsageError
@@ -61,6 +59,8 @@ class RankAllocation:
 
     def __init__(self, model: nn.Module, settings: AllocatorSettings, total_steps: int):
         check_settings(settings, model.rank, total_steps)
+        from peft import AdaLoraConfig  # imported here: peft (transformers) takes seconds to import
+        from peft.tuners.adalora import RankAllocator
         self.model, self.total_steps = model, total_steps
         self.config = AdaLoraConfig(init_r=model.rank, target_r=target_rank(model.rank, settings.keep_ratio),
                                     tinit=settings.init_warmup, tfinal=settings.final_warmup,

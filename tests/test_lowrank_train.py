@@ -211,3 +211,16 @@ def test_seed_script_name_runs_the_same_cli(caches, tmp_path):
                               text=True, timeout=300) for script in ("train_real_data.py", "train_lowrank.py")]
     assert [r.returncode for r in results] == [2, 2]
     assert results[0].stderr == results[1].stderr == "error: --rank 99: must be between 1 and min(N, D) = min(16, 32) = 16\n"
+
+
+def test_speed_benchmark_tiny(tmp_path, capsys, one_thread):
+    from benchmarks.lowrank_speed import main as benchmark
+    out = str(tmp_path / "speed.json")
+    assert benchmark(["--tiny", "--device", "cpu", "--out", out]) == 0
+    with open(out) as f:
+        report = json.load(f)
+    assert report["features"] == [16, 32] and report["rank"] == 8
+    rows = {(r["arch"], r["batch_size"]): r for r in report["rows"]}
+    assert sorted(rows) == [(a, b) for a in ("AdaLoRA", "AdaLoRA+allocator", "MLP", "ResMLP") for b in (2, 4)]
+    assert all(r["samples_per_s"] > 0 and r["parameters"] > 0 for r in rows.values())
+    assert "samples/s" in capsys.readouterr().out
