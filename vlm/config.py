@@ -46,6 +46,7 @@ class VLMPruningConfig:
     weight_decay: float = 0.0
     # model (exactly one source) ---------------------------------------------------------------
     tiny_random: bool = False                    # the tiny random LLaVA of the tests
+    tiny_image_size: int = 336                   # tiny_random only: 336 px / patch 14 -> 576 vision tokens
     base_checkpoint: Optional[str] = None        # a tiny LLaVA trained by train_tiny_llava.py
     model_name_or_path: Optional[str] = None     # HF weights, e.g. llava-hf/llava-1.5-7b-hf
     dtype: str = "float32"                       # backbone weights: float32 | bfloat16
@@ -179,7 +180,8 @@ def validate(config: VLMPruningConfig) -> VLMPruningConfig:
         raise UsageError("steps / epochs: set exactly one of them (the other null)")
     positive = {"batch_size": config.batch_size, "save_every": config.save_every, "steps": config.steps or 1,
                 "epochs": config.epochs or 1, "pruner_d_internal": config.pruner_d_internal,
-                "pruner_num_heads": config.pruner_num_heads, "keep_checkpoints": config.keep_checkpoints,
+                "pruner_num_heads": config.pruner_num_heads, "tiny_image_size": config.tiny_image_size,
+                "keep_checkpoints": config.keep_checkpoints,
                 "lr_merger": config.lr_merger, "lr_pruner": config.lr_pruner,
                 "lr_discriminator": config.lr_discriminator, "temperature_min": config.temperature_min}
     for key, value in positive.items():
