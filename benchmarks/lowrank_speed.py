@@ -57,11 +57,12 @@ def measure(arch: str, allocator: bool, batch: int, shape: dict, device: torch.d
             allocation.step(step)
     _sync(device)
     seconds = time.perf_counter() - started
+    peak = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if device.type == "cuda" else None
     return {"arch": arch + ("+allocator" if allocator else ""), "batch_size": batch,
             "samples_per_s": round(batch * shape["steps"] / seconds, 2),
             "ms_per_step": round(1000 * seconds / shape["steps"], 3),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "peak_gpu_mib": round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if device.type == "cuda" else None}
+            "peak_gpu_mib": peak}
 
 
 def main(argv=None) -> int:

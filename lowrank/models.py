@@ -61,8 +61,8 @@ def basis_init(rank: int, width: int, num_tokens: int, dim: int) -> torch.Tensor
 
 
 def residual_trunk(dim: int, width: int, dropout: float, blocks: int = 2) -> nn.Module:
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, width), *[ResidualBlock(width, dropout) for _ in range(blocks)],
-                         nn.LayerNorm(width))
+    blocks = [ResidualBlock(width, dropout) for _ in range(blocks)]
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, width), *blocks, nn.LayerNorm(width))
 
 
 def plain_trunk(dim: int, width: int, dropout: float) -> nn.Module:
@@ -165,7 +165,8 @@ class AdaLoRAFactoriser(Factoriser):
         small = copy.deepcopy(self)
         with torch.no_grad():
             for name, dim in (("lora_A", 0), ("lora_B", 1), ("lora_E", 0)):
-                getattr(small, name)[ADAPTER] = nn.Parameter(getattr(self, name)[ADAPTER].index_select(dim, keep).clone())
+                kept = getattr(self, name)[ADAPTER].index_select(dim, keep).clone()
+                getattr(small, name)[ADAPTER] = nn.Parameter(kept)
         small.rank = int(keep.numel())
         return small
 

@@ -10,7 +10,6 @@ Every refusal is one line `error: ...` naming the flag or file, exit 2, with not
 import argparse
 import dataclasses
 import math
-import os
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -63,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="continue from RESULTS_DIR/<arch>/best_model.pt")
     add("--dropout", type=float, default=0.0, help="dropout inside the trunk")
     add("--use_rank_allocator", action="store_true", help="AdaLoRA: prune ranks with peft's RankAllocator")
-    add("--allocator_init_warmup", type=int, default=None, help="steps before pruning (peft tinit; default 10%% of steps)")
+    add("--allocator_init_warmup", type=int, default=None,
+        help="steps before pruning (peft tinit; default 10%% of steps)")
     add("--allocator_final_warmup", type=int, default=None,
         help="steps at the final rank (peft tfinal; default 20%% of steps)")
     add("--allocator_mask_interval", type=int, default=10, help="steps between masks (peft deltaT)")
@@ -109,7 +109,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted; the best model so far is in {os.path.join(config.results_dir, config.arch)}",
-              file=sys.stderr)
+        print("interrupted; best_model.pt and history.json hold the last finished epoch", file=sys.stderr)
         return 130
     return 0

@@ -10,6 +10,7 @@ T - allocator_final_warmup); the saved model is physically truncated to the kept
 """
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from typing import List, Optional
@@ -21,7 +22,7 @@ from lowrank.cache import FeatureCache, split_indices
 from lowrank.losses import factorisation_loss
 from lowrank.models import create_model, load_trained, save_trained
 from lowrank.rank_allocation import AllocatorSettings, RankAllocation, check_settings, effective_rank
-from lowrank.run_outputs import BEST_MODEL, RunLog, arch_dir, plot_losses, read_history, write_history
+from lowrank.run_outputs import BEST_MODEL, HISTORY, RunLog, arch_dir, plot_losses, read_history, write_history
 from lowrank.train_cli import SPLIT_SEED, VAL_FRACTION, TrainConfig
 from utils.errors import NumericalError, UsageError
 
@@ -108,6 +109,10 @@ def evaluate(model: torch.nn.Module, features: torch.Tensor, batch_size: int, de
     return total / features.numel()
 
 
+def previous_run_exists(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, HISTORY)) or os.path.isfile(os.path.join(directory, BEST_MODEL))
+
+
 def _saved_copy(model: torch.nn.Module) -> torch.nn.Module:
     """The model to store: AdaLoRA with masked triplets is truncated to its kept ranks."""
     return model.truncated() if hasattr(model, "truncated") and effective_rank(model) < model.rank else model
@@ -156,13 +161,17 @@ class Trainer:
                 log.rank(self.step, self.allocation.step(self.step))
             for name, value in terms._asdict().items():
                 sums[name] = sums.get(name, 0.0) + value.detach() * len(x)
-            bar.set_postfix(mse=f"{float(terms.mse.detach()):.4g}", rank=effective_rank(self.model))
+            if not bar.disable:  # the postfix reads values back from the device
+                bar.set_postfix(mse=f"{float(terms.mse.detach()):.4g}", rank=effective_rank(self.model))
         return {name: float(total) / len(features) for name, total in sums.items()}
 
     def run(self) -> dict:
         c, p = self.p.config, self.p
         features = p.cache.load_all()
         train_x, val_x = features[p.train_idx], features[p.val_idx]
+        if not c.resume and previous_run_exists(self.directory):
+            print(f"note: starting afresh in {self.directory}: the previous run's history.json and best_model.pt "
+                  f"will be replaced (--resume continues them)", file=sys.stderr)
         os.makedirs(self.directory, exist_ok=True)
         log = RunLog(self.directory, dict(c.as_dict(), encoder=p.cache.encoder, shape=list(p.cache.shape),
                                           train_samples=len(train_x), val_samples=len(val_x), device=str(self.device),

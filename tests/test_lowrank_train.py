@@ -30,7 +30,8 @@ def caches(tmp_path_factory):
     """Two caches of the same 40 samples written by two encoder names, and an empty one."""
     root = tmp_path_factory.mktemp("lowrank_caches")
     paths = {}
-    for name, encoder, count in (("main", "synthetic-a", 40), ("other", "synthetic-b", 40), ("empty", "synthetic-a", 0)):
+    specs = (("main", "synthetic-a", 40), ("other", "synthetic-b", 40), ("empty", "synthetic-a", 0))
+    for name, encoder, count in specs:
         paths[name] = str(root / name)
         write_cache(paths[name], encoder, {"test": True}, _features(count, seed=0), shard_size=16, dtype=torch.float32)
     return paths
@@ -197,11 +198,12 @@ def test_bad_inputs_one_line_exit_2_nothing_written(caches, tmp_path, capsys, on
     trained = str(tmp_path / "trained")
     assert _train(capsys, "--arch", "MLP", "--features", caches["main"], "--rank", 4, "--epochs", 1,
                   "--results_dir", trained)[0] == 0
-    before = {name: os.path.getmtime(os.path.join(trained, "MLP", name)) for name in os.listdir(os.path.join(trained, "MLP"))}
+    directory = os.path.join(trained, "MLP")
+    before = {name: os.path.getmtime(os.path.join(directory, name)) for name in os.listdir(directory)}
     err = _refused(capsys, trained, "--arch", "MLP", "--features", caches["other"], "--resume")
     assert "trained on features of encoder 'synthetic-a'" in err and "holds encoder 'synthetic-b'" in err
-    after = {name: os.path.getmtime(os.path.join(trained, "MLP", name)) for name in os.listdir(os.path.join(trained, "MLP"))}
-    assert before == after and len(os.listdir(os.path.join(trained, "MLP", "log"))) == 1
+    after = {name: os.path.getmtime(os.path.join(directory, name)) for name in os.listdir(directory)}
+    assert before == after and len(os.listdir(os.path.join(directory, "log"))) == 1
 
 
 def test_seed_script_name_runs_the_same_cli(caches, tmp_path):
@@ -210,7 +212,8 @@ def test_seed_script_name_runs_the_same_cli(caches, tmp_path):
     results = [subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True,
                               text=True, timeout=300) for script in ("train_real_data.py", "train_lowrank.py")]
     assert [r.returncode for r in results] == [2, 2]
-    assert results[0].stderr == results[1].stderr == "error: --rank 99: must be between 1 and min(N, D) = min(16, 32) = 16\n"
+    message = "error: --rank 99: must be between 1 and min(N, D) = min(16, 32) = 16\n"
+    assert results[0].stderr == results[1].stderr == message
 
 
 def test_speed_benchmark_tiny(tmp_path, capsys, one_thread):
