@@ -9,7 +9,7 @@ import torch.nn as nn
 from conftest import FAST, kill_run_when, run_main
 from models import create_model
 from pruners.base import PruneContext
-from pruners.factorise import LowRank, factorise, factorise_like, truncated_svd_factors
+from pruners.factorise import LowRank, factorise, truncated_svd_factors
 from pruners.lowrank import LowRankFactorisation, scheduled_rank
 from pruners.masks import dense_masks
 from utils import checkpoint, paths

@@ -115,13 +115,13 @@ def test_check_model_refusals():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--struct", "merge", "--prune_type", "pt", "--k_anchors", "5"], "error: --k_anchors 5: not used with --struct merge"),
-    (["--struct", "merge", "--prune_type", "pt", "--token_keep", "4"],
-     "error: --token_keep 4: round 1 would merge the 4 patch tokens of --arch test_vit into 4 centres"),
-    (["--struct", "merge", "--prune_type", "pt", "--fc"], "error: --fc/--prune_classifier: not used with --struct merge"),
+    (["--k_anchors", "5"], "error: --k_anchors 5: not used with --struct merge"),
+    (["--token_keep", "4"], "error: --token_keep 4: round 1 would merge the 4 patch tokens of --arch test_vit into 4 "),
+    (["--fc"], "error: --fc/--prune_classifier: not used with --struct merge"),
 ])
 def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
-    assert main([*FAST, "--arch", "test_vit", *args, "--save_dir", str(tmp_path / "run")]) == 2
+    argv = [*FAST, "--arch", "test_vit", "--struct", "merge", "--prune_type", "pt", *args]
+    assert main([*argv, "--save_dir", str(tmp_path / "run")]) == 2
     stderr = capsys.readouterr().err
     assert stderr.startswith(message) and stderr.count("\n") == 1, stderr
     assert not os.path.exists(tmp_path / "run")
