@@ -9,6 +9,7 @@ Each shard and each index update is written atomically (temp file + fsync + rena
 listed as done only after its file is in place, so an extraction killed at any point resumes from
 its last done shard (`resume_point`) without recomputing the done ones.
 """
+import bisect
 import json
 import os
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
@@ -192,7 +193,7 @@ class FeatureCache:
         if not -len(self) <= i < len(self):
             raise IndexError(f"{self.path}: sample {i} out of range (cache holds {len(self)})")
         i %= len(self)
-        number = max(n for n, begin in enumerate(self._starts[:-1]) if begin <= i)
+        number = bisect.bisect_right(self._starts, i) - 1
         with safe_open(os.path.join(self.path, self.index["shards"][number]["file"]), framework="pt") as f:
             return f.get_slice(KEY)[i - self._starts[number]].float()
 

@@ -4,7 +4,8 @@
     timm:NAME or NAME      any timm model (ViTs give [prefix + patches, D]; CNN maps [D, H, W] become
                            [H W, D]); random weights unless `pretrained` (needs the weights locally)
     runner:CHECKPOINT      a checkpoint of this project's runner (main_imp_fillback.py): the model is
-                           rebuilt from its config (arch, dataset), its weights loaded and its masks applied;
+                           rebuilt from its config (arch, dataset; the factorised layers of --struct
+                           lowrank), its weights loaded and its masks applied;
                            vit_tiny on CIFAR-10 gives [65, 192] (class token + 8 x 8 patches)
     hf:PATH                a Hugging Face vision tower saved at PATH: CLIPVisionModel (or a whole CLIP
                            model: its vision part; last_hidden_state [1 + P, D]) or Qwen2.5-VL's vision
@@ -83,11 +84,21 @@ def runner_encoder(path: str, device: str = "cpu") -> Encoder:
     from data import DATASETS
     from models import create_model
     from utils import checkpoint
+    from pruners import create_struct
+    from pruners.reshaping import ShapeChangingMode
+    from utils.config import RunConfig
     payload = checkpoint.load(path)
     arch, dataset = payload["config"]["arch"], payload["config"]["dataset"]
     spec = DATASETS[dataset]
     model = create_model(arch, spec.num_classes)
-    model.load_state_dict(payload["model"])
+    struct = create_struct(RunConfig.from_dict(payload["config"]))
+    if isinstance(struct, ShapeChangingMode):  # --struct lowrank / merge: the checkpoint's layers first
+        struct.shape_model(model, payload["model"])
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:
+        raise UsageError(f"--encoder runner:{path}: its weights do not fit --arch {arch} "
+                         f"({str(exc).splitlines()[0][:160]})") from None
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, mask in payload["masks"].items():

@@ -343,3 +343,23 @@ def test_scripts_end_to_end_with_a_killed_extraction(tmp_path):
         assert result.returncode == 0, result.stderr
     assert os.path.isfile(tmp_path / "results" / "compare_svd_nn.md")
     assert os.path.isfile(tmp_path / "results" / "visualize" / "image3_errors.png")
+
+
+def test_runner_encoder_rebuilds_struct_lowrank_layers(tmp_path):
+    """A --struct lowrank checkpoint holds factorised layers (`.down` / `.up`): the encoder rebuilds them."""
+    from models import create_model as create_classifier
+    from pruners.factorise import factorise, replace_module
+    config = RunConfig(arch="vit_tiny", dataset="synthetic", struct="lowrank", prune_type="pt")
+    torch.manual_seed(0)
+    model = create_classifier("vit_tiny", 10).eval()
+    replace_module(model, "blocks.0.attn.qkv", factorise(model.blocks[0].attn.qkv, 20))
+    path = tmp_path / "1checkpoint.pth.tar"
+    checkpoint.save(str(path), {"format": checkpoint.FORMAT, "kind": "round", "round": 1, "epoch": 1,
+                                "model": model.state_dict(), "masks": {}, "config": config.to_dict(),
+                                "config_hash": config.config_hash(),
+                                "lineage": checkpoint.lineage_record(config.config_hash(), None, None)})
+    encoder = build_encoder(f"runner:{path}")
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    x = (images.float() / 255 - 0.5) / 0.25  # synthetic's normalisation
+    with torch.no_grad():
+        assert torch.allclose(encoder.encode(images), model.forward_features(x), atol=1e-5)
