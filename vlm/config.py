@@ -98,6 +98,11 @@ def _coerce(key: str, value, where: str):
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
             raise UsageError(f"{key} {value!r}: expected a list of integers ({where})")
         return tuple(items)
+    if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = (isinstance(value, bool) if base is bool else
           isinstance(value, int) and not isinstance(value, bool) if base is int else
           isinstance(value, (int, float)) and not isinstance(value, bool) if base is float else

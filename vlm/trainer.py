@@ -56,17 +56,22 @@ def compute_losses(model, modules: dict, batch: dict, config: VLMPruningConfig, 
 def train_step(model, modules: dict, optimizers: dict, batch: dict, config: VLMPruningConfig,
                temperature: float, amp: bool) -> dict:
     """One step: merger + pruner optimizers on the generator loss, then the discriminator optimizer on its
-    own loss (its gradients from the generator loss are cleared first). Returns floats for the log."""
+    own loss (`backward`: each loss reaches only its own modules). Returns floats for the log."""
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         losses = compute_losses(model, modules, batch, config, temperature)
-    losses["generator"].backward(inputs=[p for name in ("merger", "pruner") for p in modules[name].parameters()])
-    optimizers["merger"].step()
-    optimizers["pruner"].step()
-    losses["discriminator"].backward(inputs=list(modules["discriminator"].parameters()))
-    optimizers["discriminator"].step()
+    backward(losses, modules)
+    for name in ckpt.MODULES:
+        optimizers[name].step()
     return {name: float(value.detach()) for name, value in losses.items()}
+
+
+def backward(losses: dict, modules: dict) -> None:
+    """Gradients of the generator loss into the merger and the pruner only, and of the discriminator loss
+    into the discriminator only (`inputs=`: the adversarial term leaves the discriminator's grads alone)."""
+    losses["generator"].backward(inputs=[p for name in ("merger", "pruner") for p in modules[name].parameters()])
+    losses["discriminator"].backward(inputs=list(modules["discriminator"].parameters()))
 
 
 def epoch_batches(count: int, batch_size: int, seed: int, epoch: int) -> List[List[int]]:
