@@ -212,9 +212,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
         try:
             cache = FeatureCache(args.features)
-            train_idx, val_idx = FeatureCache.split_indices(len(cache), VAL_FRACTION, SPLIT_SEED)
         except ValueError as exc:
             raise UsageError(f"--features {exc}") from None
+        try:
+            train_idx, val_idx = FeatureCache.split_indices(len(cache), VAL_FRACTION, SPLIT_SEED)
+        except ValueError as exc:
+            raise UsageError(f"--features {args.features}: {exc}") from None
         tokens, dim = cache.shape
         ranks = resolve_ranks(args.ranks, tokens, dim)
         models, notes = load_models(args.results_dir, args.archs, cache, args.device)

@@ -131,7 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.prefix_tokens is not None and not 0 <= args.prefix_tokens < tokens:
             raise UsageError(f"--prefix_tokens {args.prefix_tokens}: must be between 0 and {tokens - 1}")
         models, notes = load_models(args.results_dir, args.archs, cache, "cpu")
-        rank = args.rank or next((int(m.rank) for m in models.values()), min(16, tokens, dim))
+        rank = args.rank if args.rank is not None else next((int(m.rank) for m in models.values()),
+                                                            min(16, tokens, dim))
         if not 1 <= rank <= min(tokens, dim):
             raise UsageError(f"--rank {rank}: must be between 1 and min(N, D) = {min(tokens, dim)}")
         paths = visualize(cache[args.image_idx], models, rank, args.out_dir or os.path.join(args.results_dir,

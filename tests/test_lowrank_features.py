@@ -299,6 +299,10 @@ def test_empty_or_missing_cache_exit_2(tmp_path, capsys):
         assert capsys.readouterr().err == f"error: --features {tmp_path / 'empty'}: empty feature cache (0 samples)\n"
     assert compare.main(["--features", str(tmp_path / "none")]) == 2
     assert "no such feature cache directory" in capsys.readouterr().err
+    one = make_cache(tmp_path / "one", torch.randn(1, 4, 3))
+    assert compare.main(["--features", one.path]) == 2
+    assert capsys.readouterr().err == (f"error: --features {one.path}: 1 cached sample(s): a train/validation "
+                                       f"split needs at least 2\n")
 
 
 def test_plots_written(tmp_path, capsys):
