@@ -93,7 +93,7 @@ def evaluate(val: Iterator[torch.Tensor], train: Iterator[torch.Tensor], tokens:
     all_ranks = sorted(set(ranks) | set(model_ranks.values()))
     projections = {rank: baselines.random_basis(dim, baselines.fair_pca_rank(rank, tokens, dim), seed).to(device)
                    for rank in all_ranks}
-    rows, seen, residuals = _Rows(), 0, {}
+    rows, seen, ratios = _Rows(), 0, {}
     for batch in val:
         x = batch.to(device).double()
         u, s, vh = baselines.svd_factors(x)
@@ -118,11 +118,11 @@ def evaluate(val: Iterator[torch.Tensor], train: Iterator[torch.Tensor], tokens:
             _check_ratio(name, rank, learned, optimal, seen)
             ratio = torch.where(optimal > 0, (learned / optimal.clamp_min(1e-300)).sqrt(),
                                 torch.where(learned > 0, torch.inf, 1.0))
-            residuals.setdefault(name, []).append(ratio.cpu())
+            ratios.setdefault(name, []).append(ratio.cpu())
         seen += x.shape[0]
     if seen == 0:
         raise UsageError("no validation samples to compare")
-    return _report(rows, all_ranks, models, model_ranks, residuals, tokens, dim, value_bytes)
+    return _report(rows, all_ranks, models, model_ranks, ratios, tokens, dim, value_bytes)
 
 
 def _check_ratio(name: str, rank: int, learned: torch.Tensor, optimal: torch.Tensor, offset: int) -> None:
