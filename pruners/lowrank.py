@@ -76,7 +76,7 @@ class LowRankFactorisation(ShapeChangingMode):
         return bool(factorise_like(model, state))
 
     def configure_model(self, model: nn.Module, round_index: int, log: Callable[[str], None] = print) -> None:
-        self.measure(model)
+        self.measure(model, round_index, log)
         ranks = {name: (layer.rank if isinstance(layer, LowRank) else None)
                  for name, layer in self.layers(model).items()}
         shown = "dense" if not any(ranks.values()) else ", ".join(

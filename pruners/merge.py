@@ -124,7 +124,7 @@ class TokenMerging(ShapeChangingMode):
             self.hook.temperature = merge_temperature(round_index, self.config.pruning_times)
             how = (f"{self.num_patches} patch tokens merged into {self.centres} before block "
                    f"{self.config.token_start_block}, temperature {self.hook.temperature:.3g}")
-        self.measure(model, find_target(model))
+        self.measure(model, round_index, log, find_target(model))
         log(f"round {round_index}: --struct merge runs {self.num_prefix} prefix + "
             f"{self.centres or self.num_patches} patch tokens ({how})")
 

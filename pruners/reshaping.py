@@ -10,7 +10,7 @@ Per round these modes report the model's parameters, FLOPs per image (torch.util
 counts a multiply-add as 2 FLOPs) and the eval-mode images/s measured over the round's validation and
 test passes (synchronised on CUDA; the first `WARMUP_CALLS` forwards of a round are not counted).
 """
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,6 +31,8 @@ class ShapeChangingMode(StructMode):
         self.model: Optional[nn.Module] = None
         self.stats: Optional[EncoderStats] = None
         self.input_shape: Optional[Tuple[int, ...]] = None  # one image, as the model last saw it
+        self.round_index = 0
+        self.log: Callable[[str], None] = print
         self._shape_hook = None
 
     def check_model(self, model: nn.Module) -> None:
@@ -49,11 +51,12 @@ class ShapeChangingMode(StructMode):
         return 100.0 * remaining_fraction(masks)
 
     # ---- measurement ---------------------------------------------------------------------------
-    def measure(self, model: nn.Module, target: Optional[Target] = None) -> None:
-        """Start timing `model`'s eval-mode forwards for this round (`target`: a ViT's blocks, whose
-        token counts are then recorded too)."""
+    def measure(self, model: nn.Module, round_index: int, log: Callable[[str], None],
+                target: Optional[Target] = None) -> None:
+        """Start timing `model`'s eval-mode forwards for round `round_index` (`target`: a ViT's blocks,
+        whose token counts are then recorded too); `log` later prints the round's costs."""
         self.stop_measuring()
-        self.model = model
+        self.model, self.round_index, self.log = model, round_index, log
         self.stats = EncoderStats(target or Target(library="model", encoder=model, blocks=nn.ModuleList(),
                                                    readers=[], num_prefix_tokens=0, num_tokens=None,
                                                    sequence_first=False), eval_only=True)
@@ -71,7 +74,8 @@ class ShapeChangingMode(StructMode):
             self._shape_hook = None
 
     def cost_metrics(self) -> dict:
-        """parameters, flops_per_image and eval_images_per_second of the model as it runs now."""
+        """parameters, flops_per_image and eval_images_per_second of the model as it runs now; logs them
+        in one line."""
         metrics = {}
         if self.stats is not None and self.stats.seconds > 0:  # read before the FLOP count's own forward
             metrics["eval_images_per_second"] = self.stats.summary()["images_per_s"]
@@ -79,6 +83,13 @@ class ShapeChangingMode(StructMode):
             metrics["parameters"] = sum(p.numel() for p in self.model.parameters())
             if self.input_shape is not None:
                 metrics["flops_per_image"] = flops_per_image(self.model, self.input_shape)
+        shown = [f"{metrics['parameters']:,} parameters"] if "parameters" in metrics else []
+        if "flops_per_image" in metrics:
+            shown.append(f"{metrics['flops_per_image'] / 1e6:.4g} MFLOPs per image")
+        if "eval_images_per_second" in metrics:
+            shown.append(f"eval {metrics['eval_images_per_second']:,.0f} images/s")
+        if shown:
+            self.log(f"round {self.round_index}: --struct {self.config.struct} model: {', '.join(shown)}")
         return metrics
 
 
