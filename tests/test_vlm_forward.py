@@ -94,6 +94,8 @@ def test_hard_equals_soft_with_binary_mask(model):
     assert soft.logits.shape[1] == batch["input_ids"].shape[1] and hard.logits.shape[1] < 80
     assert (answer_logits(hard) - answer_logits(soft)).abs().max() <= 1e-4
     assert soft.vision_tokens_per_layer == hard.vision_tokens_per_layer
+    train = pruned_forward(model, batch, "train", decider=decider)  # log(keep + 1e-6) bias: ~ the -inf one
+    assert (answer_logits(train) - answer_logits(soft)).abs().max() <= 1e-4
     kept_10 = hard.vision_tokens_per_layer[10]
     assert 200 < kept_10 < 380 and hard.vision_tokens_per_layer[9] == N  # signs: about half, per sample
     # hard: later layers really run on fewer tokens; soft: the same length, dropped tokens masked out

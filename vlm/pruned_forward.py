@@ -22,6 +22,7 @@ from vlm.layer_hooks import DecodeState, PrefillState, layer_hooks
 from vlm.llava import image_features, llava_parts, question_mask, vision_positions
 
 MODES = ("origin", "train", "soft", "hard")
+ATTENTION = ("sdpa", "eager")  # implementations that take the per-layer 4-D additive mask
 
 
 @dataclass
@@ -64,6 +65,10 @@ def equivalent_token_budget(vision_tokens_per_layer: Sequence[float]) -> float:
 def _check(model, mode: str, decider) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {list(MODES)}")
+    attention = getattr(model.config.text_config, "_attn_implementation", None) or "sdpa"
+    if mode != "origin" and attention not in ATTENTION:
+        raise ValueError(f"attn_implementation={attention!r}: pruning needs one of {list(ATTENTION)} "
+                         f"(each layer gets its own 4-D additive mask)")
     depth = llava_parts(model).num_layers
     layers = list(getattr(decider, "layers", [])) if decider is not None else []
     bad = [layer for layer in layers if not 0 <= int(layer) < depth]
@@ -155,7 +160,8 @@ def pruned_forward(model, batch: dict, mode: str, decider=None, merger=None, tem
     decider: a keep decider (`layers`, `decide(...)`) or None (no layer pruning); merger: a
     LearnableTokenMerger or None. Both are ignored in `origin`. Gradients are not disabled here.
     Raises ValueError for an unknown mode, a decider layer outside the model's depth (naming
-    `pruning_layers`), or a sample without exactly N image placeholders (naming `input_ids`)."""
+    `pruning_layers`), an attention implementation other than sdpa / eager (naming `attn_implementation`),
+    or a sample without exactly N image placeholders (naming `input_ids`)."""
     _check(model, mode, decider)
     if mode == "origin":
         return _origin_forward(model, batch, output_hidden_states, use_cache)
