@@ -116,6 +116,10 @@ def test_generate_with_and_without_cache_hard(model):
     assert torch.equal(cached, uncached)
     soft = pruned_generate(model, batch, "soft", decider=decider, max_new_tokens=3, use_cache=True)
     assert torch.equal(soft, cached)  # soft decode: full caches, dropped keys masked per layer
+    merger = LearnableTokenMerger(32, N, target_merge_tokens=100, d_internal=16, question_aware=True).eval()
+    merged = [pruned_generate(model, batch, "hard", decider=decider, merger=merger, max_new_tokens=3,
+                              use_cache=use_cache, temperature=0.1) for use_cache in (True, False)]
+    assert torch.equal(merged[0], merged[1])
     plain = pruned_generate(model, batch, "origin", max_new_tokens=3)
     reference = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                pixel_values=batch["pixel_values"], max_new_tokens=3, do_sample=False,

@@ -182,8 +182,10 @@ def _decode_step(model, tokens: torch.Tensor, state: DecodeState, cache) -> torc
 
 @torch.no_grad()
 def pruned_generate(model, batch: dict, mode: str, decider=None, merger=None, max_new_tokens: int = 8,
-                    use_cache: bool = True) -> torch.Tensor:
+                    use_cache: bool = True, temperature: float = 1.0) -> torch.Tensor:
     """Greedy decoding of `max_new_tokens` tokens per sample -> long [B, max_new_tokens] (no early stop).
+    temperature: the merger's / decider's τ (the merger's soft assignment uses it also at eval: pass the
+    value training ended at, as for `pruned_forward`).
 
     The merge and the pruned set are fixed by the prompt: generated tokens are never question tokens, so the
     uncached path (re-running the full prompt + generated tokens each step) takes the same decisions as the
@@ -197,8 +199,8 @@ def pruned_generate(model, batch: dict, mode: str, decider=None, merger=None, ma
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     question = question_mask(batch, model.config.image_token_id)
     if use_cache:
-        output, state = _prefill(model, _prompt(model, batch, merger, 1.0, question), mode, decider, 1.0,
-                                 False, True)
+        output, state = _prefill(model, _prompt(model, batch, merger, temperature, question), mode, decider,
+                                 temperature, False, True)
         token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
         generated, positions, layer_bias = [token], state.positions[:, -1:] + 1, state.layer_bias
         masked = [bool((bias != 0).any()) for bias in layer_bias]
@@ -217,7 +219,7 @@ def pruned_generate(model, batch: dict, mode: str, decider=None, merger=None, ma
                     attention_mask=torch.cat([attention, torch.ones_like(generated)], dim=1))
         step.pop("labels", None)
         step_question = torch.cat([question, torch.zeros_like(generated, dtype=torch.bool)], dim=1)
-        output, _ = _prefill(model, _prompt(model, step, merger, 1.0, step_question), mode, decider, 1.0,
-                             False, False)
+        output, _ = _prefill(model, _prompt(model, step, merger, temperature, step_question), mode, decider,
+                             temperature, False, False)
         generated = torch.cat([generated, output.logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
     return generated
