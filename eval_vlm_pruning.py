@@ -30,7 +30,8 @@ def parse_args(argv: Optional[Sequence[str]]):
     p.add_argument("--limit", type=int, default=64, help="samples evaluated (first N)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=4)
-    p.add_argument("--latency_iters", type=int, default=3, help="timed prefills per mode (after 1 warm-up)")
+    p.add_argument("--latency_iters", type=int, default=3, help="timed prefills per mode (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed prefills before them")
     p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda[:i]")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
@@ -57,6 +58,8 @@ def parse_args(argv: Optional[Sequence[str]]):
     for flag in ("limit", "batch_size", "max_new_tokens", "latency_iters"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} {getattr(args, flag)}: must be >= 1")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup {args.warmup}: must be >= 0")
     if args.budgets is not None and any(b <= 0 for b in args.budgets):
         raise UsageError(f"--budgets {args.budgets}: token budgets must be positive")
     out_dir = os.path.dirname(os.path.abspath(args.output))

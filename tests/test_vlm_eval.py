@@ -18,6 +18,11 @@ from vlm.llava import build_llava, tiny_llava_config  # noqa: E402
 VOCAB, IMAGE_ID, PAD_ID = 40, 3, 0
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (conftest's one_thread)."""
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
@@ -143,3 +148,109 @@ def test_flops_and_kv_bytes_of_a_plain_forward_follow_the_sequence_length(tiny_m
     assert kv_cache_bytes(cache) == 2 * 32 * 50 * config.num_key_value_heads * head_dim * 4
     assert kv_cache_lengths(cache) == [50] * 32
     assert kv_cache_bytes(None) == 0
+
+
+def _prompt_batch(model, size=2, seed=0):
+    from vlm.data import VQACollator, cifar10_vqa, cifar10_vqa_tokenizer
+    tokenizer = cifar10_vqa_tokenizer()
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    samples = cifar10_vqa(images, torch.arange(size), seed)[1::2]          # "is there a ...?" questions
+    return VQACollator(tokenizer, 576, 336, with_answers=False)(samples)
+
+
+def test_flops_and_kv_bytes_of_a_real_drop(tiny_model):
+    """Soft only masks attention (same FLOPs as origin); hard drops 576 -> 100 -> 20 tokens at layers 2 and 10,
+    so it counts fewer FLOPs and leaves a smaller KV cache (layers hold caches of their own length)."""
+    from vlm.evaluate import prefill_cost
+    batch = _prompt_batch(tiny_model)
+    costs = {mode: prefill_cost(tiny_model, batch, mode, decider=RandomDrop([2, 10], [100, 20], seed=0),
+                                warmup=0, iters=1) for mode in ("origin", "soft", "hard")}
+    assert costs["soft"]["flops"] == costs["origin"]["flops"]
+    assert costs["hard"]["flops"] < 0.5 * costs["origin"]["flops"]
+    assert costs["soft"]["kv_cache_bytes"] == costs["origin"]["kv_cache_bytes"]
+    config = tiny_model.config.text_config
+    per_token = 2 * batch["input_ids"].shape[0] * config.hidden_size * 4          # K and V, fp32, all heads
+    length = batch["input_ids"].shape[1]
+    dropped = 2 * 0 + 8 * (576 - 100) + 22 * (576 - 20)                           # per layer, summed
+    assert costs["origin"]["kv_cache_bytes"] == 32 * length * per_token
+    assert costs["hard"]["kv_cache_bytes"] == (32 * length - dropped) * per_token
+    assert all(c["prefill_latency_ms"] > 0 for c in costs.values())
+
+
+EXPECTED_KEYS = {"accuracy_baseline", "accuracy_soft", "accuracy_hard", "exact_match", "keep_ratio_merge",
+                 "tokens_per_stage", "vision_tokens_per_layer", "equivalent_token_budget", "flops",
+                 "prefill_latency_ms", "kv_cache_bytes", "baselines", "setup"}
+
+
+def test_cli_two_modes_writes_every_key_with_null_for_modes_not_run(tmp_path):
+    from eval_vlm_pruning import main
+    out = tmp_path / "results.json"
+    assert main(["--tiny_random", "--modes", "origin", "hard", "--baselines", "random", "--limit", "2",
+                 "--max_new_tokens", "1", "--latency_iters", "1", "--warmup", "0", "--device", "cpu",
+                 "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert EXPECTED_KEYS <= set(results)
+    assert results["accuracy_soft"] is None and results["accuracy_hard"] is not None
+    assert set(results["flops"]) == {"origin", "hard"}
+    assert results["kv_cache_bytes"]["hard"] < results["kv_cache_bytes"]["origin"]
+    assert results["setup"]["samples"] == 2 and results["setup"]["pruning_layers"] == [10, 20, 31]
+    baseline, = results["baselines"]
+    assert baseline["name"] == "random" and set(baseline["flops"]) == {"hard"}
+
+
+@pytest.mark.slow
+def test_cli_tiny_random_writes_every_key(tmp_path):
+    from eval_vlm_pruning import main
+    out = tmp_path / "results.json"
+    assert main(["--tiny_random", "--modes", "origin", "soft", "hard", "--baselines", "random", "fastv",
+                 "--limit", "2", "--batch_size", "2", "--max_new_tokens", "2", "--latency_iters", "1",
+                 "--warmup", "0", "--device", "cpu", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert EXPECTED_KEYS <= set(results)
+    assert all(0.0 <= results[k] <= 1.0 for k in ("accuracy_baseline", "accuracy_soft", "accuracy_hard"))
+    assert results["keep_ratio_merge"] == pytest.approx(0.5)                    # 288 of 576 centres
+    assert results["tokens_per_stage"]["hard"]["vision_tower"] == 576
+    assert results["tokens_per_stage"]["hard"]["llm_input"] == 288
+    assert results["equivalent_token_budget"]["origin"] == 576
+    assert results["equivalent_token_budget"]["hard"] <= 288
+    # the untrained heads keep (almost) every merged token, so hard <= soft; merging halves the LLM's tokens
+    assert results["flops"]["hard"] <= results["flops"]["soft"] < results["flops"]["origin"]
+    assert results["kv_cache_bytes"]["hard"] < results["kv_cache_bytes"]["origin"]
+    target = results["equivalent_token_budget"]["hard"]
+    assert [b["name"] for b in results["baselines"]] == ["random", "fastv"]
+    for baseline in results["baselines"]:
+        assert set(baseline["equivalent_token_budget"]) == {"soft", "hard"}
+        assert abs(baseline["equivalent_token_budget"]["hard"] - target) <= 1.0   # same T̄ within a token
+        assert "accuracy_hard" in baseline and "accuracy_soft" in baseline
+
+
+def _bad_checkpoint(path):
+    """A train_vlm_pruning.py checkpoint whose model fingerprint is not the tiny model's (another model)."""
+    from utils import checkpoint
+    from vlm.config import VLMPruningConfig
+    fingerprint = {"vocab_size": 32064, "hidden_size": 4096, "num_layers": 32}
+    checkpoint.save(str(path), {"format": "vlm-pruning/1", "config": VLMPruningConfig(tiny_random=True).to_dict(),
+                                "fingerprint": fingerprint, "step": 1, "modules": {}, "optimizers": {}, "rng": {}})
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--tiny_random", "--modes", "origin", "sharp"], "--modes sharp"),
+    (["--tiny_random", "--data", "missing.jsonl"], "--data missing.jsonl"),
+    (["--checkpoint", "missing.pt"], "--checkpoint missing.pt"),
+    (["--checkpoint", "OTHER"], "checkpoint of another model"),
+    (["--tiny_random", "--baselines", "tome"], "--baselines tome"),
+    (["--tiny_random", "--modes", "origin", "--baselines", "random"], "--baselines"),
+    (["--tiny_random", "--budgets", "10", "--baselines", "fastv", "--device", "cpu"], "--budgets 10"),
+    (["--tiny_random", "--limit", "0"], "--limit 0"),
+])
+def test_bad_input_exits_2_with_one_line_and_no_file(tmp_path, capsys, flags, named):
+    from eval_vlm_pruning import main
+    if "OTHER" in flags:
+        _bad_checkpoint(tmp_path / "other.pt")
+        flags = [str(tmp_path / "other.pt") if f == "OTHER" else f for f in flags]
+    out = tmp_path / "results.json"
+    assert main(flags + ["--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err, err
+    assert not out.exists()

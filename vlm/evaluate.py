@@ -76,11 +76,11 @@ def prefill_cost(model, batch: dict, mode: str, decider=None, merger=None, warmu
         _reset(decider)
         return pruned_forward(model, batch, mode, decider=decider, merger=merger, use_cache=True)
 
-    with torch.no_grad():
-        cache = prefill().past_key_values
-    return {"flops": count_flops(prefill), "prefill_latency_ms": median_ms(prefill, batch["input_ids"].device,
-                                                                           warmup, iters),
-            "kv_cache_bytes": kv_cache_bytes(cache)}
+    outputs = []
+    flops = count_flops(lambda: outputs.append(prefill()))
+    device = batch["input_ids"].device
+    return {"flops": flops, "prefill_latency_ms": median_ms(prefill, device, warmup, iters),
+            "kv_cache_bytes": kv_cache_bytes(outputs[0].past_key_values)}
 
 
 def tokens_per_stage(vision_tokens: float, per_layer: Sequence[float], pruning_layers: Sequence[int]) -> dict:
@@ -172,22 +172,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def tiny_random_setup(seed: int):
-    """(model, tokenizer, merger, decider, pruning_layers) of `--tiny_random`: the tests' tiny LLaVA (576 vision
-    tokens, 32 layers at width 32) with the CIFAR-10 VQA vocabulary, an untrained merger (288 centres) and
-    cross-attention LayerSpecificPruner at [10, 20, 31], all with random weights from `seed`."""
-    from vlm.data import cifar10_vqa_tokenizer
-    from vlm.layer_pruner import LayerSpecificPruner
-    from vlm.llava import build_llava, llava_parts, tiny_llava_config
-    from vlm.merger import LearnableTokenMerger
-    torch.manual_seed(seed)
-    tokenizer = cifar10_vqa_tokenizer()
-    model = build_llava(tiny_llava_config(len(tokenizer), tokenizer.image_token_id, tokenizer.pad_token_id))
-    parts = llava_parts(model)
-    layers = (10, 20, 31)
-    merger = LearnableTokenMerger(parts.hidden_size, 576, merge_ratio=0.5, d_internal=32).eval()
-    decider = LayerSpecificPruner(parts.hidden_size, parts.num_layers, layers, d_internal=32).eval()
-    return model, tokenizer, merger, decider, layers
+def load_eval_setup(checkpoint: Optional[str], seed: int):
+    """(backbone, merger, decider, pruning_layers) of a train_vlm_pruning.py checkpoint, or with None of
+    `--tiny_random`: the training defaults on the tests' tiny random LLaVA (576 vision tokens, 32 layers at
+    width 32, CIFAR-10 VQA vocabulary) with an untrained merger (288 centres) and cross-attention pruner at
+    [10, 20, 31] (heads of width 32), random weights from `seed`. backbone: vlm.checkpoints.Backbone (model, tokenizer, prompt
+    collate). CheckpointError (one line naming the file) for a foreign or mismatched checkpoint."""
+    from vlm.checkpoints import (build_modules, check_same_model, load_backbone, load_checkpoint,
+                                 load_modules)
+    from vlm.config import VLMPruningConfig, config_from_dict, validate
+    if checkpoint is None:  # heads as wide as the tiny LLM (the training default 512 would dwarf its FLOPs)
+        config = validate(VLMPruningConfig(tiny_random=True, seed=seed, pruner_d_internal=32))
+        backbone = load_backbone(config)
+        modules = build_modules(config, backbone)
+    else:
+        payload = load_checkpoint(checkpoint)
+        config = config_from_dict(payload["config"], checkpoint)
+        backbone = load_backbone(config, payload.get("backbone"))
+        check_same_model(checkpoint, payload, backbone.fingerprint)
+        modules = build_modules(config, backbone)
+        load_modules(checkpoint, payload, modules)
+    return backbone, modules["merger"].eval(), modules["pruner"].eval(), tuple(config.pruning_layers)
 
 
 def eval_samples(args, seed: int):
@@ -208,18 +213,12 @@ def evaluate_from_args(args) -> dict:
     """Load model, merger, decider and samples named by the flags of eval_vlm_pruning.py, run `evaluate`,
     and return its results with a `setup` section. UsageError (naming the flag or file) before any work."""
     from utils.errors import UsageError
-    from vlm.data import VQACollator, batch_to, vqa_loader
+    from vlm.data import batch_to, vqa_loader
     device = resolve_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    if args.checkpoint:
-        from vlm.checkpoints import load_for_eval
-        model, tokenizer, merger, decider, layers = load_for_eval(args.checkpoint)
-    else:
-        model, tokenizer, merger, decider, layers = tiny_random_setup(args.seed)
-    model, merger, decider = (None if m is None else m.to(device=device, dtype=dtype).eval()
-                              for m in (model, merger, decider))
-    vision = model.config.vision_config
-    num_tokens = (vision.image_size // vision.patch_size) ** 2
+    backbone, merger, decider, layers = load_eval_setup(args.checkpoint, args.seed)
+    model, merger, decider = (m.to(device=device, dtype=dtype).eval() for m in (backbone.model, merger, decider))
+    num_tokens, image_size = backbone.num_image_tokens, backbone.image_size
     for budget in args.budgets or []:
         for name in args.baselines:
             try:
@@ -227,11 +226,11 @@ def evaluate_from_args(args) -> dict:
                                        len(model.model.language_model.layers))
             except ValueError as exc:
                 raise UsageError(f"--budgets {budget:g} ({name}): {exc}") from None
-    collate = VQACollator(tokenizer, num_tokens, vision.image_size, with_answers=False)
-    loader = vqa_loader(eval_samples(args, args.seed), collate, args.batch_size, shuffle=False, seed=args.seed)
-    batches = [batch_to(b, device, dtype, image_size=vision.image_size) for b in loader]
-    results = evaluate(model, batches, tokenizer, args.modes, decider, merger, layers, args.baselines, args.budgets,
-                       args.baseline_layers, args.seed, args.max_new_tokens, warmup=1, iters=args.latency_iters)
+    loader = vqa_loader(eval_samples(args, args.seed), backbone.collate_prompt, args.batch_size, shuffle=False,
+                        seed=args.seed)
+    batches = [batch_to(b, device, dtype, image_size=image_size) for b in loader]
+    results = evaluate(model, batches, backbone.tokenizer, args.modes, decider, merger, layers, args.baselines, args.budgets,
+                       args.baseline_layers, args.seed, args.max_new_tokens, warmup=args.warmup, iters=args.latency_iters)
     results["setup"] = {"checkpoint": args.checkpoint, "tiny_random": bool(args.tiny_random),
                         "data": args.data or args.cifar_vqa or "generated (random images)",
                         "samples": sum(b["input_ids"].shape[0] for b in batches), "batch_size": args.batch_size,
