@@ -254,3 +254,22 @@ def test_bad_input_exits_2_with_one_line_and_no_file(tmp_path, capsys, flags, na
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err, err
     assert not out.exists()
+
+
+def test_speed_benchmark_tiny_reaches_each_budget_and_saves_kv(tmp_path):
+    """benchmarks/vlm_speed.py --tiny: every hard row reaches its target T̄ within one token, with fewer FLOPs
+    and a smaller KV cache than origin; the JSON holds the rows the table prints."""
+    from benchmarks.vlm_speed import SETTINGS, main
+    out = tmp_path / "speed.json"
+    assert main(["--tiny", "--batch_sizes", "1", "--warmup", "0", "--iters", "1", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    origin, *hard = results["rows"]
+    assert origin["setting"] == "origin" and origin["equivalent_token_budget"] == 576
+    assert len(hard) == sum(len(targets) for *_, targets in SETTINGS)
+    for row in hard:
+        assert abs(row["equivalent_token_budget"] - row["target_budget"]) <= 1.0, row
+        assert row["flop_ratio"] > 1.5 and row["kv_cache_mb"] < origin["kv_cache_mb"]
+        assert row["speedup"] == pytest.approx(origin["latency_ms"] / row["latency_ms"])
+        assert 0 < row["overhead_pct"] < 100
+    assert {r["target_budget"] for r in hard} == {192, 128, 64}
+    assert "90" in results["note"]
