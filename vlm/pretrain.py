@@ -97,7 +97,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = OneLineParser(description="Train a tiny LLaVA on the CIFAR-10 VQA set (whole model, random init).")
     p.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (materialise ../shared/data)")
     p.add_argument("--out", default="runs/tiny_llava")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (at most, with --minutes)")
+    p.add_argument("--minutes", type=float, help="time budget: after 50 steps the step count is cut to what fits "
+                   "into 85%% of it (the rest is left for evaluation)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
@@ -122,6 +124,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                  "image_size", "train_images", "val_images", "eval_images", "eval_every"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} {getattr(args, name)}: must be positive")
+    if args.minutes is not None and args.minutes <= 0:
+        raise UsageError(f"--minutes {args.minutes}: must be positive")
     if args.lr <= 0 or args.warmup < 0:
         raise UsageError(f"--lr {args.lr} / --warmup {args.warmup}: lr must be positive, warmup not negative")
     return args
@@ -155,15 +159,16 @@ def pretrain(args: argparse.Namespace) -> dict:
         args.batch_size, shuffle, seed, workers=args.workers, drop_last=shuffle)
     val_loader = loader(val[:2 * min(len(val) // 2, args.eval_images)], False, False, 0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    total = args.steps
     schedule = lambda step: min(1.0, (step + 1) / max(args.warmup, 1)) * 0.5 * (  # noqa: E731
-        1 + math.cos(math.pi * min(step / args.steps, 1.0)))
+        1 + math.cos(math.pi * min(step / total, 1.0)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start, step, epoch = time.time(), 0, 0
-    bar = progress(range(args.steps), args.steps, "tiny llava", not args.no_progress)
+    bar = progress(range(total), total, "tiny llava", not args.no_progress)
     steps_iter = iter(bar)
     with open(metrics_path, "w") as metrics:
-        while step < args.steps:
+        while step < total:
             for batch in loader(train, True, True, args.seed + epoch):
                 moved = batch_to(batch, device, image_size=args.image_size)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -176,8 +181,15 @@ def pretrain(args: argparse.Namespace) -> dict:
                 scheduler.step()
                 step += 1
                 next(steps_iter, None)
+                if step == 10:
+                    timer = time.time()
+                if step == 50 and args.minutes is not None:  # fit the run into the time budget
+                    per_step = (time.time() - timer) / 40
+                    left = args.minutes * 60 * 0.85 - (time.time() - start)
+                    total = max(50, min(args.steps, int(left / per_step) + 50))
+                    print(f"{per_step * 1000:.1f} ms per step: training {total} steps", flush=True)
                 record = {"type": "step", "step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]}
-                if step % args.eval_every == 0 or step == args.steps:
+                if step % args.eval_every == 0 or step == total:
                     record.update({f"val_{k}": v for k, v in evaluate_vqa(model, val_loader, tokenizer, device,
                                                                            args.image_size, amp).items()})
                     print(f"step {step}: loss {record['loss']:.4f}  val exact match {record['val_exact_match']:.2f}%",
@@ -185,7 +197,7 @@ def pretrain(args: argparse.Namespace) -> dict:
                 if step % 50 == 0 or "val_exact_match" in record:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
-                if step == args.steps:
+                if step == total:
                     break
             epoch += 1
     seconds = time.time() - start
