@@ -63,14 +63,14 @@ class PrefillState:
     """
 
     def __init__(self, mode: str, decider, temperature: float, rotary, valid, vision, question, positions,
-                 labels, num_layers: int, record_hidden: bool):
+                 labels, record_hidden: bool):
         self.mode, self.decider, self.temperature, self.rotary = mode, decider, temperature, rotary
         self.valid, self.vision, self.question, self.positions, self.labels = (valid, vision, question,
                                                                                positions, labels)
         self.live = valid
         self.cumulative_keep = torch.ones(valid.shape, device=valid.device)  # soft / train
         self.key_bias = torch.where(valid, 0.0, NEG_INF)
-        self.pruning_layers = set(decider.layers) if decider is not None else set()
+        self.pruning_layers = {int(layer) for layer in decider.layers} if decider is not None else set()
         self.record_hidden = record_hidden
         self.keep: dict = {}
         self.vision_counts: List[torch.Tensor] = []

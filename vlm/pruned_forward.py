@@ -8,6 +8,9 @@ hard:   dropped tokens removed from the sequence at the pruning layer (later lay
         original RoPE positions kept; under a KV cache each layer holds a cache of its own length.
 Merging (any mode but origin, when a merger is given) shrinks each sample's image span from N to M
 placeholders before the LLM; positions are then re-counted over the merged prompt.
+Not supported: flash-attention / flex (the layers need 4-D additive masks: sdpa or eager), gradient
+checkpointing of the decoder (recomputation would re-run the pruning hooks), Hugging Face `generate`
+(use `pruned_generate`: greedy), more than one image per sample.
 """
 from __future__ import annotations
 
@@ -123,7 +126,7 @@ def _prefill(model, prompt: _Prompt, mode: str, decider, temperature: float, out
     positions = padding_positions(prompt.valid)
     state = PrefillState(mode if mode != "origin" else "hard", decider, temperature, language_model.rotary_emb,
                          prompt.valid, prompt.vision, prompt.question, positions, prompt.labels,
-                         parts.num_layers, output_hidden_states)
+                         output_hidden_states)
     with layer_hooks(language_model, state.hook):
         output = language_model(inputs_embeds=prompt.embeds, attention_mask=None, position_ids=positions,
                                 use_cache=use_cache)
