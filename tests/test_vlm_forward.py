@@ -14,7 +14,8 @@ VOCAB, IMAGE, PAD, N = 64, 63, 0, 576
 class RankDecider:
     """Fixed-mask decider: keeps the vision slots whose rank among the sample's still-kept vision tokens is
     in `keep_rank(layer, rank)`, or (sign_layers) those whose hidden state's first feature is above the
-    sample's mean over its vision tokens, so samples keep different counts. Batch-independent: a sample decides the same alone or in a batch."""
+    sample's mean over its vision tokens, so samples keep different counts. Batch-independent: a sample
+    decides the same alone or in a batch."""
 
     def __init__(self, layers, keep_rank=lambda layer, rank: rank % 2 == 0, sign_layers=()):
         self.layers, self.keep_rank, self.sign_layers, self.calls = list(layers), keep_rank, set(sign_layers), []
