@@ -1,17 +1,14 @@
 """Evaluation side of the VLM token pruning (issue 11 items 5, 6, 9): baselines, token budgets, cost counting,
 the eval CLI and the speed benchmark at tiny size."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from conftest import ROOT  # noqa: E402
-from vlm.baselines import FastVDrop, RandomDrop, keep_counts_for_budget, top_k_keep, vision_tokens_per_layer  # noqa: E402
+from vlm.baselines import (FastVDrop, RandomDrop, keep_counts_for_budget, top_k_keep,  # noqa: E402
+                           vision_tokens_per_layer)
 from vlm.cost import count_flops, kv_cache_bytes, kv_cache_lengths  # noqa: E402
 from vlm.llava import build_llava, tiny_llava_config  # noqa: E402
 

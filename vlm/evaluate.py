@@ -12,8 +12,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from utils.errors import UsageError
 from vlm.baselines import FastVDrop, RandomDrop, keep_counts_for_budget
 from vlm.cost import count_flops, kv_cache_bytes, median_ms
+from vlm.data import batch_to, exact_match, vqa_accuracy, vqa_loader
+from vlm.pruned_forward import equivalent_token_budget, pruned_forward, pruned_generate
+from vlm.tokenizer import WordTokenizer
 
 MODES = ("origin", "soft", "hard")
 ACCURACY_KEYS = {"origin": "accuracy_baseline", "soft": "accuracy_soft", "hard": "accuracy_hard"}
@@ -23,7 +27,6 @@ BASELINES = ("random", "fastv")
 def decode_answers(tokenizer, generated: torch.Tensor) -> List[str]:
     """Text of each row of generated ids [B, T] (new tokens only): a `vlm.tokenizer.WordTokenizer` stops at
     eos itself; a Hugging Face tokenizer skips special tokens."""
-    from vlm.tokenizer import WordTokenizer
     if isinstance(tokenizer, WordTokenizer):
         return [tokenizer.decode(row.tolist()) for row in generated]
     return [tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in generated]
@@ -47,8 +50,6 @@ def mode_accuracy(model, batches: Sequence[dict], tokenizer, mode: str, decider=
                   max_new_tokens: int = 8) -> dict:
     """VQA soft accuracy, exact match (means over samples) and vision tokens per layer (mean over samples)
     of `mode` on prompt-only batches (VQACollator(with_answers=False), already on the model's device)."""
-    from vlm.data import exact_match, vqa_accuracy
-    from vlm.pruned_forward import pruned_forward, pruned_generate
     accuracy = exact = 0.0
     samples, per_layer = 0, None
     _reset(decider)
@@ -68,9 +69,9 @@ def mode_accuracy(model, batches: Sequence[dict], tokenizer, mode: str, decider=
             "vision_tokens_per_layer": [p / samples for p in per_layer]}
 
 
-def prefill_cost(model, batch: dict, mode: str, decider=None, merger=None, warmup: int = 1, iters: int = 3) -> dict:
+def prefill_cost(model, batch: dict, mode: str, decider=None, merger=None, warmup: int = 1,
+                 iters: int = 3) -> dict:
     """Counted FLOPs, median prefill milliseconds and KV-cache bytes of one `pruned_forward` with the cache on."""
-    from vlm.pruned_forward import pruned_forward
 
     def prefill():
         _reset(decider)
@@ -96,7 +97,6 @@ def run_modes(model, batches, tokenizer, modes, decider, merger, pruning_layers,
               iters) -> Dict[str, dict]:
     """mode -> {accuracy, exact_match, vision_tokens_per_layer, equivalent_token_budget, tokens_per_stage,
     flops, prefill_latency_ms, kv_cache_bytes} for each of `modes`."""
-    from vlm.pruned_forward import equivalent_token_budget
     image_token_id = model.config.image_token_id
     vision_tokens = float((batches[0]["input_ids"] == image_token_id).sum(1).float().mean())
     results = {}
@@ -124,9 +124,9 @@ def baseline_decider(name: str, model, target_budget: float, num_tokens: int, la
 
 
 def evaluate(model, batches: Sequence[dict], tokenizer, modes: Sequence[str], decider=None, merger=None,
-             pruning_layers: Sequence[int] = (), baselines: Sequence[str] = (), budgets: Optional[Sequence[float]] = None,
-             baseline_layers: Sequence[int] = (2,), seed: int = 0, max_new_tokens: int = 8, warmup: int = 1,
-             iters: int = 3) -> dict:
+             pruning_layers: Sequence[int] = (), baselines: Sequence[str] = (),
+             budgets: Optional[Sequence[float]] = None, baseline_layers: Sequence[int] = (2,), seed: int = 0,
+             max_new_tokens: int = 8, warmup: int = 1, iters: int = 3) -> dict:
     """The results JSON (docs/vlm_eval.md lists the keys) of `modes` for the learned merger + decider, then of
     each baseline (no merger; pruned modes of `modes` only) at every target T̄ in `budgets` (vision tokens);
     `budgets=None` takes the T̄ the learned method reached in hard mode (else soft)."""
@@ -146,7 +146,11 @@ def evaluate(model, batches: Sequence[dict], tokenizer, modes: Sequence[str], de
     baseline_modes = [m for m in modes if m != "origin"]
     for name in baselines:
         for budget in budgets:
-            baseline = baseline_decider(name, model, budget, vision_tokens, baseline_layers, seed)
+            try:
+                baseline = baseline_decider(name, model, budget, vision_tokens, baseline_layers, seed)
+            except ValueError as exc:  # e.g. a learned T̄ below what dropping at the baseline's layer reaches
+                results["baselines"].append({"name": name, "target_budget": budget, "skipped": str(exc)})
+                continue
             runs = run_modes(model, batches, tokenizer, baseline_modes, baseline, None, baseline.layers,
                              max_new_tokens, warmup, iters)
             entry = {"name": name, "target_budget": budget, "layers": list(baseline.layers),
@@ -160,7 +164,6 @@ def evaluate(model, batches: Sequence[dict], tokenizer, modes: Sequence[str], de
 
 def resolve_device(name: str) -> torch.device:
     """`auto` -> cuda when available, else cpu; UsageError naming --device for an unavailable CUDA."""
-    from utils.errors import UsageError
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -176,8 +179,8 @@ def load_eval_setup(checkpoint: Optional[str], seed: int):
     """(backbone, merger, decider, pruning_layers) of a train_vlm_pruning.py checkpoint, or with None of
     `--tiny_random`: the training defaults on the tests' tiny random LLaVA (576 vision tokens, 32 layers at
     width 32, CIFAR-10 VQA vocabulary) with an untrained merger (288 centres) and cross-attention pruner at
-    [10, 20, 31] (heads of width 32), random weights from `seed`. backbone: vlm.checkpoints.Backbone (model, tokenizer, prompt
-    collate). CheckpointError (one line naming the file) for a foreign or mismatched checkpoint."""
+    [10, 20, 31] (heads of width 32), random weights from `seed`. backbone: vlm.checkpoints.Backbone (model,
+    tokenizer, prompt collate). CheckpointError (one line naming the file) for a foreign or mismatched checkpoint."""
     from vlm.checkpoints import (build_modules, check_same_model, load_backbone, load_checkpoint,
                                  load_modules)
     from vlm.config import VLMPruningConfig, config_from_dict, validate
@@ -212,8 +215,6 @@ def eval_samples(args, seed: int):
 def evaluate_from_args(args) -> dict:
     """Load model, merger, decider and samples named by the flags of eval_vlm_pruning.py, run `evaluate`,
     and return its results with a `setup` section. UsageError (naming the flag or file) before any work."""
-    from utils.errors import UsageError
-    from vlm.data import batch_to, vqa_loader
     device = resolve_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     backbone, merger, decider, layers = load_eval_setup(args.checkpoint, args.seed)
@@ -229,8 +230,9 @@ def evaluate_from_args(args) -> dict:
     loader = vqa_loader(eval_samples(args, args.seed), backbone.collate_prompt, args.batch_size, shuffle=False,
                         seed=args.seed)
     batches = [batch_to(b, device, dtype, image_size=image_size) for b in loader]
-    results = evaluate(model, batches, backbone.tokenizer, args.modes, decider, merger, layers, args.baselines, args.budgets,
-                       args.baseline_layers, args.seed, args.max_new_tokens, warmup=args.warmup, iters=args.latency_iters)
+    results = evaluate(model, batches, backbone.tokenizer, args.modes, decider, merger, layers, args.baselines,
+                       args.budgets, args.baseline_layers, args.seed, args.max_new_tokens, warmup=args.warmup,
+                       iters=args.latency_iters)
     results["setup"] = {"checkpoint": args.checkpoint, "tiny_random": bool(args.tiny_random),
                         "data": args.data or args.cifar_vqa or "generated (random images)",
                         "samples": sum(b["input_ids"].shape[0] for b in batches), "batch_size": args.batch_size,
