@@ -113,14 +113,18 @@ def numbered_checkpoints(directory: str) -> List[str]:
     return [os.path.join(directory, name) for _, name in sorted(found, reverse=True)]
 
 
+def _cpu_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
 def save_checkpoint(path: str, config: VLMPruningConfig, backbone: Backbone, modules: dict, optimizers: dict,
                     step: int, rng: dict, extra: Optional[dict] = None) -> None:
     payload = {"format": FORMAT, "config": config.to_dict(), "fingerprint": backbone.fingerprint, "step": step,
-               "modules": {name: {k: v.detach().cpu() for k, v in m.state_dict().items()} for name, m in modules.items()},
+               "modules": {name: _cpu_state(m) for name, m in modules.items()},
                "optimizers": {name: o.state_dict() for name, o in optimizers.items()}, "rng": rng,
                "extra": extra or {}}
     if config.tiny_random:
-        payload["backbone"] = {k: v.detach().cpu() for k, v in backbone.model.state_dict().items()}
+        payload["backbone"] = _cpu_state(backbone.model)
     checkpoint.save(path, payload)
 
 

@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from utils.errors import UsageError

@@ -224,7 +224,7 @@ def vqa_loader(samples: Sequence[VQASample], collate: Callable, batch_size: int,
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(list(samples), batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
                                        generator=generator, num_workers=workers, drop_last=drop_last,
-                                       persistent_workers=workers > 0)
+                                       pin_memory=torch.cuda.is_available())
 
 
 def cifar10_vqa_tokenizer():

@@ -222,6 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         path = None
+        argv = [part for item in argv for part in (item.split("=", 1) if item.startswith("--config=") else [item])]
         if "--config" in argv:
             at = argv.index("--config")
             if at + 1 == len(argv):
