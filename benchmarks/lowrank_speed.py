@@ -2,8 +2,8 @@
 
 For each arch (ResMLP, MLP, AdaLoRA, and AdaLoRA with peft's RankAllocator called every step) and
 batch size (8, 64), on synthetic features [256, 2048] (a VLM vision tower's size) at rank 128: the
-trainer's step (forward, loss MSE + λ_B ||B||^2 + λ_ortho orthogonality, backward, AdamW) in fp32,
-with the batch already on the device; warm-up steps are not timed, CUDA is synchronised around
+trainer's step (lowrank.trainer.training_step: forward, loss MSE + λ_B ||B||^2 + λ_ortho orthogonality,
+finiteness check, backward, AdamW, allocator) in fp32, with the batch already on the device; warm-up steps are not timed, CUDA is synchronised around
 the timed steps. Also the peak GPU memory and the parameter count.
 
     python -m benchmarks.lowrank_speed --out benchmarks/results/lowrank_speed_h200.json   # GPU
@@ -18,9 +18,9 @@ import time
 import torch
 
 try:
-    from lowrank.losses import factorisation_loss
     from lowrank.models import create_model
     from lowrank.rank_allocation import AllocatorSettings, RankAllocation
+    from lowrank.trainer import training_step
     from utils.checkpoint import atomic_write_text
 except ImportError:
     sys.exit("run from the repository root: python -m benchmarks.lowrank_speed --out FILE [--tiny]")
@@ -49,12 +49,7 @@ def measure(arch: str, allocator: bool, batch: int, shape: dict, device: torch.d
         if step == shape["warmup"] + 1:
             _sync(device)
             started = time.perf_counter()
-        loss = factorisation_loss(*model(x), x, 1e-4, 1e-3).total
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if allocation is not None:
-            allocation.step(step)
+        training_step(model, optimizer, x, 1e-4, 1e-3, allocation, step)
     _sync(device)
     seconds = time.perf_counter() - started
     peak = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1) if device.type == "cuda" else None

@@ -13,13 +13,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
 from lowrank.cache import FeatureCache, split_indices
-from lowrank.losses import factorisation_loss
+from lowrank.losses import LossTerms, factorisation_loss
 from lowrank.models import create_model, load_trained, save_trained
 from lowrank.rank_allocation import AllocatorSettings, RankAllocation, check_settings, effective_rank
 from lowrank.run_outputs import BEST_MODEL, HISTORY, RunLog, arch_dir, plot_losses, read_history, write_history
@@ -109,6 +109,21 @@ def evaluate(model: torch.nn.Module, features: torch.Tensor, batch_size: int, de
     return total / features.numel()
 
 
+def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, lambda_b: float,
+                  lambda_ortho: float, allocation: Optional[RankAllocation] = None, step: int = 1,
+                  where: str = "") -> Tuple[LossTerms, Optional[int]]:
+    """One optimiser step on x [batch, N, D]: loss, backward, AdamW, then the rank allocation (step counts
+    from 1). Returns (loss terms, effective rank after allocation or None). Raises NumericalError naming
+    `where` and the step when the loss is not finite (checked before the update, so weights stay finite)."""
+    terms = factorisation_loss(*model(x), x, lambda_b, lambda_ortho)
+    if not torch.isfinite(terms.total):
+        raise NumericalError(f"{where}step {step}: the loss is {float(terms.total.detach())}")
+    optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    optimizer.step()
+    return terms, (allocation.step(step) if allocation is not None else None)
+
+
 def previous_run_exists(directory: str) -> bool:
     return os.path.isfile(os.path.join(directory, HISTORY)) or os.path.isfile(os.path.join(directory, BEST_MODEL))
 
@@ -150,15 +165,11 @@ class Trainer:
         bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=None)
         for start in bar:
             x = features[order[start:start + c.batch_size]].to(self.device)
-            terms = factorisation_loss(*self.model(x), x, c.lambda_B, c.lambda_ortho)
-            if not torch.isfinite(terms.total):
-                raise NumericalError(f"epoch {epoch}, step {self.step + 1}: the loss is {float(terms.total)}")
-            self.optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            self.optimizer.step()
             self.step += 1
-            if self.allocation is not None:
-                log.rank(self.step, self.allocation.step(self.step))
+            terms, rank = training_step(self.model, self.optimizer, x, c.lambda_B, c.lambda_ortho, self.allocation,
+                                        self.step, f"epoch {epoch}, ")
+            if rank is not None:
+                log.rank(self.step, rank)
             for name, value in terms._asdict().items():
                 sums[name] = sums.get(name, 0.0) + value.detach() * len(x)
             if not bar.disable:  # the postfix reads values back from the device
@@ -177,31 +188,50 @@ class Trainer:
                                           train_samples=len(train_x), val_samples=len(val_x), device=str(self.device),
                                           total_steps=p.total_steps, start_rank=self.model.rank,
                                           allocator=p.allocator.__dict__ if p.allocator else None))
-        history, start = p.history, (p.history[-1]["epoch"] if p.history else 0)
+        try:
+            summary = self.epochs(train_x, val_x, log)
+        except NumericalError as exc:
+            log.line(f"stopped: {exc}")
+            raise
+        finally:
+            log.close()
+        return summary
+
+    def end_of_epoch(self, epoch: int, train_terms: dict, val_mse: float, seconds: float) -> dict:
+        """Record the epoch; step the LR schedule and save the best model at the final rank. Returns the record
+        with `improved` (a new best) and `counted` (the epoch counts for early stopping)."""
+        counted = self.allocation is None or self.allocation.finished(self.step)
+        improved = counted and val_mse < self.best
+        record = {"epoch": epoch, "train_loss": train_terms["total"], "train_mse": train_terms["mse"],
+                  "train_b_penalty": train_terms["b_penalty"], "train_orthogonality": train_terms["orthogonality"],
+                  "val_mse": val_mse, "lr": self.optimizer.param_groups[0]["lr"],
+                  "effective_rank": effective_rank(self.model), "step": self.step, "seconds": seconds}
+        self.p.history.append(record)
+        write_history(self.directory, self.p.history)
+        if counted:
+            self.scheduler.step(val_mse)
+        if improved:
+            self.best, self.best_epoch = val_mse, epoch
+            saved = _saved_copy(self.model)
+            save_trained(os.path.join(self.directory, BEST_MODEL), saved, self.meta(saved, epoch))
+        return dict(record, improved=improved, counted=counted)
+
+    def epochs(self, train_x: torch.Tensor, val_x: torch.Tensor, log: RunLog) -> dict:
+        """The epoch loop with early stopping, then the plot and the summary."""
+        c, history = self.p.config, self.p.history
+        start = history[-1]["epoch"] if history else 0
         log.line(f"{c.arch} rank {self.model.rank} on {len(train_x)} train / {len(val_x)} val samples "
-                 f"{list(p.cache.shape)}, epochs {start + 1}..{start + c.epochs}, device {self.device}")
+                 f"{list(self.p.cache.shape)}, epochs {start + 1}..{start + c.epochs}, device {self.device}")
         started, bad, stopped_early = time.time(), 0, False
         for epoch in range(start + 1, start + c.epochs + 1):
             train_terms = self.train_epoch(train_x, epoch, log)
             val_mse = evaluate(self.model, val_x, c.batch_size, self.device)
-            rank = effective_rank(self.model)
-            final_rank = self.allocation is None or self.allocation.finished(self.step)
-            improved = final_rank and val_mse < self.best
-            record = {"epoch": epoch, "train_loss": train_terms["total"], "train_mse": train_terms["mse"],
-                      "train_b_penalty": train_terms["b_penalty"], "train_orthogonality": train_terms["orthogonality"],
-                      "val_mse": val_mse, "lr": self.optimizer.param_groups[0]["lr"], "effective_rank": rank,
-                      "step": self.step, "seconds": round(time.time() - started, 3)}
-            history.append(record)
-            write_history(self.directory, history)
-            if final_rank:
-                self.scheduler.step(val_mse)
-                bad = 0 if improved else bad + 1
-            if improved:
-                self.best, self.best_epoch = val_mse, epoch
-                saved = _saved_copy(self.model)
-                save_trained(os.path.join(self.directory, BEST_MODEL), saved, self.meta(saved, epoch))
-            log.line(f"epoch {epoch}: train mse {train_terms['mse']:.6g} loss {train_terms['total']:.6g}, "
-                     f"val mse {val_mse:.6g}, rank {rank}, lr {record['lr']:.3g}" + (" (best)" if improved else ""))
+            record = self.end_of_epoch(epoch, train_terms, val_mse, round(time.time() - started, 3))
+            if record["counted"]:
+                bad = 0 if record["improved"] else bad + 1
+            log.line(f"epoch {epoch}: train mse {record['train_mse']:.6g} loss {record['train_loss']:.6g}, "
+                     f"val mse {val_mse:.6g}, rank {record['effective_rank']}, lr {record['lr']:.3g}"
+                     + (" (best)" if record["improved"] else ""))
             if bad >= c.patience:
                 stopped_early = True
                 log.line(f"early stop: no lower validation MSE for {bad} epochs (patience {c.patience})")
@@ -214,7 +244,6 @@ class Trainer:
                    "seconds": round(time.time() - started, 3), "log_dir": log.path}
         log.line(f"done: best val mse {self.best:.6g} at epoch {self.best_epoch}, final rank {summary['final_rank']}")
         log.summary(summary)
-        log.close()
         return summary
 
 

@@ -227,3 +227,17 @@ def test_speed_benchmark_tiny(tmp_path, capsys, one_thread):
     assert sorted(rows) == [(a, b) for a in ("AdaLoRA", "AdaLoRA+allocator", "MLP", "ResMLP") for b in (2, 4)]
     assert all(r["samples_per_s"] > 0 and r["parameters"] > 0 for r in rows.values())
     assert "samples/s" in capsys.readouterr().out
+
+
+def test_non_finite_loss_stops_with_exit_3(tmp_path, capsys, one_thread):
+    features = _features(10, seed=2)
+    features[3][0, 0] = 1e30  # squares overflow float32
+    cache = str(tmp_path / "overflow")
+    write_cache(cache, "synthetic-a", {}, features, dtype=torch.float32)
+    results = str(tmp_path / "results")
+    code, _, err = _train(capsys, "--arch", "MLP", "--features", cache, "--rank", 4, "--epochs", 2,
+                          "--batch_size", 16, "--results_dir", results)
+    assert code == 3 and err.startswith("error: epoch 1, step 1: the loss is ") and len(err.splitlines()) == 1
+    (log_dir,) = os.listdir(os.path.join(results, "MLP", "log"))
+    with open(os.path.join(results, "MLP", "log", log_dir, "training.log")) as f:
+        assert "stopped: epoch 1, step 1" in f.read()
