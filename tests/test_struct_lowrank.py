@@ -136,6 +136,10 @@ def test_check_model_refusals():
             self.fc = nn.Linear(4, 2)
     with pytest.raises(UsageError, match=r"--struct lowrank: --arch vit_tiny has no Linear or Conv2d layer"):
         lowrank_mode().check_model(OnlyClassifier())
+    with_ends = lowrank_mode(prune_classifier=True, conv1=True)  # --fc --conv1: the classifier and stem too
+    with_ends.check_model(create_model("vit_tiny", 10))
+    assert with_ends.dense_shapes["head"] == (10, 192) and with_ends.dense_shapes["patch_embed.proj"] == (192, 48)
+    assert len(with_ends.dense_shapes) == 38 and with_ends.ranks_for(1)["patch_embed.proj"] == 27  # 38.4 x 0.7
     resnet = LowRankFactorisation(RunConfig(arch="res20s", struct="lowrank", prune_type="pt"))
     resnet.check_model(create_model("res20s", 10))
     assert len(resnet.dense_shapes) == 20  # 18 3x3 convs + 2 1x1 shortcuts; stem and classifier stay dense
