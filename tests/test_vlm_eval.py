@@ -270,3 +270,18 @@ def test_speed_benchmark_tiny_reaches_each_budget_and_saves_kv(tmp_path):
         assert 0 < row["overhead_pct"] < 100
     assert {r["target_budget"] for r in hard} == {192, 128, 64}
     assert "90" in results["note"]
+
+
+def test_answers_are_cut_at_the_first_eos():
+    from vlm.data import cifar10_vqa_tokenizer
+    from vlm.evaluate import decode_answers
+    words = cifar10_vqa_tokenizer()
+    ids = [[words.index["yes"], words.eos_token_id, words.index["no"]], [words.index["cat"], words.index["dog"], 0]]
+    assert decode_answers(words, torch.tensor(ids)) == ["yes", "cat dog"]
+
+    class HFLike:                                    # the part of a Hugging Face tokenizer decode_answers uses
+        eos_token_id = 2
+
+        def decode(self, ids, skip_special_tokens=False):
+            return " " + "-".join(map(str, ids))
+    assert decode_answers(HFLike(), torch.tensor([[7, 8, 2, 9], [5, 6, 7, 8]])) == ["7-8", "5-6-7-8"]

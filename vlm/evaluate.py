@@ -25,11 +25,16 @@ BASELINES = ("random", "fastv")
 
 
 def decode_answers(tokenizer, generated: torch.Tensor) -> List[str]:
-    """Text of each row of generated ids [B, T] (new tokens only): a `vlm.tokenizer.WordTokenizer` stops at
-    eos itself; a Hugging Face tokenizer skips special tokens."""
-    if isinstance(tokenizer, WordTokenizer):
-        return [tokenizer.decode(row.tolist()) for row in generated]
-    return [tokenizer.decode(row.tolist(), skip_special_tokens=True).strip() for row in generated]
+    """Text of each row of generated ids [B, T] (new tokens only), cut at the first eos (pruned_generate does
+    not stop early): a `vlm.tokenizer.WordTokenizer` decodes words; a Hugging Face tokenizer skips special
+    tokens and strips spaces."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    texts = []
+    for row in generated.tolist():
+        row = row[: row.index(eos)] if eos in row else row
+        texts.append(tokenizer.decode(row) if isinstance(tokenizer, WordTokenizer)
+                     else tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
 
 
 def _new_tokens(generated: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
