@@ -8,7 +8,11 @@ that falls on a cubic schedule from init_r to target_r (Zhang et al., ICLR 2023)
     step == T - tfinal              final mask (target budget), fixed from then on
     step > T - tfinal               the final rank pattern is re-applied every step
 This module only drives peft's object the way peft's AdaLoraModel.update_and_allocate does; the
-scoring and masking are peft's own code.
+scoring and masking are peft's own code. One difference: between two masks of the budgeting phase
+the latest rank pattern is re-applied after every step (peft's own `mask_using_rank_pattern`, which
+AdaLoraModel uses only in the final phase). AdaLoraModel lets the optimiser revive a masked scale
+until the next mask; here a revived E of size ~lr would bring its row back into the AdaLoRA
+factoriser's least-squares code at a tiny scale and spoil the reconstruction, so masking is monotone.
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -76,6 +80,8 @@ class RankAllocation:
     def step(self, global_step: int) -> int:
         if global_step < self.final_step:
             _, pattern = self.allocator.update_and_allocate(self.model, global_step)
+            if pattern is None and self.rank_pattern is not None:
+                self.allocator.mask_using_rank_pattern(self.model, self.rank_pattern)
             self.rank_pattern = pattern or self.rank_pattern
         elif global_step == self.final_step:
             _, self.rank_pattern = self.allocator.update_and_allocate(self.model, global_step, force_mask=True)

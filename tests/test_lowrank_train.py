@@ -76,11 +76,11 @@ def test_orthogonality_zero_on_orthonormal_rows():
     assert float(orthogonality(2 * basis)) == pytest.approx(9 / 4, rel=1e-5)
 
 
-def _allocated(init_rank=8, keep_ratio=0.5, total=20, tinit=2, tfinal=5):
+def _allocated(init_rank=8, keep_ratio=0.5, total=20, tinit=2, tfinal=5, interval=1):
     torch.manual_seed(0)
     model = create_model("AdaLoRA", D, N, rank=init_rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    allocation = RankAllocation(model, AllocatorSettings(tinit, tfinal, 1, keep_ratio), total)
+    allocation = RankAllocation(model, AllocatorSettings(tinit, tfinal, interval, keep_ratio), total)
     x = torch.stack(_features(4, seed=1))
     ranks = []
     for step in range(1, total + 1):
@@ -98,6 +98,14 @@ def test_rank_allocator_lowers_rank_on_schedule(one_thread):
     expected = [8 if s <= 2 else 4 if s >= 15 else int(4 * (1 - (s - 2) / 13) ** 3 + 4) for s in range(1, 21)]
     assert ranks == expected
     assert ranks[:8] == [8, 8, 7, 6, 5, 5, 4, 4]
+
+
+def test_masked_ranks_stay_masked_between_masks(one_thread):
+    """Masks every 3 steps (3, 6, 9, 12) and the final one at step 15: the rank only changes there."""
+    _, _, ranks = _allocated(interval=3)
+    budget = [int(4 * (1 - (s - 2) / 13) ** 3 + 4) for s in (3, 6, 9, 12)]
+    assert budget == [7, 5, 4, 4]
+    assert ranks == [8, 8] + [7] * 3 + [5] * 3 + [4] * 12
 
 
 def test_target_rank_must_be_below_initial_rank():
