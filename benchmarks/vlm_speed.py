@@ -207,6 +207,8 @@ def print_table(results: dict) -> None:
                  f"{r['overhead_pct']:5.1f}" if "speedup" in r else "")
         print(f"{r['batch_size']:>2} {r['setting']:<24} {r['target_budget']:>6} {r['equivalent_token_budget']:6.1f} "
               f"{r['latency_ms']:9.2f} {r['kv_cache_mb']:9.1f} {r['flops'] / 1e9:9.1f} {extra}")
+    print(f"FLOPx = origin / hard FLOPs, speedx = origin / hard prefill ms, eff = speedx / FLOPx (target >= 0.8), "
+          f"ovh% = merger + pruner heads / hard prefill (target <= 10).\nNote: {results['note']}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
