@@ -213,3 +213,15 @@ def test_killed_and_extended_lowrank_runs_resume_bit_identically(tmp_path):
     run_main(*resume_args(LOWRANK_VIT, 1), "--save_dir", extended)
     run_main(*args, "--save_dir", extended, "--resume")
     assert_same_outcome(round_outcome(extended, 2), expected)
+
+
+@pytest.mark.slow  # real CIFAR-10: 1,000 training images, 49,000 validation + 10,000 test images evaluated per round
+def test_lowrank_rounds_on_cifar10(tmp_path, cifar10_root):
+    directory = str(tmp_path / "cifar")
+    run_main("--dataset", "cifar10", "--data", cifar10_root, "--arch", "test_vit", "--struct", "lowrank",
+             "--prune_type", "pt", "--rate", "0.5", "--pruning_times", "2", "--epochs", "2", "--batch_size", "50",
+             "--lr", "0.05", "--val_size", "49000", "--no_wandb", "--no_progress", "--save_dir", directory)
+    rounds = [r for r in read_jsonl(paths.metrics_file(directory)) if r["type"] == "round"]
+    assert [r["remaining_pct"] for r in rounds] == [100.0, 50.0]
+    assert [r["factorised_weights"] for r in rounds] == [245760, 122880]
+    assert all(r["test_top1"] > 15 for r in rounds), [r["test_top1"] for r in rounds]  # chance is 10 %
