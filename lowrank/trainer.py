@@ -25,6 +25,7 @@ from lowrank.rank_allocation import AllocatorSettings, RankAllocation, check_set
 from lowrank.run_outputs import BEST_MODEL, HISTORY, RunLog, arch_dir, plot_losses, read_history, write_history
 from lowrank.train_cli import SPLIT_SEED, VAL_FRACTION, TrainConfig
 from utils.errors import NumericalError, UsageError
+from utils.seeding import seed_everything
 
 PLATEAU_FACTOR = 0.5
 
@@ -79,6 +80,7 @@ def prepare(config: TrainConfig) -> Prepared:
     if config.resume:
         model, previous, history = _resumed(config, cache)
     else:
+        seed_everything(SPLIT_SEED, deterministic=False)  # the initial weights and dropout masks
         model, previous, history = create_model(config.arch, dim, num_tokens, config.rank, config.dropout), None, []
     try:
         train_idx, val_idx = split_indices(len(cache), VAL_FRACTION, SPLIT_SEED)
@@ -229,6 +231,7 @@ class Trainer:
         """The epoch loop with early stopping, then the plot and the summary."""
         c, history = self.p.config, self.p.history
         start = history[-1]["epoch"] if history else 0
+        torch.manual_seed(SPLIT_SEED + start)  # dropout masks: a resumed run repeats too
         log.line(f"{c.arch} rank {self.model.rank} on {len(train_x)} train / {len(val_x)} val samples "
                  f"{list(self.p.cache.shape)}, epochs {start + 1}..{start + c.epochs}, device {self.device}")
         started, bad, stopped_early = time.time(), 0, False

@@ -185,6 +185,16 @@ def test_early_stopping_triggers(caches, tmp_path, capsys, one_thread):
     assert "(early stop)" in out
 
 
+def test_fresh_runs_repeat_exactly(caches, tmp_path, capsys, one_thread):
+    runs = [str(tmp_path / name) for name in ("a", "b")]
+    for results in runs:
+        assert _train(capsys, "--arch", "ResMLP", "--features", caches["main"], "--rank", 4, "--epochs", 2,
+                      "--lr", 1e-3, "--dropout", 0.1, "--results_dir", results)[0] == 0
+    first, second = (_history(results, "ResMLP") for results in runs)
+    assert [r["val_mse"] for r in first] == [r["val_mse"] for r in second]
+    assert first[0]["val_mse"] != first[1]["val_mse"]
+
+
 def _refused(capsys, results, *args):
     code, out, err = _train(capsys, *args, "--results_dir", results, "--epochs", 1)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (code, out, err)
