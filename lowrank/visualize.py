@@ -4,7 +4,7 @@
 
 Writes two PNGs into --out_dir (default RESULTS_DIR/visualize):
     image<K>_channels.png  the first 8 channels over the token grid (e.g. 16 x 16): one row for the
-                           original, one for the per-sample SVD at the learned rank, one per learned model;
+                           original, one for the per-sample SVD at each learned rank, one per learned model;
                            each column shares one colour scale
     image<K>_errors.png    |original - reconstruction| of the same channels, and in the last column the
                            per-token error norm over all D channels; one row per method, shared scales
@@ -56,8 +56,10 @@ def error_maps(x: torch.Tensor, x_hat: torch.Tensor, prefix: int, channels: int 
 
 
 def reconstructions(x: torch.Tensor, models: Dict[str, torch.nn.Module], rank: int) -> Dict[str, torch.Tensor]:
-    """{"SVD r=<rank>": ..., <arch> r=<r'>: ...} reconstructions of one sample x [N, D] (float64)."""
-    out = {f"SVD r={rank}": baselines.svd_reconstruct(x[None], rank)[0]}
+    """{"SVD r=<r>": ..., "<arch> r=<r'>": ...} reconstructions of one sample x [N, D] (float64): the SVD
+    at `rank` and at every learned model's rank r' (at most min(N, D))."""
+    ranks = sorted({rank} | {min(int(model.rank), min(x.shape)) for model in models.values()})
+    out = {f"SVD r={r}": baselines.svd_reconstruct(x[None], r)[0] for r in ranks}
     for name, model in models.items():
         with torch.no_grad():
             a, b = model(x[None].float())
