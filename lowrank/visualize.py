@@ -104,11 +104,13 @@ def visualize(x: torch.Tensor, models: Dict[str, torch.nn.Module], rank: int, ou
     side = math.isqrt(x.shape[0] - prefix)
     paths = {"channels": os.path.join(out_dir, f"image{image_idx}_channels.png"),
              "errors": os.path.join(out_dir, f"image{image_idx}_errors.png")}
-    rows = {"original": token_maps(x, prefix, channels), **{k: token_maps(v, prefix, channels) for k, v in recon.items()}}
-    _figure(rows, names, paths["channels"], "viridis",
-            f"sample {image_idx}: first {channels} channels on the {side}x{side} token grid ({prefix} prefix dropped)")
-    errors = {k: error_maps(x, v, prefix, channels) for k, v in recon.items()}
-    _figure(errors, names + ["‖error‖ all D"], paths["errors"], "magma", f"sample {image_idx}: |original - reconstruction|")
+    rows = {"original": token_maps(x, prefix, channels),
+            **{label: token_maps(x_hat, prefix, channels) for label, x_hat in recon.items()}}
+    _figure(rows, names, paths["channels"], "viridis", f"sample {image_idx}: first {channels} channels on the "
+            f"{side}x{side} token grid ({prefix} prefix dropped)")
+    errors = {label: error_maps(x, x_hat, prefix, channels) for label, x_hat in recon.items()}
+    _figure(errors, names + ["‖error‖ all D"], paths["errors"], "magma",
+            f"sample {image_idx}: |original - reconstruction|")
     return paths
 
 

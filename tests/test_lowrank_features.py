@@ -112,7 +112,8 @@ def test_killed_extraction_resumes_without_recomputing_done_shards(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         extract.extract(source, first, out, batch_size=4, shard_size=10, dtype=torch.float32, progress=False)
     index = read_index(out)
-    assert (index["complete"], index["count"], [s["done"] for s in index["shards"]]) == (False, 10, [True, False, False])
+    assert (index["complete"], index["count"]) == (False, 10)
+    assert [s["done"] for s in index["shards"]] == [True, False, False]
     with pytest.raises(ValueError, match="extraction not finished \\(10 samples so far\\)"):
         FeatureCache(out)
     second = CountingEncoder()
@@ -198,7 +199,8 @@ def test_pca_baseline_exact_on_rank_r_data():
     train, val = torch.randn(30, 8, 4) @ basis, torch.randn(5, 8, 4) @ basis  # rows in one 4-dim subspace
     mean, components, variances = baselines.fit_pca([train[:15], train[15:]])
     assert torch.allclose(baselines.pca_reconstruct(val, mean, components, 4), val.double(), atol=1e-8)
-    assert baselines.reconstruction_metrics(val, baselines.pca_reconstruct(val, mean, components, 3))["mse"].min() > 1e-3
+    short = baselines.pca_reconstruct(val, mean, components, 3)
+    assert baselines.reconstruction_metrics(val, short)["mse"].min() > 1e-3
     assert float(variances[4:].abs().max()) < 1e-9
     assert baselines.fair_pca_rank(128, 256, 2048) == 1152 and baselines.fair_pca_rank(64, 65, 192) == 192
 
