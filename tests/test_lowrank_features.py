@@ -42,10 +42,10 @@ def save_model(results, arch, cache, rank, seed=0):
     return model
 
 
-def runner_checkpoint(path):
-    """A round checkpoint of vit_tiny on synthetic data, written as the runner writes one, half its
+def runner_checkpoint(path, dataset="synthetic"):
+    """A round checkpoint of vit_tiny (10 classes), written as the runner writes one, half of its qkv
     weights masked."""
-    config = RunConfig(arch="vit_tiny", dataset="synthetic")
+    config = RunConfig(arch="vit_tiny", dataset=dataset)
     from models import create_model as create_classifier
     torch.manual_seed(0)
     model = create_classifier("vit_tiny", 10)
@@ -137,6 +137,26 @@ def test_extract_cli_refuses_another_encoder_and_empty_input(tmp_path, capsys):
     assert err.count("\n") == 1 and "encoder 'timm:vit_tiny_patch16_224' is there" in err and out in err
     assert extract.main(["--encoder", "vit_tiny_patch16_224", "--out", out, "--limit", "0"]) == 2
     assert "--limit 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_extract_from_an_image_folder_and_cifar10(tmp_path, cifar10_root):
+    from PIL import Image
+    folder = tmp_path / "photos" / "sub"
+    folder.mkdir(parents=True)
+    for i, size in enumerate((40, 20, 32)):
+        Image.new("RGB", (size, size + 3), (60 * i, 10, 200)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    out = str(tmp_path / "folder_cache")
+    assert extract.main(["--encoder", "vit_tiny_patch16_224", "--img_size", "32", "--dataset", "folder",
+                         "--data", str(tmp_path / "photos"), "--out", out, "--no_progress"]) == 0
+    cache = FeatureCache(out)
+    assert (len(cache), cache.shape, cache.index["encoder_config"]["files"]) == (3, (5, 192), 3)
+    path = tmp_path / "c10.pth.tar"
+    runner_checkpoint(path, dataset="cifar10")
+    out = str(tmp_path / "c10_cache")
+    assert extract.main(["--encoder", f"runner:{path}", "--dataset", "cifar10", "--data", cifar10_root,
+                         "--split", "test", "--limit", "4", "--out", out, "--no_progress"]) == 0
+    assert FeatureCache(out).shape == (65, 192) and FeatureCache(out).index["encoder_config"]["split"] == "test"
 
 
 # --- encoders ------------------------------------------------------------------------------------------------
