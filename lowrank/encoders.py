@@ -80,12 +80,14 @@ def timm_encoder(name: str, pretrained: bool = False, img_size: Optional[int] = 
 
 
 def runner_encoder(path: str, device: str = "cpu") -> Encoder:
-    """The trained model of a runner checkpoint, masks applied, at its dataset's size and normalisation."""
+    """The trained model of a runner checkpoint, masks applied, at its dataset's size and normalisation.
+    Raises UsageError (CheckpointError) naming the file for an unreadable checkpoint, weights that do
+    not fit its --arch and a model without forward_features (the CIFAR ResNets)."""
     from data import DATASETS
     from models import create_model
-    from utils import checkpoint
     from pruners import create_struct
     from pruners.reshaping import ShapeChangingMode
+    from utils import checkpoint
     from utils.config import RunConfig
     payload = checkpoint.load(path)
     arch, dataset = payload["config"]["arch"], payload["config"]["dataset"]

@@ -137,6 +137,9 @@ def test_extract_cli_refuses_another_encoder_and_empty_input(tmp_path, capsys):
     assert err.count("\n") == 1 and "encoder 'timm:vit_tiny_patch16_224' is there" in err and out in err
     assert extract.main(["--encoder", "vit_tiny_patch16_224", "--out", out, "--limit", "0"]) == 2
     assert "--limit 0: must be at least 1" in capsys.readouterr().err
+    missing = tmp_path / "none.pth.tar"
+    assert extract.main(["--encoder", f"runner:{missing}", "--out", out]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: no such checkpoint file\n"
 
 
 def test_extract_from_an_image_folder_and_cifar10(tmp_path, cifar10_root):
