@@ -74,6 +74,17 @@ def test_unknown_key_exits_2_with_one_line(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.parametrize("override, message", [
+    ("pruning_layers=[10,32]", "error: pruning_layers [10, 32] must be distinct layers in 0..31"),
+    ("target_merge_tokens=16", "error: target_merge_tokens=16 gives 16 merge centres for 16 vision tokens"),
+    ("merge_ratio=1.5", "error: merge_ratio 1.5: must be between 0 and 1")])
+def test_bad_layer_or_centres_exit_2_nothing_written(vqa_jsonl, tmp_path, capsys, override, message):
+    assert main(_args(vqa_jsonl, tmp_path / "run", override)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message)
+    assert not os.path.exists(tmp_path / "run")
+
+
 def _setup(jsonl, save_dir):
     config = load_config(CONFIG, SMALL[1:] + ["tiny_random=true", f"train_jsonl={jsonl}", f"save_dir={save_dir}"])
     backbone = ckpt.load_backbone(config)
@@ -175,7 +186,7 @@ def test_tiny_llava_pretraining_cpu(cifar10_root, tmp_path):
     out = tmp_path / "tiny"
     result = subprocess.run([sys.executable, os.path.join(ROOT, "train_tiny_llava.py"), "--data", cifar10_root,
                              "--out", str(out), "--steps", "60", "--batch_size", "16", "--warmup", "10",
-                             "--lr", "2e-3", "--hidden_size", "32", "--num_layers", "32", "--vision_hidden_size",
+                             "--lr", "2e-3", "--hidden_size", "32", "--num_layers", "4", "--vision_hidden_size",
                              "32", "--vision_layers", "2", "--image_size", "56", "--train_images", "2000",
                              "--val_images", "100", "--eval_images", "50", "--eval_every", "60", "--workers", "0",
                              "--no_progress"], cwd=ROOT, capture_output=True, text=True, timeout=900)
