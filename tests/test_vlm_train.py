@@ -198,3 +198,23 @@ def test_tiny_llava_pretraining_cpu(cifar10_root, tmp_path):
     from vlm.pretrain import load_tiny_llava, model_fingerprint
     model, tokenizer, payload = load_tiny_llava(str(out / "tiny_llava.pt"))
     assert model_fingerprint(model) == summary["fingerprint"] and payload["step"] == 60
+
+
+def test_hf_model_path_trains_through_the_processor(vqa_jsonl, tmp_path, one_thread):
+    """model_name_or_path on a folder saved by save_pretrained (a tiny LLaVA + a local LlavaProcessor), as a
+    user's llava-hf/llava-1.5-7b-hf folder is read: one step, and load_for_eval gives the HF tokenizer back."""
+    from tests.test_vlm_data import _local_llava_processor
+    from vlm.llava import build_llava, tiny_llava_config
+    processor = _local_llava_processor()
+    tokenizer = processor.tokenizer
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    build_llava(tiny_llava_config(len(tokenizer), image_id, tokenizer.pad_token_id)).save_pretrained(tmp_path / "hf")
+    processor.save_pretrained(tmp_path / "hf")
+    run = tmp_path / "run"
+    args = [a for a in _args(vqa_jsonl, run, "steps=1", "save_every=1") if not a.startswith(("--tiny", "tiny_"))]
+    assert main(args + [f"model_name_or_path={tmp_path / 'hf'}"]) == 0
+    record = json.loads(open(run / "metrics.jsonl").readline())
+    assert record["step"] == 1 and record["tokens"] < 576  # 288 merged tokens, then the pruner's choice
+    model, loaded_tokenizer, merger, decider, layers = ckpt.load_for_eval(str(run / "checkpoint_0000001.pt"))
+    assert loaded_tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id == image_id
+    assert merger.num_centres == 288 and "backbone" not in ckpt.load_checkpoint(str(run / "checkpoint_0000001.pt"))
