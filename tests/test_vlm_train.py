@@ -218,3 +218,27 @@ def test_hf_model_path_trains_through_the_processor(vqa_jsonl, tmp_path, one_thr
     model, loaded_tokenizer, merger, decider, layers = ckpt.load_for_eval(str(run / "checkpoint_0000001.pt"))
     assert loaded_tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id == image_id
     assert merger.num_centres == 288 and "backbone" not in ckpt.load_checkpoint(str(run / "checkpoint_0000001.pt"))
+
+
+def test_pruner_budget_loss_by_hand():
+    """Layer 2: sample 0 keeps 1 of its 2 vision tokens (0.5), sample 1 keeps 3 of 3 (1.0); layer 5: sample 0
+    has no vision token left (adds nothing), sample 1 keeps 0 of 1. Ratio 0.5, weight 2:
+    2 · mean_b [(0.5 − 0.5)² + 0, (1 − 0.5)² + (0 − 0.5)²] = 2 · (0 + 0.5) / 2 = 0.5."""
+    from vlm.losses import pruner_budget_loss
+    keep = {2: torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), 5: torch.tensor([[0.0], [0.0]])}
+    valid = {2: torch.tensor([[True, True, False], [True, True, True]]), 5: torch.tensor([[False], [True]])}
+    assert pruner_budget_loss(keep, valid, 0.5, 2.0).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="pruner_keep_ratio"):
+        pruner_budget_loss({}, {}, 0.5, 1.0)
+
+
+def test_pruner_keep_ratio_makes_the_heads_drop_tokens(vqa_jsonl, tmp_path, one_thread):
+    """Untrained heads keep ~95 % (Gumbel samples of logit +3 at τ = 1: T̄ near the 8 merge centres); with
+    pruner_keep_ratio 0.25 at layers [2, 5] of 32 the budget is T̄ = (2·8 + 3·2 + 27·0.5)/32 ≈ 1.1, and 15
+    steps at a large pruner lr get there."""
+    run = tmp_path / "budget"
+    assert main(_args(vqa_jsonl, run, "steps=15", "batch_size=4", "save_every=15", "lr_pruner=0.05",
+                      "pruner_keep_ratio=0.25", "pruner_sparsity_weight=10", "pruning_layers=[2,5]")) == 0
+    tokens = [json.loads(line)["tokens"] for line in open(run / "metrics.jsonl")]
+    assert tokens[0] > 6.0, tokens
+    assert sum(tokens[-3:]) / 3 < 2.0, tokens

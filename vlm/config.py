@@ -33,6 +33,8 @@ class VLMPruningConfig:
     pruner_num_heads: int = 4
     pruner_type: str = "cross_attention"         # cross_attention | simple
     lr_pruner: float = 2e-5
+    pruner_keep_ratio: Optional[float] = None    # kept fraction each head aims at; null: no budget loss (the seed)
+    pruner_sparsity_weight: float = 1.0          # weight of sum_l (kept fraction - pruner_keep_ratio)^2
     # discriminator ----------------------------------------------------------------------------
     discriminator_layers: Tuple[int, ...] = (-1, -3, -5)
     discriminator_d_internal: int = 256
@@ -194,6 +196,8 @@ def validate(config: VLMPruningConfig) -> VLMPruningConfig:
             raise UsageError(f"{key} {value}: must be positive")
     if not 0 < config.merge_ratio < 1:
         raise UsageError(f"merge_ratio {config.merge_ratio}: must be between 0 and 1 (exclusive)")
+    if config.pruner_keep_ratio is not None and not 0 < config.pruner_keep_ratio <= 1:
+        raise UsageError(f"pruner_keep_ratio {config.pruner_keep_ratio}: must be in (0, 1], or null for no budget")
     if not 0 <= config.temperature_anneal_rate <= 1:
         raise UsageError(f"temperature_anneal_rate {config.temperature_anneal_rate}: must be in [0, 1]")
     if config.dataset == "jsonl" and not config.train_jsonl:

@@ -73,6 +73,7 @@ class PrefillState:
         self.pruning_layers = {int(layer) for layer in decider.layers} if decider is not None else set()
         self.record_hidden = record_hidden
         self.keep: dict = {}
+        self.keep_valid: dict = {}  # layer -> bool [B, n]: the vision tokens the decision was over
         self.vision_counts: List[torch.Tensor] = []
         self.layer_bias: List[torch.Tensor] = []
         self.hidden_inputs: List[torch.Tensor] = []
@@ -105,12 +106,14 @@ class PrefillState:
         index, index_valid = left_pack(self.vision)
         if index.shape[1] == 0:  # no vision token left in any sample: nothing to decide
             self.keep[layer] = hidden.new_zeros(index.shape)
+            self.keep_valid[layer] = index_valid
             return hidden
         keep = self.decider.decide(layer=layer, hidden=hidden, vision_index=index, vision_valid=index_valid,
                                    question_hidden=hidden, question_mask=self.question,
                                    training=self.mode == "train", temperature=self.temperature)
         keep = keep * index_valid.to(keep.dtype)
         self.keep[layer] = keep
+        self.keep_valid[layer] = index_valid
         token_keep = scatter_to_tokens(keep, index, index_valid, hidden.shape[1], 1.0)
         kept = token_keep > 0.5
         self._stale = True

@@ -23,6 +23,26 @@ def merge_sparsity_loss(kept: torch.Tensor, target: float, weight: float) -> tor
     return weight * (kept.float() - float(target)).pow(2).mean()
 
 
+def pruner_budget_loss(keep: dict, keep_valid: dict, keep_ratio: float, weight: float) -> torch.Tensor:
+    """weight · mean over the batch of Σ_l (kept fraction at pruning layer l − keep_ratio)².
+
+    keep {layer: [B, n]} the decider's keep masks (straight-through Gumbel samples in training: hard values,
+    soft gradients), keep_valid {layer: bool [B, n]} the vision tokens each decision was over. The fraction is
+    over those tokens; a sample with none at a layer adds nothing there. Without such a budget the heads only
+    see the task and adversarial losses, which are lowest when every token is kept. Raises ValueError when
+    `keep` is empty (no pruning layer ran)."""
+    if not keep:
+        raise ValueError("pruner_keep_ratio: the pruned forward ran no pruning layer")
+    total = None
+    for layer, values in keep.items():
+        valid = keep_valid[layer].to(values.dtype)
+        count = valid.sum(dim=1)
+        fraction = (values * valid).sum(dim=1) / count.clamp(min=1)
+        term = torch.where(count > 0, (fraction.float() - keep_ratio).pow(2), torch.zeros_like(fraction.float()))
+        total = term if total is None else total + term
+    return weight * total.mean()
+
+
 def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """BCE of the discriminator's logits [B] on the pruned run against the label real (1): low when the
     pruned hidden states pass for unpruned ones. Gradients flow to the pruned forward."""

@@ -32,7 +32,8 @@ ATTENTION = ("sdpa", "eager")  # implementations that take the per-layer 4-D add
 class PrunedOutput:
     """logits [B, S', V]; labels [B, S'] aligned to logits (-100 on padding) or None; hidden_states (inputs of
     the L decoder layers + the final normed output, [B, S_l, D] each) and hidden_masks (bool [B, S_l], real
-    and not dropped) when asked; merge (MergeOutput | None); keep {layer: [B, n_layer]}; vision_tokens_per_layer
+    and not dropped) when asked; merge (MergeOutput | None); keep {layer: [B, n_layer]} and keep_valid {layer: bool
+    [B, n_layer]} (which of those n_layer slots are vision tokens the decision was over); vision_tokens_per_layer
     (L floats: mean kept vision tokens per sample entering each layer); past_key_values (the cache or None);
     token_mask bool [B, S'] (real tokens of the logits' positions)."""
     logits: torch.Tensor
@@ -44,6 +45,7 @@ class PrunedOutput:
     vision_tokens_per_layer: List[float] = field(default_factory=list)
     past_key_values: object = None
     token_mask: Optional[torch.Tensor] = None
+    keep_valid: Dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,7 +138,8 @@ def _prefill(model, prompt: _Prompt, mode: str, decider, temperature: float, out
         hidden, masks = tuple(state.hidden_inputs) + (final,), list(state.hidden_masks) + [state.live]
     counts = torch.stack(state.vision_counts).tolist()
     result = PrunedOutput(logits=parts.lm_head(final), labels=state.labels, hidden_states=hidden,
-                          hidden_masks=masks, merge=prompt.merge, keep=state.keep, vision_tokens_per_layer=counts,
+                          hidden_masks=masks, merge=prompt.merge, keep=state.keep, keep_valid=state.keep_valid,
+                          vision_tokens_per_layer=counts,
                           past_key_values=_cache_of(output) if use_cache else None, token_mask=state.valid)
     return result, state
 

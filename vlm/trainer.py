@@ -2,7 +2,8 @@
 
 Per batch: one unpruned forward (`origin`, no grad: the real run) and one pruned forward (`train`: merger
 with Gumbel-top-k + soft keep masks: the fake run), both with hidden states. The generator loss
-task_loss_weight · CE(answer tokens) + merge sparsity + adv_loss_weight · adversarial updates the merger and
+task_loss_weight · CE(answer tokens) + merge sparsity (+ the pruner budget when pruner_keep_ratio is set)
++ adv_loss_weight · adversarial updates the merger and
 the pruner (their own AdamW each); the discriminator's real/fake BCE on detached hidden states updates the
 discriminator (its own AdamW). The temperature anneals with `temperature_at` over the run.
 Writes to save_dir: checkpoint_<step>.pt (numbered, atomic), metrics.jsonl, log.txt; wandb mirrors the records.
@@ -22,7 +23,8 @@ from utils.seeding import capture_rng_state, restore_rng_state
 from utils.tracking import progress, read_records, wandb_row
 from vlm import checkpoints as ckpt
 from vlm.config import VLMPruningConfig, load_config
-from vlm.losses import discriminator_loss, generator_adversarial_loss, merge_sparsity_loss, task_loss
+from vlm.losses import (discriminator_loss, generator_adversarial_loss, merge_sparsity_loss, pruner_budget_loss,
+                        task_loss)
 from vlm.schedule import temperature_at
 
 
@@ -45,6 +47,9 @@ def compute_losses(model, modules: dict, batch: dict, config: VLMPruningConfig, 
     task = task_loss(fake.logits, fake.labels)
     sparsity = merge_sparsity_loss(fake.merge.kept, fake.merge.num_centres, config.merge_sparsity_weight)
     adversarial = generator_adversarial_loss(discriminator(fake.hidden_states, fake.hidden_masks))
+    if config.pruner_keep_ratio is not None:
+        sparsity = sparsity + pruner_budget_loss(fake.keep, fake.keep_valid, config.pruner_keep_ratio,
+                                                 config.pruner_sparsity_weight)
     disc = discriminator_loss(discriminator([h.detach() for h in real.hidden_states], real.hidden_masks),
                               discriminator([h.detach() for h in fake.hidden_states], fake.hidden_masks))
     return {"task": task, "sparsity": sparsity, "adversarial": adversarial, "discriminator": disc,
