@@ -242,3 +242,14 @@ def test_pruner_keep_ratio_makes_the_heads_drop_tokens(vqa_jsonl, tmp_path, one_
     tokens = [json.loads(line)["tokens"] for line in open(run / "metrics.jsonl")]
     assert tokens[0] > 6.0, tokens
     assert sum(tokens[-3:]) / 3 < 2.0, tokens
+
+
+def test_evaluation_uses_the_temperature_training_reached(vqa_jsonl, tmp_path, one_thread):
+    """τ anneals 1.0 -> 0.1 over the first half: after 4 of 4 steps it is 0.1, and the evaluation's merger
+    assignment must use that, not the untrained 1.0."""
+    from vlm.evaluate import load_eval_setup
+    run = tmp_path / "tau"
+    assert main(_args(vqa_jsonl, run, "steps=4", "save_every=4")) == 0
+    last = [json.loads(line) for line in open(run / "metrics.jsonl")][-1]
+    *_, temperature = load_eval_setup(str(run / "checkpoint_0000004.pt"), seed=0)
+    assert temperature == pytest.approx(last["temperature"]) and temperature < 0.5

@@ -52,7 +52,7 @@ def _reset(decider) -> None:
 
 
 def mode_accuracy(model, batches: Sequence[dict], tokenizer, mode: str, decider=None, merger=None,
-                  max_new_tokens: int = 8) -> dict:
+                  max_new_tokens: int = 8, temperature: float = 1.0) -> dict:
     """VQA soft accuracy, exact match (means over samples) and vision tokens per layer (mean over samples)
     of `mode` on prompt-only batches (VQACollator(with_answers=False), already on the model's device)."""
     accuracy = exact = 0.0
@@ -61,9 +61,10 @@ def mode_accuracy(model, batches: Sequence[dict], tokenizer, mode: str, decider=
     with torch.no_grad():
         for batch in batches:
             size = batch["input_ids"].shape[0]
-            counts = pruned_forward(model, batch, mode, decider=decider, merger=merger).vision_tokens_per_layer
+            counts = pruned_forward(model, batch, mode, decider=decider, merger=merger,
+                                    temperature=temperature).vision_tokens_per_layer
             generated = pruned_generate(model, batch, mode, decider=decider, merger=merger,
-                                        max_new_tokens=max_new_tokens)
+                                        max_new_tokens=max_new_tokens, temperature=temperature)
             answers = decode_answers(tokenizer, _new_tokens(generated, batch["input_ids"]))
             accuracy += sum(vqa_accuracy(a, refs) for a, refs in zip(answers, batch["answers"]))
             exact += sum(exact_match(a, refs) for a, refs in zip(answers, batch["answers"]))
@@ -75,12 +76,13 @@ def mode_accuracy(model, batches: Sequence[dict], tokenizer, mode: str, decider=
 
 
 def prefill_cost(model, batch: dict, mode: str, decider=None, merger=None, warmup: int = 1,
-                 iters: int = 3) -> dict:
+                 iters: int = 3, temperature: float = 1.0) -> dict:
     """Counted FLOPs, median prefill milliseconds and KV-cache bytes of one `pruned_forward` with the cache on."""
 
     def prefill():
         _reset(decider)
-        return pruned_forward(model, batch, mode, decider=decider, merger=merger, use_cache=True)
+        return pruned_forward(model, batch, mode, decider=decider, merger=merger, use_cache=True,
+                              temperature=temperature)
 
     outputs = []
     flops = count_flops(lambda: outputs.append(prefill()))
@@ -99,14 +101,15 @@ def tokens_per_stage(vision_tokens: float, per_layer: Sequence[float], pruning_l
 
 
 def run_modes(model, batches, tokenizer, modes, decider, merger, pruning_layers, max_new_tokens, warmup,
-              iters) -> Dict[str, dict]:
+              iters, temperature: float = 1.0) -> Dict[str, dict]:
     """mode -> {accuracy, exact_match, vision_tokens_per_layer, equivalent_token_budget, tokens_per_stage,
-    flops, prefill_latency_ms, kv_cache_bytes} for each of `modes`."""
+    flops, prefill_latency_ms, kv_cache_bytes} for each of `modes`. `temperature`: the merger's assignment
+    temperature (the one training ended at; the keep decisions at eval do not depend on it)."""
     image_token_id = model.config.image_token_id
     vision_tokens = float((batches[0]["input_ids"] == image_token_id).sum(1).float().mean())
     results = {}
     for mode in modes:
-        learned = {} if mode == "origin" else {"decider": decider, "merger": merger}
+        learned = {} if mode == "origin" else {"decider": decider, "merger": merger, "temperature": temperature}
         result = mode_accuracy(model, batches, tokenizer, mode, max_new_tokens=max_new_tokens, **learned)
         result["equivalent_token_budget"] = equivalent_token_budget(result["vision_tokens_per_layer"])
         result["tokens_per_stage"] = tokens_per_stage(vision_tokens, result["vision_tokens_per_layer"],
@@ -131,12 +134,12 @@ def baseline_decider(name: str, model, target_budget: float, num_tokens: int, la
 def evaluate(model, batches: Sequence[dict], tokenizer, modes: Sequence[str], decider=None, merger=None,
              pruning_layers: Sequence[int] = (), baselines: Sequence[str] = (),
              budgets: Optional[Sequence[float]] = None, baseline_layers: Sequence[int] = (2,), seed: int = 0,
-             max_new_tokens: int = 8, warmup: int = 1, iters: int = 3) -> dict:
+             max_new_tokens: int = 8, warmup: int = 1, iters: int = 3, temperature: float = 1.0) -> dict:
     """The results JSON (docs/vlm_eval.md lists the keys) of `modes` for the learned merger + decider, then of
     each baseline (no merger; pruned modes of `modes` only) at every target T̄ in `budgets` (vision tokens);
     `budgets=None` takes the T̄ the learned method reached in hard mode (else soft)."""
     per_mode = run_modes(model, batches, tokenizer, modes, decider, merger, pruning_layers, max_new_tokens,
-                         warmup, iters)
+                         warmup, iters, temperature)
     vision_tokens = int((batches[0]["input_ids"][0] == model.config.image_token_id).sum())
     results = {key: per_mode[mode]["accuracy"] if mode in per_mode else None for mode, key in ACCURACY_KEYS.items()}
     results["exact_match"] = {mode: r["exact_match"] for mode, r in per_mode.items()}
@@ -181,7 +184,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_eval_setup(checkpoint: Optional[str], seed: int):
-    """(backbone, merger, decider, pruning_layers) of a train_vlm_pruning.py checkpoint, or with None of
+    """(backbone, merger, decider, pruning_layers, temperature) of a train_vlm_pruning.py checkpoint (the
+    temperature its training had reached, saved with it; temperature_min for checkpoints without it), or with None of
     `--tiny_random`: the training defaults on the tests' tiny random LLaVA (576 vision tokens, 32 layers at
     width 32, CIFAR-10 VQA vocabulary) with an untrained merger (288 centres) and cross-attention pruner at
     [10, 20, 31] (heads of width 32), random weights from `seed`. backbone: vlm.checkpoints.Backbone (model,
@@ -193,6 +197,7 @@ def load_eval_setup(checkpoint: Optional[str], seed: int):
         config = validate(VLMPruningConfig(tiny_random=True, seed=seed, pruner_d_internal=32))
         backbone = load_backbone(config)
         modules = build_modules(config, backbone)
+        temperature = config.temperature
     else:
         payload = load_checkpoint(checkpoint)
         config = config_from_dict(payload["config"], checkpoint)
@@ -200,7 +205,9 @@ def load_eval_setup(checkpoint: Optional[str], seed: int):
         check_same_model(checkpoint, payload, backbone.fingerprint)
         modules = build_modules(config, backbone)
         load_modules(checkpoint, payload, modules)
-    return backbone, modules["merger"].eval(), modules["pruner"].eval(), tuple(config.pruning_layers)
+        temperature = float(payload.get("extra", {}).get("temperature", config.temperature_min))
+    return (backbone, modules["merger"].eval(), modules["pruner"].eval(), tuple(config.pruning_layers),
+            temperature)
 
 
 def eval_samples(args, seed: int):
@@ -222,7 +229,7 @@ def evaluate_from_args(args) -> dict:
     and return its results with a `setup` section. UsageError (naming the flag or file) before any work."""
     device = resolve_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    backbone, merger, decider, layers = load_eval_setup(args.checkpoint, args.seed)
+    backbone, merger, decider, layers, temperature = load_eval_setup(args.checkpoint, args.seed)
     model, merger, decider = (m.to(device=device, dtype=dtype).eval() for m in (backbone.model, merger, decider))
     num_tokens, image_size = backbone.num_image_tokens, backbone.image_size
     for budget in args.budgets or []:
@@ -237,11 +244,12 @@ def evaluate_from_args(args) -> dict:
     batches = [batch_to(b, device, dtype, image_size=image_size) for b in loader]
     results = evaluate(model, batches, backbone.tokenizer, args.modes, decider, merger, layers, args.baselines,
                        args.budgets, args.baseline_layers, args.seed, args.max_new_tokens, warmup=args.warmup,
-                       iters=args.latency_iters)
+                       iters=args.latency_iters, temperature=temperature)
     results["setup"] = {"checkpoint": args.checkpoint, "tiny_random": bool(args.tiny_random),
                         "data": args.data or args.cifar_vqa or "generated (random images)",
                         "samples": sum(b["input_ids"].shape[0] for b in batches), "batch_size": args.batch_size,
                         "device": str(device), "dtype": args.dtype, "pruning_layers": list(layers),
                         "vision_tokens": num_tokens, "num_layers": len(model.model.language_model.layers),
-                        "merge_centres": getattr(merger, "num_centres", None), "modes": list(args.modes)}
+                        "merge_centres": getattr(merger, "num_centres", None), "modes": list(args.modes),
+                        "merger_temperature": temperature}
     return results

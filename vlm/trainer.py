@@ -212,7 +212,7 @@ def train(config: VLMPruningConfig) -> dict:
                 if step % config.save_every == 0 or step == total:
                     last_path = ckpt.checkpoint_path(config.save_dir, step)
                     ckpt.save_checkpoint(last_path, config, backbone, modules, optimizers, step,
-                                         capture_rng_state(), {"run_id": run_id})
+                                         capture_rng_state(), {"run_id": run_id, "temperature": temperature})
                     remove_quietly(ckpt.numbered_checkpoints(config.save_dir)[config.keep_checkpoints:])
                     log.info(f"step {step}: task {losses['task']:.4f}  adv {losses['adversarial']:.4f}  "
                              f"disc {losses['discriminator']:.4f}  kept {losses['kept']:.1f}  "
