@@ -24,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List
 
 import torch
@@ -34,6 +33,7 @@ try:
     from tokens.backends import find_target
     from tokens.graphed import capture
     from tokens.report import run_lengths
+    from utils.timing import time_ms
 except ImportError:  # run as a file, the repository root is not on sys.path
     sys.exit("run from the repository root: python -m benchmarks.token_speed --out FILE [--quick]")
 
@@ -52,28 +52,6 @@ def build_models(quick: bool) -> Dict[str, torch.nn.Module]:
                                                                             depth=4, num_heads=2, num_classes=0)}
     return {"open_clip ViT-B-16": open_clip.create_model("ViT-B-16", pretrained=None).visual,
             "timm vit_base_patch16_224": timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)}
-
-
-def time_forward(fn: Callable[[], torch.Tensor], device: torch.device, warmup: int, iters: int) -> List[float]:
-    """Per-iteration milliseconds: CUDA events on GPU (no host timing of async kernels), perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return times
 
 
 def block_flops(tokens_per_block: List[int], width: int) -> float:
@@ -148,7 +126,7 @@ def timed(fn: Callable[[], torch.Tensor], execution: str, args, device) -> dict:
     try:
         with torch.inference_mode():
             step = fn if execution == "eager" else graphed(fn, device)
-            times = time_forward(step, device, args.warmup, args.iters)
+            times = time_ms(step, device, args.warmup, args.iters)
     except RuntimeError as exc:  # one failed capture should not cost the other rows of an unattended run
         return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:200]}
     return {"median_ms": round(statistics.median(times), 4), "p10_ms": round(percentile(times, 0.1), 4),

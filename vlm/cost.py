@@ -6,12 +6,12 @@ attention, counts as many as the plain model). Latency is measured, never modell
 `time.perf_counter` on the CPU, warm-up iterations excluded, median reported. KV-cache bytes are summed over
 the tensors the cache actually holds after the prefill (layers that saw fewer tokens hold shorter caches).
 """
-import statistics
-import time
 from typing import Any, Callable, List, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from utils.timing import median_ms, time_ms  # noqa: F401  (re-exported: the latency half of a forward's cost)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -20,41 +20,6 @@ def count_flops(fn: Callable[[], Any]) -> int:
     with torch.no_grad(), counter:
         fn()
     return int(counter.get_total_flops())
-
-
-def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int = 2, iters: int = 5) -> List[float]:
-    """Milliseconds of each of `iters` calls of `fn()` after `warmup` untimed calls, under `no_grad`.
-
-    On CUDA each call is bracketed by CUDA events (kernels run asynchronously, so host clocks would time the
-    launch, not the work); on the CPU by `time.perf_counter`. Raises ValueError for iters < 1 or warmup < 0.
-    """
-    if iters < 1 or warmup < 0:
-        raise ValueError(f"iters must be >= 1 and warmup >= 0, got iters={iters} warmup={warmup}")
-    device = torch.device(device)
-    times = []
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(iters):
-                begin = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - begin) * 1e3)
-    return times
-
-
-def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int = 2, iters: int = 5) -> float:
-    """Median of `time_ms` (robust to one slow call, e.g. an allocator growth)."""
-    return float(statistics.median(time_ms(fn, device, warmup, iters)))
 
 
 def _cache_pairs(cache: Any) -> List[Tuple[torch.Tensor, torch.Tensor]]:
