@@ -21,9 +21,8 @@ from pruners import STRUCTS
 from pruners.base import PruneContext, RoundPlan
 from pruners.masks import Masks
 from pruners.reshaping import ShapeChangingMode
-from pruners.token import patch_count, token_budget
+from pruners.token import check_budgets, check_token_vit, token_budget
 from tokens.backends import find_target
-from utils.errors import UsageError
 
 MERGER = "token_merger"  # the merger's attribute on the model (its state_dict prefix)
 
@@ -65,25 +64,10 @@ class TokenMerging(ShapeChangingMode):
 
     def check_model(self, model: nn.Module) -> None:
         super().check_model(model)
-        config = self.config
-        try:
-            target = find_target(model)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"--struct merge: needs a ViT with a class token, e.g. --arch vit_tiny; "
-                             f"--arch {config.arch}: {exc}") from None
-        self.num_prefix, self.num_patches = target.num_prefix_tokens, patch_count(model, target)
-        if self.num_patches is None:
-            raise UsageError(f"--struct merge: --arch {config.arch} has no fixed patch count to merge")
-        depth = len(target.blocks)
-        if not config.token_start_block < depth:
-            raise UsageError(f"--token_start_block {config.token_start_block}: --arch {config.arch} has "
-                             f"{depth} blocks (0 to {depth - 1})")
-        flag = f"--token_keep {','.join(map(str, config.token_keep))}" if config.token_keep else f"--rate {config.rate}"
-        for round_index in range(1, config.pruning_times):
-            if self.budget_for(round_index) >= self.num_patches:
-                raise UsageError(f"{flag}: round {round_index} would merge the {self.num_patches} patch tokens of "
-                                 f"--arch {config.arch} into {self.budget_for(round_index)} centres; "
-                                 f"it must be fewer than {self.num_patches}")
+        self.num_prefix, self.num_patches = check_token_vit(model, self.config, "merge", "merge")
+        check_budgets(self.config, self.budget_for, self.num_patches,
+                      lambda centres: (f"merge the {self.num_patches} patch tokens of --arch {self.config.arch} "
+                                       f"into {centres} centres; it must be fewer than {self.num_patches}"))
 
     # ---- the merger on the model ----------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:

@@ -9,7 +9,7 @@ repeats), else round(patches x (1 - rate)^k). The model retrains with the
 pruning active: the selection itself has no gradient, everything it keeps
 trains. Weights are never masked, so the remaining weights stay at 100 %.
 """
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -38,6 +38,37 @@ def patch_count(model: nn.Module, target: Target) -> Optional[int]:
     return getattr(getattr(model, "patch_embed", None), "num_patches", None)
 
 
+def check_token_vit(model: nn.Module, config, struct: str, counted_for: str) -> Tuple[int, int]:
+    """(prefix tokens, patch tokens) of the ViT whose tokens `--struct {struct}` shrinks from block
+    `--token_start_block` on. Raises UsageError naming --arch when `model` has no class token or no fixed patch
+    count (`counted_for` says what the count is needed for), and naming --token_start_block when the ViT has no
+    such block."""
+    try:
+        target = find_target(model)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--struct {struct}: needs a ViT with a class token, e.g. --arch vit_tiny; "
+                         f"--arch {config.arch}: {exc}") from None
+    num_patches = patch_count(model, target)
+    if num_patches is None:
+        raise UsageError(f"--struct {struct}: --arch {config.arch} has no fixed patch count to {counted_for}")
+    depth = len(target.blocks)
+    if not config.token_start_block < depth:
+        raise UsageError(f"--token_start_block {config.token_start_block}: --arch {config.arch} has "
+                         f"{depth} blocks (0 to {depth - 1})")
+    return target.num_prefix_tokens, num_patches
+
+
+def check_budgets(config, budget_for: Callable[[int], int], num_patches: int,
+                  too_many: Callable[[int], str]) -> None:
+    """UsageError naming --token_keep (or --rate) when the budget of a round 1 .. pruning_times - 1 is not below
+    `num_patches`: "<flag>: round <k> would <too_many(budget)>"."""
+    flag = f"--token_keep {','.join(map(str, config.token_keep))}" if config.token_keep else f"--rate {config.rate}"
+    for round_index in range(1, config.pruning_times):
+        budget = budget_for(round_index)
+        if budget >= num_patches:
+            raise UsageError(f"{flag}: round {round_index} would {too_many(budget)}")
+
+
 @STRUCTS.register("token")
 class TokenPruning(StructMode):
     changes_forward = True
@@ -56,25 +87,10 @@ class TokenPruning(StructMode):
 
     def check_model(self, model: nn.Module) -> None:
         super().check_model(model)
-        config = self.config
-        try:
-            target = find_target(model)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"--struct token: needs a ViT with a class token, e.g. --arch vit_tiny; "
-                             f"--arch {config.arch}: {exc}") from None
-        self.num_prefix, self.num_patches = target.num_prefix_tokens, patch_count(model, target)
-        depth = len(target.blocks)
-        if self.num_patches is None:
-            raise UsageError(f"--struct token: --arch {config.arch} has no fixed patch count to budget against")
-        if not config.token_start_block < depth:
-            raise UsageError(f"--token_start_block {config.token_start_block}: --arch {config.arch} has "
-                             f"{depth} blocks (0 to {depth - 1})")
-        flag = f"--token_keep {','.join(map(str, config.token_keep))}" if config.token_keep else f"--rate {config.rate}"
-        for round_index in range(1, config.pruning_times):
-            budget = self.budget_for(round_index)
-            if budget >= self.num_patches:
-                raise UsageError(f"{flag}: round {round_index} would keep {budget} of the {self.num_patches} "
-                                 f"patch tokens of --arch {config.arch}; a budget must be below {self.num_patches}")
+        self.num_prefix, self.num_patches = check_token_vit(model, self.config, "token", "budget against")
+        check_budgets(self.config, self.budget_for, self.num_patches,
+                      lambda budget: (f"keep {budget} of the {self.num_patches} patch tokens of --arch "
+                                      f"{self.config.arch}; a budget must be below {self.num_patches}"))
 
     def configure_model(self, model: nn.Module, round_index: int, log: Callable[[str], None] = print) -> None:
         self.detach()
