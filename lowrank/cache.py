@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from utils.checkpoint import atomic_write_bytes, atomic_write_text
+from utils.checkpoint import atomic_write_bytes, atomic_write_text, read_json_listing
 
 INDEX = "index.json"
 KEY = "features"
@@ -41,14 +41,7 @@ def read_index(out_dir: str) -> Optional[dict]:
     path = os.path.join(out_dir, INDEX)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            index = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable feature-cache index ({type(exc).__name__})") from None
-    if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
-        raise ValueError(f"{path}: not a feature-cache index (no list of shards)")
-    return index
+    return read_json_listing(path, "shards", "feature-cache index", ValueError)
 
 
 def resume_point(out_dir: str, encoder: str, encoder_config: dict, shard_size: int = 256,

@@ -161,3 +161,24 @@ def test_truncated_file_message_is_one_whole_sentence(tmp_path):
     assert message.startswith(f"{path}: not a loadable checkpoint, truncated or damaged (") and "\n" not in message
     assert message.endswith("failed finding central directory)"), message  # torch's first sentence, whole
     assert "high likelihood" not in message
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("{not json", "unreadable lineage file (JSONDecodeError: Expecting property name"),
+    ('{"rounds": 3}', "not a lineage file (no list of rounds)"),
+])
+def test_bad_lineage_file_is_named(tmp_path, content, needle):
+    path = paths.lineage_file(str(tmp_path))
+    with open(path, "w") as f:
+        f.write(content)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.read_lineage(str(tmp_path))
+    assert str(info.value).startswith(f"{path}: {needle}")
+    assert checkpoint.read_lineage(str(tmp_path / "empty")) == {"rounds": []}
+
+
+def test_bad_feature_cache_index_is_a_value_error(tmp_path):
+    from lowrank.cache import read_index
+    (tmp_path / "index.json").write_text('["shards"]')
+    with pytest.raises(ValueError, match=r"index.json: not a feature-cache index \(no list of shards\)$"):
+        read_index(str(tmp_path))

@@ -15,7 +15,7 @@ import re
 import subprocess
 import tempfile
 import warnings
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Type
 
 import torch
 
@@ -218,19 +218,25 @@ def lineage_entry(payload: dict, sha: str) -> dict:
             "parent_sha256": lineage["parent_sha256"]}
 
 
+def read_json_listing(path: str, list_key: str, kind: str, error: Type[Exception] = CheckpointError) -> dict:
+    """The JSON object in `path` that holds a list under `list_key`. Raises `error` naming `path` and `kind` (what
+    the file should be) when the file is unreadable or not such an object."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: unreadable {kind} ({type(exc).__name__}: {_first_sentence(exc)})") from None
+    if not isinstance(value, dict) or not isinstance(value.get(list_key), list):
+        raise error(f"{path}: not a {kind} (no list of {list_key})")
+    return value
+
+
 def read_lineage(directory: str) -> dict:
     """lineage.json of a run dir ({"rounds": []} when absent); CheckpointError when unreadable."""
     path = paths.lineage_file(directory)
     if not os.path.exists(path):
         return {"rounds": []}
-    try:
-        with open(path) as f:
-            lineage = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {_first_sentence(exc)})") from None
-    if not isinstance(lineage, dict) or not isinstance(lineage.get("rounds"), list):
-        raise CheckpointError(f"{path}: not a lineage file (no list of rounds)")
-    return lineage
+    return read_json_listing(path, "rounds", "lineage file")
 
 
 def record_round(directory: str, entry: dict, header: dict) -> None:
