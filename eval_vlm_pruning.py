@@ -10,7 +10,7 @@ import sys
 from typing import Optional, Sequence
 
 from utils.cli import OneLineParser
-from utils.errors import UsageError
+from utils.errors import UsageError, run_cli
 
 
 def parse_args(argv: Optional[Sequence[str]]):
@@ -69,17 +69,15 @@ def parse_args(argv: Optional[Sequence[str]]):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
+    def work() -> str:
         args = parse_args(argv)
         from utils.checkpoint import atomic_write_text
         from vlm.evaluate import evaluate_from_args
         results = evaluate_from_args(args)
         atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.output}")
-    return 0
+        return args.output
+
+    return run_cli(work, lambda output: print(f"wrote {output}"))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ impossible, so it is a bug: in the model's rank, its factors or this comparison)
 import argparse
 import json
 import os
-import sys
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,7 +17,7 @@ from lowrank import baselines
 from lowrank.cache import FeatureCache
 from lowrank.train_cli import SPLIT_SEED, VAL_FRACTION  # the trainer's split: validate on its held-out samples
 from utils.checkpoint import atomic_write_text
-from utils.errors import UsageError
+from utils.errors import UsageError, error_line, run_cli
 
 DEFAULT_RANKS = (16, 32, 64, 128)
 DEFAULT_ARCHS = ("ResMLP", "MLP", "AdaLoRA")
@@ -205,33 +204,38 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry: 0 done (JSON and markdown written), 2 bad input, 1 a compression ratio out of reach."""
+    args = parse_args(argv)
+    return run_cli(lambda: compare(args), lambda result: write_result(result, args),
+                   expected=[(RatioError, error_line(1))])
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """The comparison's result for parsed flags; UsageError naming the flag for bad input."""
+    for flag in ("batch_size", "value_bytes"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
     try:
-        args = parse_args(argv)
-        for flag in ("batch_size", "value_bytes"):
-            if getattr(args, flag) < 1:
-                raise UsageError(f"--{flag} {getattr(args, flag)}: must be at least 1")
-        try:
-            cache = FeatureCache(args.features)
-        except ValueError as exc:
-            raise UsageError(f"--features {exc}") from None
-        try:
-            train_idx, val_idx = FeatureCache.split_indices(len(cache), VAL_FRACTION, SPLIT_SEED)
-        except ValueError as exc:
-            raise UsageError(f"--features {args.features}: {exc}") from None
-        tokens, dim = cache.shape
-        ranks = resolve_ranks(args.ranks, tokens, dim)
-        models, notes = load_models(args.results_dir, args.archs, cache, args.device)
-        result = evaluate(batches(cache, val_idx.tolist(), args.batch_size),
-                          batches(cache, train_idx.tolist(), args.batch_size), tokens, dim, ranks, models,
-                          args.value_bytes, args.seed, args.device)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RatioError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        cache = FeatureCache(args.features)
+    except ValueError as exc:
+        raise UsageError(f"--features {exc}") from None
+    try:
+        train_idx, val_idx = FeatureCache.split_indices(len(cache), VAL_FRACTION, SPLIT_SEED)
+    except ValueError as exc:
+        raise UsageError(f"--features {args.features}: {exc}") from None
+    tokens, dim = cache.shape
+    ranks = resolve_ranks(args.ranks, tokens, dim)
+    models, notes = load_models(args.results_dir, args.archs, cache, args.device)
+    result = evaluate(batches(cache, val_idx.tolist(), args.batch_size),
+                      batches(cache, train_idx.tolist(), args.batch_size), tokens, dim, ranks, models,
+                      args.value_bytes, args.seed, args.device)
     result.update(features=args.features, encoder=cache.encoder, train_samples=len(train_idx),
                   val_samples=len(val_idx), notes=notes + _fair_rank_notes(ranks, tokens, dim))
+    return result
+
+
+def write_result(result: dict, args: argparse.Namespace) -> None:
+    """`--out` (default RESULTS_DIR/compare_svd_nn.json) and the markdown table next to it, printed too."""
     out = args.out or os.path.join(args.results_dir, "compare_svd_nn.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_write_text(out, json.dumps(result, indent=1) + "\n")
@@ -239,7 +243,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     atomic_write_text(os.path.splitext(out)[0] + ".md", markdown)
     print(markdown, end="")
     print(f"wrote {out} and {os.path.splitext(out)[0]}.md")
-    return 0
 
 
 def _fair_rank_notes(ranks: Sequence[int], tokens: int, dim: int) -> List[str]:

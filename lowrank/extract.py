@@ -18,7 +18,7 @@ import torch
 
 from lowrank.cache import DTYPES, resume_point, write_cache
 from lowrank.encoders import Encoder, build_encoder
-from utils.errors import UsageError
+from utils.errors import UsageError, run_cli
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -108,22 +108,26 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry: 0 done, 2 bad input (one line)."""
     args = parse_args(argv)
-    try:
-        for flag in ("limit", "batch_size", "shard_size", "img_size"):
-            value = getattr(args, flag)
-            if value is not None and value < 1:
-                raise UsageError(f"--{flag} {value}: must be at least 1")
-        if args.dataset == "folder" and not os.path.isdir(args.data):
-            raise UsageError(f"--data {args.data}: no such image folder")
-        encoder = build_encoder(args.encoder, args.pretrained, args.img_size, args.device)
-        source = (folder_source(args.data, encoder.image_size) if args.dataset == "folder"
-                  else registry_source(args.dataset, args.data, args.split))
-        index = extract(source, encoder, args.out, args.batch_size, args.shard_size, DTYPES[args.dtype],
-                        args.limit, not args.no_progress)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{args.out}: {index['count']} features of shape {index['shape']} ({index['dtype']}) "
-          f"from {index['encoder']} in {len(index['shards'])} shards")
-    return 0
+
+    def report(index: dict) -> None:
+        print(f"{args.out}: {index['count']} features of shape {index['shape']} ({index['dtype']}) "
+              f"from {index['encoder']} in {len(index['shards'])} shards")
+
+    return run_cli(lambda: extract_from_args(args), report)
+
+
+def extract_from_args(args: argparse.Namespace) -> dict:
+    """The written cache's index for parsed flags; UsageError naming the flag for bad input."""
+    for flag in ("limit", "batch_size", "shard_size", "img_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UsageError(f"--{flag} {value}: must be at least 1")
+    if args.dataset == "folder" and not os.path.isdir(args.data):
+        raise UsageError(f"--data {args.data}: no such image folder")
+    encoder = build_encoder(args.encoder, args.pretrained, args.img_size, args.device)
+    source = (folder_source(args.data, encoder.image_size) if args.dataset == "folder"
+              else registry_source(args.dataset, args.data, args.split))
+    return extract(source, encoder, args.out, args.batch_size, args.shard_size, DTYPES[args.dtype], args.limit,
+                   not args.no_progress)

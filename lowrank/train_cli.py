@@ -10,11 +10,10 @@ Every refusal is one line `error: ...` naming the flag or file, exit 2, with not
 import argparse
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from utils.errors import NumericalError, UsageError
+from utils.errors import NumericalError, UsageError, error_line, os_error_line, run_cli
 
 VAL_FRACTION, SPLIT_SEED = 0.1, 0
 
@@ -94,21 +93,11 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry: 0 done, 2 bad input (one line, nothing written), 3 non-finite loss."""
-    try:
+    def work() -> None:
         config = parse_config(argv)
         from lowrank.trainer import prepare, train
         train(prepare(config))
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NumericalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except OSError as exc:
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; best_model.pt and history.json hold the last finished epoch", file=sys.stderr)
-        return 130
-    return 0
+
+    interrupted = "interrupted; best_model.pt and history.json hold the last finished epoch"
+    return run_cli(work, expected=[(NumericalError, error_line(3)), (OSError, os_error_line()),
+                                   (KeyboardInterrupt, lambda exc: (interrupted, 130))])

@@ -13,7 +13,6 @@ Prefix tokens (a class token, registers) are dropped so that the rest fill a squ
 import argparse
 import math
 import os
-import sys
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -21,7 +20,7 @@ import torch
 from lowrank import baselines
 from lowrank.cache import FeatureCache
 from lowrank.compare import DEFAULT_ARCHS, load_models
-from utils.errors import UsageError
+from utils.errors import UsageError, run_cli
 
 CHANNELS = 8
 MAX_PREFIX = 8
@@ -124,7 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--prefix_tokens", type=int, default=None, help="tokens before the grid (default: found)")
     parser.add_argument("--out_dir", default=None, help="PNG folder (default RESULTS_DIR/visualize)")
     args = parser.parse_args(argv)
-    try:
+
+    def work():
         try:
             cache = FeatureCache(args.features)
         except ValueError as exc:
@@ -141,10 +141,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(f"--rank {rank}: must be between 1 and min(N, D) = {min(tokens, dim)}")
         paths = visualize(cache[args.image_idx], models, rank, args.out_dir or os.path.join(args.results_dir,
                           "visualize"), args.image_idx, args.prefix_tokens)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for note in notes:
-        print(f"note: {note}")
-    print(f"wrote {paths['channels']} and {paths['errors']}")
-    return 0
+        return paths, notes
+
+    def report(done) -> None:
+        paths, notes = done
+        for note in notes:
+            print(f"note: {note}")
+        print(f"wrote {paths['channels']} and {paths['errors']}")
+
+    return run_cli(work, report)

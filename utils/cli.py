@@ -7,14 +7,13 @@ import argparse
 import difflib
 import math
 import os
-import sys
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from utils import paths
 from utils.config import RunConfig, resolve_schedule
-from utils.errors import NumericalError, UsageError
+from utils.errors import NumericalError, UsageError, error_line, os_error_line, run_cli
 from utils.interrupts import Interrupted
 
 CRITERIA = ("remain", "magnitude", "l1", "l2", "saliency")
@@ -284,25 +283,18 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
 
 
 def main(argv: Optional[Sequence[str]] = None, run=None) -> int:
-    try:
+    """CLI entry: 0 done, 2 bad input, 3 non-finite loss, 1 OS error, 128 + signal when stopped by one."""
+    def work() -> None:
         config = parse_config(argv)
         if run is None:
-            from training.rounds import run
-        run(config)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NumericalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except OSError as exc:  # disk full, permissions, a vanished mount: name the file, keep it one line
-        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        print(f"error: {where}{exc.strerror or exc}; the previous checkpoints are intact", file=sys.stderr)
-        return 1
-    except Interrupted as exc:
-        print(f"{exc}; saved {exc.checkpoint}; continue with the same command plus --resume", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+            from training.rounds import run as run_rounds
+            run_rounds(config)
+        else:
+            run(config)
+
+    def stopped(exc: Interrupted) -> Tuple[str, int]:
+        return f"{exc}; saved {exc.checkpoint}; continue with the same command plus --resume", exc.exit_code
+
+    return run_cli(work, expected=[(NumericalError, error_line(3)),
+                                   (OSError, os_error_line("; the previous checkpoints are intact")),
+                                   (Interrupted, stopped), (KeyboardInterrupt, lambda exc: ("interrupted", 130))])

@@ -1,4 +1,9 @@
 """Errors a user can act on: printed as one line, exit code 2, before work starts."""
+import sys
+from typing import Any, Callable, Optional, Sequence, Tuple, Type
+
+# what a CLI prints (one line on stderr) and its exit code, for an exception it expects
+Outcome = Callable[[BaseException], Tuple[str, int]]
 
 
 class UsageError(Exception):
@@ -11,3 +16,38 @@ class CheckpointError(UsageError):
 
 class NumericalError(Exception):
     """The loss stopped being finite; the message names round, epoch and step."""
+
+
+def error_line(code: int) -> Outcome:
+    """`error: <message>` and exit `code`."""
+    return lambda exc: (f"error: {exc}", code)
+
+
+def os_error_line(note: str = "") -> Outcome:
+    """`error: <file>: <reason><note>`, exit 1: disk full, permissions, a vanished mount in one line."""
+    def outcome(exc: BaseException) -> Tuple[str, int]:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return f"error: {where}{exc.strerror or exc}{note}", 1
+    return outcome
+
+
+def run_cli(work: Callable[[], Any], report: Optional[Callable[[Any], None]] = None,
+            expected: Sequence[Tuple[Type[BaseException], Outcome]] = ()) -> int:
+    """A CLI's main: `work()`, then `report(result)` (outside the handling) and exit code 0.
+
+    A UsageError from `work` prints `error: <message>` on stderr and gives exit code 2; an exception of a type
+    in `expected` (checked in order, after UsageError) prints and exits as its outcome says. Anything else
+    propagates with its traceback.
+    """
+    try:
+        result = work()
+    except BaseException as exc:  # noqa: B902 - KeyboardInterrupt may be expected; the rest is re-raised
+        for kind, outcome in ((UsageError, error_line(2)), *expected):
+            if isinstance(exc, kind):
+                message, code = outcome(exc)
+                print(message, file=sys.stderr)
+                return code
+        raise
+    if report is not None:
+        report(result)
+    return 0

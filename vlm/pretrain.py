@@ -9,14 +9,13 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from typing import Optional, Sequence
 
 import torch
 
 from utils import checkpoint
-from utils.errors import CheckpointError, UsageError
+from utils.errors import CheckpointError, UsageError, run_cli
 from utils.tracking import progress
 from vlm.data import (VQACollator, batch_to, cifar10_vqa_splits, cifar10_vqa_tokenizer,
                       exact_match, vqa_accuracy, vqa_loader)
@@ -214,12 +213,9 @@ def pretrain(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        summary = pretrain(parse_args(argv))
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    test = summary["test"]
-    print(f"test: exact match {test['exact_match']:.2f}% (what {test['what_accuracy']:.2f}%, "
-          f"is there {test['is_there_accuracy']:.2f}%) on {test['samples']} questions; {summary['checkpoint']}")
-    return 0
+    def report(summary: dict) -> None:
+        test = summary["test"]
+        print(f"test: exact match {test['exact_match']:.2f}% (what {test['what_accuracy']:.2f}%, "
+              f"is there {test['is_there_accuracy']:.2f}%) on {test['samples']} questions; {summary['checkpoint']}")
+
+    return run_cli(lambda: pretrain(parse_args(argv)), report)

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from utils.checkpoint import remove_quietly
-from utils.errors import CheckpointError, UsageError
+from utils.errors import CheckpointError, UsageError, run_cli
 from utils.seeding import capture_rng_state, restore_rng_state
 from utils.tracking import progress, read_records, wandb_row
 from vlm import checkpoints as ckpt
@@ -224,19 +224,15 @@ def train(config: VLMPruningConfig) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """train_vlm_pruning.py [--config FILE] [key=value | --key value ...]; exit 2 on a usage error."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        path = None
-        argv = [part for item in argv for part in (item.split("=", 1) if item.startswith("--config=") else [item])]
-        if "--config" in argv:
-            at = argv.index("--config")
-            if at + 1 == len(argv):
+    def work() -> dict:
+        path, rest = None, list(sys.argv[1:] if argv is None else argv)
+        rest = [part for item in rest for part in (item.split("=", 1) if item.startswith("--config=") else [item])]
+        if "--config" in rest:
+            at = rest.index("--config")
+            if at + 1 == len(rest):
                 raise UsageError("--config: needs a YAML file")
-            path = argv[at + 1]
-            argv = argv[:at] + argv[at + 2:]
-        result = train(load_config(path, argv))
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
-    return 0
+            path = rest[at + 1]
+            rest = rest[:at] + rest[at + 2:]
+        return train(load_config(path, rest))
+
+    return run_cli(work, lambda result: print(f"done: step {result['step']}, checkpoint {result['checkpoint']}"))
