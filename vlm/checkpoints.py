@@ -157,13 +157,21 @@ def load_modules(path: str, payload: dict, modules: dict) -> None:
                                   f"({str(exc).splitlines()[0][:160]})") from None
 
 
-def load_for_eval(path: str):
-    """(model, tokenizer, merger, decider, pruning_layers) of a training checkpoint, in eval mode."""
+def load_trained(path: str):
+    """(backbone, merger, decider, pruning_layers, temperature) of a training checkpoint, merger and decider in
+    eval mode; temperature: the merger's temperature the training had reached, saved with it (temperature_min
+    for checkpoints without it). CheckpointError (one line naming the file) for a foreign or mismatched one."""
     payload = load_checkpoint(path)
     config = config_from_dict(payload["config"], path)
     backbone = load_backbone(config, payload.get("backbone"))
     check_same_model(path, payload, backbone.fingerprint)
     modules = build_modules(config, backbone)
     load_modules(path, payload, modules)
-    return (backbone.model, backbone.tokenizer, modules["merger"].eval(), modules["pruner"].eval(),
-            tuple(config.pruning_layers))
+    temperature = float(payload.get("extra", {}).get("temperature", config.temperature_min))
+    return backbone, modules["merger"].eval(), modules["pruner"].eval(), tuple(config.pruning_layers), temperature
+
+
+def load_for_eval(path: str):
+    """(model, tokenizer, merger, decider, pruning_layers) of a training checkpoint, in eval mode."""
+    backbone, merger, decider, layers, _ = load_trained(path)
+    return backbone.model, backbone.tokenizer, merger, decider, layers

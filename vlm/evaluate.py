@@ -190,24 +190,16 @@ def load_eval_setup(checkpoint: Optional[str], seed: int):
     width 32, CIFAR-10 VQA vocabulary) with an untrained merger (288 centres) and cross-attention pruner at
     [10, 20, 31] (heads of width 32), random weights from `seed`. backbone: vlm.checkpoints.Backbone (model,
     tokenizer, prompt collate). CheckpointError (one line naming the file) for a foreign or mismatched checkpoint."""
-    from vlm.checkpoints import (build_modules, check_same_model, load_backbone, load_checkpoint,
-                                 load_modules)
-    from vlm.config import VLMPruningConfig, config_from_dict, validate
-    if checkpoint is None:  # heads as wide as the tiny LLM (the training default 512 would dwarf its FLOPs)
-        config = validate(VLMPruningConfig(tiny_random=True, seed=seed, pruner_d_internal=32))
-        backbone = load_backbone(config)
-        modules = build_modules(config, backbone)
-        temperature = config.temperature
-    else:
-        payload = load_checkpoint(checkpoint)
-        config = config_from_dict(payload["config"], checkpoint)
-        backbone = load_backbone(config, payload.get("backbone"))
-        check_same_model(checkpoint, payload, backbone.fingerprint)
-        modules = build_modules(config, backbone)
-        load_modules(checkpoint, payload, modules)
-        temperature = float(payload.get("extra", {}).get("temperature", config.temperature_min))
+    from vlm.checkpoints import build_modules, load_backbone, load_trained
+    from vlm.config import VLMPruningConfig, validate
+    if checkpoint is not None:
+        return load_trained(checkpoint)
+    # heads as wide as the tiny LLM (the training default 512 would dwarf its FLOPs)
+    config = validate(VLMPruningConfig(tiny_random=True, seed=seed, pruner_d_internal=32))
+    backbone = load_backbone(config)
+    modules = build_modules(config, backbone)
     return (backbone, modules["merger"].eval(), modules["pruner"].eval(), tuple(config.pruning_layers),
-            temperature)
+            config.temperature)
 
 
 def eval_samples(args, seed: int):
