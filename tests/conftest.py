@@ -30,6 +30,22 @@ def run_main(*args, timeout=600, check=True, wandb_env="disabled"):
     return result
 
 
+def read_jsonl(path):
+    """The records of a JSON-lines file (metrics.jsonl), in order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def assert_refused(argv, save_dir, capsys, message):
+    """main_imp_fillback's main(argv + --save_dir) exits 2 with one stderr line starting with `message`, and
+    writes nothing (no `save_dir`)."""
+    from utils.cli import main
+    assert main([*argv, "--save_dir", save_dir]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(message) and stderr.count("\n") == 1, stderr
+    assert not os.path.exists(save_dir)
+
+
 @pytest.fixture(scope="session")
 def cifar10_root(tmp_path_factory):
     """The shared CIFAR-10 bundle materialised as cifar-10-batches-py (skipped when absent)."""

@@ -1,30 +1,23 @@
 """`--struct lowrank`: SVD factors, the rank schedule, parameter counts, the CLI over rounds, resume, bad flags."""
-import json
 import os
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import FAST, kill_run_when, run_main
+from conftest import FAST, assert_refused, kill_run_when, read_jsonl, run_main
 from models import create_model
 from pruners.base import PruneContext
 from pruners.factorise import LowRank, factorise, truncated_svd_factors
 from pruners.lowrank import LowRankFactorisation, scheduled_rank
 from pruners.masks import dense_masks
 from utils import checkpoint, paths
-from utils.cli import main
 from utils.config import RunConfig
 from utils.errors import UsageError
 
 # test_vit: dim 64, 6 blocks (qkv 192x64, proj 64x64, fc1 192x64, fc2 64x192); 600 training images
 LOWRANK_VIT = [*FAST, "--arch", "test_vit", "--struct", "lowrank", "--prune_type", "pt", "--rate", "0.5",
                "--val_size", "2400"]
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def lowrank_mode(**fields):
@@ -152,10 +145,7 @@ def test_check_model_refusals():
     (["--struct", "lowrank", "--prune_type", "pt", "--vit_structured"], "error: --vit_structured: not used"),
 ])
 def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, args, message):
-    assert main([*FAST, "--arch", "test_vit", *args, "--save_dir", str(tmp_path / "run")]) == 2
-    stderr = capsys.readouterr().err
-    assert stderr.startswith(message) and stderr.count("\n") == 1, stderr
-    assert not os.path.exists(tmp_path / "run")
+    assert_refused([*FAST, "--arch", "test_vit", *args], str(tmp_path / "run"), capsys, message)
 
 
 def test_cli_two_rounds_factorise_and_report_costs(tmp_path):

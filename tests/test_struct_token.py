@@ -1,12 +1,11 @@
 """`--struct token`: the kept-token schedule, model checks, checkpoint-stable hooks, training, CLI and resume."""
-import json
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAST, kill_run_when, run_main
+from conftest import FAST, kill_run_when, read_jsonl, run_main
 from models import create_model
 from pruners.base import PruneContext
 from pruners.masks import dense_masks, prunable_weights
@@ -20,11 +19,6 @@ from utils.errors import UsageError
 # test_vit: patch 16 on 32x32 -> 4 patches + cls; a small train split (600 images) keeps an epoch at seconds
 TOKEN_VIT = [*FAST, "--arch", "test_vit", "--struct", "token", "--rate", "0.5", "--token_keep", "3,2",
              "--val_size", "2400"]
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def token_mode(**fields):
