@@ -3,8 +3,8 @@
 For each arch (ResMLP, MLP, AdaLoRA, and AdaLoRA with peft's RankAllocator called every step) and
 batch size (8, 64), on synthetic features [256, 2048] (a VLM vision tower's size) at rank 128: the
 trainer's step (lowrank.trainer.training_step: forward, loss MSE + λ_B ||B||^2 + λ_ortho orthogonality,
-finiteness check, backward, AdamW, allocator) in fp32, with the batch already on the device; warm-up steps are not timed, CUDA is synchronised around
-the timed steps. Also the peak GPU memory and the parameter count.
+finiteness check, backward, AdamW, allocator) in fp32, with the batch already on the device; warm-up steps are
+not timed, CUDA is synchronised around the timed steps. Also the peak GPU memory and the parameter count.
 
     python -m benchmarks.lowrank_speed --out benchmarks/results/lowrank_speed_h200.json   # GPU
     python -m benchmarks.lowrank_speed --tiny --out /tmp/lowrank_speed.json              # CPU smoke run

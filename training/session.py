@@ -106,7 +106,8 @@ class Session:
         """A training step over the model's current parameters (fresh optimiser state)."""
         config, device = self.config, self.device
         return TrainStep(self.model, self.weights, device, self.amp, config.momentum, config.weight_decay,
-                         self.struct is not None and self.struct.regularized, use_graph=config.cuda_graph, channels_last=self.channels_last,
+                         self.struct is not None and self.struct.regularized, use_graph=config.cuda_graph,
+                         channels_last=self.channels_last,
                          compile_model=config.compile == "on" or (config.compile == "auto" and device.type == "cuda"),
                          skip_nonfinite=config.nan_policy == "skip_batch")
 
