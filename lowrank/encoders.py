@@ -5,7 +5,8 @@
                            [H W, D]); random weights unless `pretrained` (needs the weights locally)
     runner:CHECKPOINT      a checkpoint of this project's runner (main_imp_fillback.py): the model is
                            rebuilt from its config (arch, dataset; the factorised layers of --struct
-                           lowrank), its weights loaded and its masks applied;
+                           lowrank, the token merger of --struct merge, set to the checkpoint's round:
+                           its [1 + centres, D] tokens), its weights loaded and its masks applied;
                            vit_tiny on CIFAR-10 gives [65, 192] (class token + 8 x 8 patches)
     hf:PATH                a Hugging Face vision tower saved at PATH: CLIPVisionModel (or a whole CLIP
                            model: its vision part; last_hidden_state [1 + P, D]) or Qwen2.5-VL's vision
@@ -94,7 +95,9 @@ def runner_encoder(path: str, device: str = "cpu") -> Encoder:
     spec = DATASETS[dataset]
     model = create_model(arch, spec.num_classes)
     struct = create_struct(RunConfig.from_dict(payload["config"]))
-    if isinstance(struct, ShapeChangingMode):  # --struct lowrank / merge: the checkpoint's layers first
+    reshaped = isinstance(struct, ShapeChangingMode)
+    if reshaped:  # --struct lowrank / merge: the checkpoint's layers (factorised layers, merger) first
+        struct.check_model(model)  # what the mode reads off the model (e.g. the patch count merge budgets from)
         struct.shape_model(model, payload["model"])
     try:
         model.load_state_dict(payload["model"])
@@ -105,6 +108,9 @@ def runner_encoder(path: str, device: str = "cpu") -> Encoder:
     with torch.no_grad():
         for name, mask in payload["masks"].items():
             parameters[name].mul_(mask.to(parameters[name].dtype))
+    if reshaped:  # run as in the checkpoint's round (--struct merge: its centres and temperature)
+        struct.configure_model(model, payload["round"], log=lambda message: None)
+        struct.stop_measuring()
     if not hasattr(model, "forward_features"):
         raise UsageError(f"--encoder runner:{path}: --arch {arch} has no forward_features (use a ViT checkpoint)")
     model = model.to(device).eval()

@@ -234,3 +234,32 @@ def test_runner_encoder_rebuilds_struct_lowrank_layers(tmp_path):
     x = (images.float() / 255 - 0.5) / 0.25  # synthetic's normalisation
     with torch.no_grad():
         assert torch.allclose(encoder.encode(images), model.forward_features(x), atol=1e-5)
+
+
+def test_runner_encoder_rebuilds_the_struct_merge_merger_at_its_round(tmp_path):
+    """A --struct merge checkpoint of round 2 (rate 0.5: 64 patches merged into 16 centres) holds the merger:
+    the encoder rebuilds it with that round's centres and temperature and gives [1 + 16, 192] tokens."""
+    from models import create_model as create_classifier
+    from pruners.base import PruneContext
+    from pruners.merge import TokenMerging
+    config = RunConfig(arch="vit_tiny", dataset="synthetic", struct="merge", prune_type="pt", rate=0.5,
+                       pruning_times=3)
+    torch.manual_seed(0)
+    model = create_classifier("vit_tiny", 10)
+    mode = TokenMerging(config)
+    mode.check_model(model)
+    mode.plan_round(PruneContext(model=model, weights={}, config=config, round_index=2,
+                                 calibration_batches=lambda: iter(()), log=lambda message: None), {})
+    mode.configure_model(model, 2, lambda message: None)
+    path = tmp_path / "2checkpoint.pth.tar"
+    checkpoint.save(str(path), {"format": checkpoint.FORMAT, "kind": "round", "round": 2, "epoch": 1,
+                                "model": model.state_dict(), "masks": {}, "config": config.to_dict(),
+                                "config_hash": config.config_hash(),
+                                "lineage": checkpoint.lineage_record(config.config_hash(), None, None)})
+    encoder = build_encoder(f"runner:{path}")
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    x = (images.float() / 255 - 0.5) / 0.25  # synthetic's normalisation
+    features = encoder.encode(images)
+    assert features.shape == (2, 17, 192)
+    with torch.no_grad():
+        assert torch.allclose(features, model.eval().forward_features(x), atol=1e-5)
