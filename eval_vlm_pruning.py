@@ -12,6 +12,9 @@ from typing import Optional, Sequence
 from utils.cli import OneLineParser
 from utils.errors import UsageError, run_cli
 
+DEFAULT_LIMIT = 64
+TINY_RANDOM_LIMIT = 8  # the tiny random LLaVA on one CPU core: ~30 s for 8 samples x 3 modes, minutes for 64
+
 
 def parse_args(argv: Optional[Sequence[str]]):
     from vlm.evaluate import BASELINES, MODES
@@ -27,7 +30,8 @@ def parse_args(argv: Optional[Sequence[str]]):
                    "(default: the T̄ the learned method reached)")
     p.add_argument("--baseline_layers", nargs="+", type=int, default=[2], help="random drop's layers; FastV: first")
     p.add_argument("--output", required=True, help="results JSON (written atomically)")
-    p.add_argument("--limit", type=int, default=64, help="samples evaluated (first N)")
+    p.add_argument("--limit", type=int, help=f"samples evaluated (first N; default {DEFAULT_LIMIT}, "
+                   f"{TINY_RANDOM_LIMIT} with --tiny_random: about 30 s on one CPU core)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=4)
     p.add_argument("--latency_iters", type=int, default=3, help="timed prefills per mode (median reported)")
@@ -35,7 +39,10 @@ def parse_args(argv: Optional[Sequence[str]]):
     p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda[:i]")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (stderr)")
     args = p.parse_args(argv)
+    if args.limit is None:
+        args.limit = TINY_RANDOM_LIMIT if args.tiny_random else DEFAULT_LIMIT
     for mode in args.modes:
         if mode not in MODES:
             raise UsageError(f"--modes {mode}: unknown mode; choose from {', '.join(MODES)}")
@@ -72,12 +79,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def work() -> str:
         args = parse_args(argv)
         from utils.checkpoint import atomic_write_text
-        from vlm.evaluate import evaluate_from_args
+        from vlm.evaluate import evaluate_from_args, summary_table
         results = evaluate_from_args(args)
         atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
-        return args.output
+        return summary_table(results), args.output
 
-    return run_cli(work, lambda output: print(f"wrote {output}"))
+    return run_cli(work, lambda done: print(f"{done[0]}\nwrote {done[1]}"))
 
 
 if __name__ == "__main__":

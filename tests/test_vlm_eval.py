@@ -180,12 +180,20 @@ EXPECTED_KEYS = {"accuracy_baseline", "accuracy_soft", "accuracy_hard", "exact_m
                  "prefill_latency_ms", "kv_cache_bytes", "baselines", "setup"}
 
 
-def test_cli_two_modes_writes_every_key_with_null_for_modes_not_run(tmp_path):
+def test_cli_two_modes_writes_every_key_with_null_for_modes_not_run(tmp_path, capsys):
     from eval_vlm_pruning import main
     out = tmp_path / "results.json"
     assert main(["--tiny_random", "--modes", "origin", "hard", "--baselines", "random", "--limit", "2",
                  "--max_new_tokens", "1", "--latency_iters", "1", "--warmup", "0", "--device", "cpu",
                  "--output", str(out)]) == 0
+    printed = capsys.readouterr()
+    # the bar counts (2 modes + random x 1 budget x hard) x 1 batch; the table: origin, hard, random hard
+    assert "3/3" in printed.err and "random T̄=" in printed.err
+    table = printed.out.splitlines()
+    assert table[0].split() == ["mode", "accuracy", "T̄", "GFLOPs", "prefill", "ms", "KV", "MB"]
+    assert [line.split()[0] for line in table[1:4]] == ["origin", "hard", "random"]
+    assert table[1].split()[2] == "576.0" and table[3].split()[4] == "hard"
+    assert table[4] == f"wrote {out}"
     results = json.loads(out.read_text())
     assert EXPECTED_KEYS <= set(results)
     assert results["accuracy_soft"] is None and results["accuracy_hard"] is not None
@@ -220,6 +228,30 @@ def test_cli_tiny_random_writes_every_key(tmp_path):
         assert set(baseline["equivalent_token_budget"]) == {"soft", "hard"}
         assert abs(baseline["equivalent_token_budget"]["hard"] - target) <= 1.0   # same T̄ within a token
         assert "accuracy_hard" in baseline and "accuracy_soft" in baseline
+
+
+def test_limit_defaults_to_8_with_tiny_random_and_64_otherwise(tmp_path):
+    from eval_vlm_pruning import parse_args
+    out = str(tmp_path / "r.json")
+    assert parse_args(["--tiny_random", "--output", out]).limit == 8
+    checkpoint = tmp_path / "c.pt"
+    checkpoint.write_bytes(b"")
+    assert parse_args(["--checkpoint", str(checkpoint), "--output", out]).limit == 64
+    assert parse_args(["--tiny_random", "--limit", "3", "--no_progress", "--output", out]).limit == 3
+
+
+def test_summary_table_rows_of_modes_and_baselines():
+    from vlm.evaluate import summary_table
+    costs = {"equivalent_token_budget": {"hard": 100.04}, "flops": {"hard": 2.5e9},
+             "prefill_latency_ms": {"hard": 12.34}, "kv_cache_bytes": {"hard": 3.2e6}}
+    results = {"accuracy_baseline": None, "accuracy_soft": None, "accuracy_hard": 0.5, **costs,
+               "baselines": [{"name": "fastv", "target_budget": 100.04, "accuracy_hard": 0.25, **costs},
+                             {"name": "random", "target_budget": 5, "skipped": "below the reachable minimum"}]}
+    assert summary_table(results).splitlines() == [
+        "mode                accuracy      T̄  GFLOPs  prefill ms  KV MB",  # T̄: 1 column on a terminal
+        "hard                   0.500  100.0     2.5        12.3    3.2",
+        "fastv @ T̄ 100 hard     0.250  100.0     2.5        12.3    3.2",
+        "random @ T̄ 5         skipped"]
 
 
 def _bad_checkpoint(path):

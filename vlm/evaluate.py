@@ -8,6 +8,7 @@ on the first batch: counted FLOPs of the prefill, its measured latency (median, 
 bytes of the KV cache it leaves. The prefill is the whole `pruned_forward(..., use_cache=True)`: vision
 tower, merger, pruner heads and the decoder.
 """
+import unicodedata
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -52,9 +53,10 @@ def _reset(decider) -> None:
 
 
 def mode_accuracy(model, batches: Sequence[dict], tokenizer, mode: str, decider=None, merger=None,
-                  max_new_tokens: int = 8, temperature: float = 1.0) -> dict:
+                  max_new_tokens: int = 8, temperature: float = 1.0, bar=None) -> dict:
     """VQA soft accuracy, exact match (means over samples) and vision tokens per layer (mean over samples)
-    of `mode` on prompt-only batches (VQACollator(with_answers=False), already on the model's device)."""
+    of `mode` on prompt-only batches (VQACollator(with_answers=False), already on the model's device);
+    `bar` (a tqdm bar, or None) advances by one per batch."""
     accuracy = exact = 0.0
     samples, per_layer = 0, None
     _reset(decider)
@@ -71,6 +73,8 @@ def mode_accuracy(model, batches: Sequence[dict], tokenizer, mode: str, decider=
             weighted = [float(c) * size for c in counts]
             per_layer = weighted if per_layer is None else [p + w for p, w in zip(per_layer, weighted)]
             samples += size
+            if bar is not None:
+                bar.update(1)
     return {"accuracy": accuracy / samples, "exact_match": exact / samples,
             "vision_tokens_per_layer": [p / samples for p in per_layer]}
 
@@ -101,16 +105,19 @@ def tokens_per_stage(vision_tokens: float, per_layer: Sequence[float], pruning_l
 
 
 def run_modes(model, batches, tokenizer, modes, decider, merger, pruning_layers, max_new_tokens, warmup,
-              iters, temperature: float = 1.0) -> Dict[str, dict]:
+              iters, temperature: float = 1.0, bar=None, label: str = "") -> Dict[str, dict]:
     """mode -> {accuracy, exact_match, vision_tokens_per_layer, equivalent_token_budget, tokens_per_stage,
     flops, prefill_latency_ms, kv_cache_bytes} for each of `modes`. `temperature`: the merger's assignment
-    temperature (the one training ended at; the keep decisions at eval do not depend on it)."""
+    temperature (the one training ended at; the keep decisions at eval do not depend on it). `bar`: a tqdm bar
+    advanced per batch, its description set to `label` + the mode."""
     image_token_id = model.config.image_token_id
     vision_tokens = float((batches[0]["input_ids"] == image_token_id).sum(1).float().mean())
     results = {}
     for mode in modes:
         learned = {} if mode == "origin" else {"decider": decider, "merger": merger, "temperature": temperature}
-        result = mode_accuracy(model, batches, tokenizer, mode, max_new_tokens=max_new_tokens, **learned)
+        if bar is not None:
+            bar.set_description(f"{label}{mode}")
+        result = mode_accuracy(model, batches, tokenizer, mode, max_new_tokens=max_new_tokens, bar=bar, **learned)
         result["equivalent_token_budget"] = equivalent_token_budget(result["vision_tokens_per_layer"])
         result["tokens_per_stage"] = tokens_per_stage(vision_tokens, result["vision_tokens_per_layer"],
                                                       pruning_layers)
@@ -134,12 +141,25 @@ def baseline_decider(name: str, model, target_budget: float, num_tokens: int, la
 def evaluate(model, batches: Sequence[dict], tokenizer, modes: Sequence[str], decider=None, merger=None,
              pruning_layers: Sequence[int] = (), baselines: Sequence[str] = (),
              budgets: Optional[Sequence[float]] = None, baseline_layers: Sequence[int] = (2,), seed: int = 0,
-             max_new_tokens: int = 8, warmup: int = 1, iters: int = 3, temperature: float = 1.0) -> dict:
+             max_new_tokens: int = 8, warmup: int = 1, iters: int = 3, temperature: float = 1.0,
+             progress: bool = False) -> dict:
     """The results JSON (docs/vlm_eval.md lists the keys) of `modes` for the learned merger + decider, then of
     each baseline (no merger; pruned modes of `modes` only) at every target T̄ in `budgets` (vision tokens);
-    `budgets=None` takes the T̄ the learned method reached in hard mode (else soft)."""
+    `budgets=None` takes the T̄ the learned method reached in hard mode (else soft). `progress`: a tqdm bar on
+    stderr over (modes + baselines x budgets x pruned modes) x batches."""
+    from tqdm import tqdm
+    baseline_modes = [m for m in modes if m != "origin"]
+    runs = len(budgets) if budgets is not None else int(bool(set(modes) & {"soft", "hard"}))
+    total = len(batches) * (len(modes) + len(baselines) * runs * len(baseline_modes))
+    with tqdm(total=total, unit="batch", disable=not progress) as bar:
+        return _evaluate(model, batches, tokenizer, modes, decider, merger, pruning_layers, baselines, budgets,
+                         baseline_layers, seed, max_new_tokens, warmup, iters, temperature, bar)
+
+
+def _evaluate(model, batches, tokenizer, modes, decider, merger, pruning_layers, baselines, budgets,
+              baseline_layers, seed, max_new_tokens, warmup, iters, temperature, bar) -> dict:
     per_mode = run_modes(model, batches, tokenizer, modes, decider, merger, pruning_layers, max_new_tokens,
-                         warmup, iters, temperature)
+                         warmup, iters, temperature, bar)
     vision_tokens = int((batches[0]["input_ids"][0] == model.config.image_token_id).sum())
     results = {key: per_mode[mode]["accuracy"] if mode in per_mode else None for mode, key in ACCURACY_KEYS.items()}
     results["exact_match"] = {mode: r["exact_match"] for mode, r in per_mode.items()}
@@ -158,9 +178,10 @@ def evaluate(model, batches: Sequence[dict], tokenizer, modes: Sequence[str], de
                 baseline = baseline_decider(name, model, budget, vision_tokens, baseline_layers, seed)
             except ValueError as exc:  # e.g. a learned T̄ below what dropping at the baseline's layer reaches
                 results["baselines"].append({"name": name, "target_budget": budget, "skipped": str(exc)})
+                bar.update(len(batches) * len(baseline_modes))
                 continue
             runs = run_modes(model, batches, tokenizer, baseline_modes, baseline, None, baseline.layers,
-                             max_new_tokens, warmup, iters)
+                             max_new_tokens, warmup, iters, bar=bar, label=f"{name} T̄={budget:.4g} ")
             entry = {"name": name, "target_budget": budget, "layers": list(baseline.layers),
                      "keep_tokens": [baseline.keep_tokens[layer] for layer in baseline.layers]}
             entry.update({ACCURACY_KEYS[m]: r["accuracy"] for m, r in runs.items()})
@@ -236,7 +257,7 @@ def evaluate_from_args(args) -> dict:
     batches = [batch_to(b, device, dtype, image_size=image_size) for b in loader]
     results = evaluate(model, batches, backbone.tokenizer, args.modes, decider, merger, layers, args.baselines,
                        args.budgets, args.baseline_layers, args.seed, args.max_new_tokens, warmup=args.warmup,
-                       iters=args.latency_iters, temperature=temperature)
+                       iters=args.latency_iters, temperature=temperature, progress=not args.no_progress)
     results["setup"] = {"checkpoint": args.checkpoint, "tiny_random": bool(args.tiny_random),
                         "data": args.data or args.cifar_vqa or "generated (random images)",
                         "samples": sum(b["input_ids"].shape[0] for b in batches), "batch_size": args.batch_size,
@@ -245,3 +266,32 @@ def evaluate_from_args(args) -> dict:
                         "merge_centres": getattr(merger, "num_centres", None), "modes": list(args.modes),
                         "merger_temperature": temperature}
     return results
+
+
+def summary_table(results: dict) -> str:
+    """A plain-text table of a results dict (`evaluate`'s): per learned mode, then per baseline run and mode:
+    accuracy, T̄ (vision tokens), prefill GFLOPs, prefill ms, KV cache MB (10^6 bytes)."""
+    rows = [("mode", "accuracy", "T̄", "GFLOPs", "prefill ms", "KV MB")]
+
+    def add(label: str, accuracy: float, source: dict, mode: str) -> None:
+        rows.append((label, f"{accuracy:.3f}", f"{source['equivalent_token_budget'][mode]:.1f}",
+                     f"{source['flops'][mode] / 1e9:.3g}", f"{source['prefill_latency_ms'][mode]:.1f}",
+                     f"{source['kv_cache_bytes'][mode] / 1e6:.3g}"))
+
+    for mode, key in ACCURACY_KEYS.items():
+        if results.get(key) is not None:
+            add(mode, results[key], results, mode)
+    for entry in results.get("baselines", []):
+        label = f"{entry['name']} @ T̄ {entry['target_budget']:.4g}"
+        if "skipped" in entry:
+            rows.append((label, "skipped", "", "", "", ""))
+            continue
+        for mode in entry["equivalent_token_budget"]:
+            add(f"{label} {mode}", entry[ACCURACY_KEYS[mode]], entry, mode)
+    def shown(text: str) -> int:  # columns on a terminal: the macron of T̄ combines with its T
+        return sum(not unicodedata.combining(c) for c in text)
+
+    widths = [max(shown(row[i]) for row in rows) for i in range(len(rows[0]))]
+    pad = [(lambda cell, w: cell + " " * (w - shown(cell)))] + [lambda cell, w: " " * (w - shown(cell)) + cell] * 5
+    return "\n".join("  ".join(pad[i](cell, w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+                     for row in rows)
