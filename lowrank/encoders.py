@@ -24,7 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from utils.errors import UsageError
+from utils.errors import CheckpointError, UsageError
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -90,7 +90,10 @@ def runner_encoder(path: str, device: str = "cpu") -> Encoder:
     from pruners.reshaping import ShapeChangingMode
     from utils import checkpoint
     from utils.config import RunConfig
-    payload = checkpoint.load(path)
+    try:
+        payload = checkpoint.load(path)
+    except CheckpointError as exc:  # its message starts with the path
+        raise CheckpointError(f"--encoder runner:{exc}") from None
     arch, dataset = payload["config"]["arch"], payload["config"]["dataset"]
     spec = DATASETS[dataset]
     model = create_model(arch, spec.num_classes)

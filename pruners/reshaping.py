@@ -20,6 +20,7 @@ from pruners.base import StructMode
 from pruners.masks import Masks, remaining_fraction
 from tokens.backends import Target
 from tokens.stats import EncoderStats
+from utils.config import RunConfig
 from utils.errors import UsageError
 
 
@@ -38,9 +39,10 @@ class ShapeChangingMode(StructMode):
     def check_model(self, model: nn.Module) -> None:
         super().check_model(model)
         if self.config.prune_type != "pt":
-            raise UsageError(f"--prune_type {self.config.prune_type}: --struct {self.config.struct} retrains the "
-                             f"layers it changed from the previous round's trained weights, which the rewind "
-                             f"weights do not have; pass --prune_type pt")
+            default = " (the default)" if self.config.prune_type == RunConfig.prune_type else ""
+            raise UsageError(f"--prune_type {self.config.prune_type}{default}: --struct {self.config.struct} "
+                             f"retrains the layers it changed from the previous round's trained weights, which "
+                             f"the rewind weights do not have; pass --prune_type pt")
 
     def shape_model(self, model: nn.Module, state: Dict[str, torch.Tensor]) -> bool:
         """Give `model` the layers of `state` (a checkpoint's model state); True when it changed any."""

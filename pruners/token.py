@@ -22,6 +22,9 @@ from tokens.stats import EncoderStats
 from utils.errors import UsageError
 
 
+METHOD_OF_STRUCT = {"token": "anchor pruning", "merge": "the token merger"}  # what shrinks the tokens
+
+
 def token_budget(round_index: int, num_patches: int, rate: float, token_keep: Sequence[int] = ()) -> int:
     """Patch tokens kept in `round_index` (the prefix tokens come on top); all of them in round 0."""
     if round_index == 0:
@@ -45,9 +48,10 @@ def check_token_vit(model: nn.Module, config, struct: str, counted_for: str) -> 
     such block."""
     try:
         target = find_target(model)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:  # find_target speaks of anchor pruning, what --struct token runs
+        detail = str(exc).replace("anchor pruning", METHOD_OF_STRUCT.get(struct, "anchor pruning"))
         raise UsageError(f"--struct {struct}: needs a ViT with a class token, e.g. --arch vit_tiny; "
-                         f"--arch {config.arch}: {exc}") from None
+                         f"--arch {config.arch}: {detail}") from None
     num_patches = patch_count(model, target)
     if num_patches is None:
         raise UsageError(f"--struct {struct}: --arch {config.arch} has no fixed patch count to {counted_for}")

@@ -121,7 +121,7 @@ def test_extract_cli_refuses_another_encoder_and_empty_input(tmp_path, capsys):
     assert "--limit 0: must be at least 1" in capsys.readouterr().err
     missing = tmp_path / "none.pth.tar"
     assert extract.main(["--encoder", f"runner:{missing}", "--out", out]) == 2
-    assert capsys.readouterr().err == f"error: {missing}: no such checkpoint file\n"
+    assert capsys.readouterr().err == f"error: --encoder runner:{missing}: no such checkpoint file\n"
 
 
 def test_extract_from_an_image_folder_and_cifar10(tmp_path, cifar10_root):

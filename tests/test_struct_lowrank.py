@@ -120,7 +120,8 @@ def test_factorise_like_rebuilds_a_checkpoints_shapes():
 
 
 def test_check_model_refusals():
-    with pytest.raises(UsageError, match=r"--prune_type lt: --struct lowrank retrains .* pass --prune_type pt"):
+    with pytest.raises(UsageError,
+                       match=r"--prune_type lt \(the default\): --struct lowrank retrains .* pass --prune_type pt"):
         lowrank_mode(prune_type="lt").check_model(create_model("vit_tiny", 10))
 
     class OnlyClassifier(nn.Module):
@@ -139,7 +140,7 @@ def test_check_model_refusals():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--struct", "lowrank"], "error: --prune_type lt: --struct lowrank retrains"),
+    (["--struct", "lowrank"], "error: --prune_type lt (the default): --struct lowrank retrains"),
     (["--struct", "lowrank", "--prune_type", "pt", "--token_keep", "3"],
      "error: --token_keep 3: not used with --struct lowrank"),
     (["--struct", "lowrank", "--prune_type", "pt", "--vit_structured"], "error: --vit_structured: not used"),

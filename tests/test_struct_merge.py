@@ -103,13 +103,14 @@ def test_a_checkpoint_holds_the_merger_and_a_fresh_model_takes_it():
 
 def test_check_model_refusals():
     vit = create_model("vit_tiny", 10)
-    with pytest.raises(UsageError, match=r"--struct merge: needs a ViT.*--arch res20s"):
+    with pytest.raises(UsageError, match=r"^--struct merge: needs a ViT with a class token, e.g. --arch vit_tiny; "
+                                         r"--arch res20s: the token merger supports timm VisionTransformer"):
         TokenMerging(RunConfig(arch="res20s", struct="merge", prune_type="pt")).check_model(create_model("res20s", 10))
     with pytest.raises(UsageError, match=r"--token_keep 40,64: round 2 would merge the 64 patch tokens"):
         merge_mode(token_keep=(40, 64)).check_model(vit)
     with pytest.raises(UsageError, match=r"--token_start_block 9: .* has 9 blocks"):
         merge_mode(token_start_block=9).check_model(vit)
-    with pytest.raises(UsageError, match=r"--prune_type lt: --struct merge retrains"):
+    with pytest.raises(UsageError, match=r"--prune_type lt \(the default\): --struct merge retrains"):
         merge_mode(prune_type="lt").check_model(vit)
 
 
@@ -153,3 +154,18 @@ def test_killed_and_extended_merge_runs_resume_bit_identically(tmp_path):
     run_main(*resume_args(MERGE_VIT, 1), "--save_dir", extended)
     run_main(*args, "--save_dir", extended, "--resume")
     assert_same_outcome(round_outcome(extended, 2), expected)
+
+
+def test_a_checkpoint_of_another_struct_is_refused_naming_both_structs():
+    """A --struct lowrank run branched or resumed from a merge checkpoint: its model lacks the merger."""
+    from utils.errors import CheckpointError
+    torch.manual_seed(0)
+    model = create_model("vit_tiny", 10)
+    mode = merge_mode()
+    mode.check_model(model)
+    start_round(mode, model, 1)
+    payload = {"model": model.state_dict(), "config": mode.config.to_dict()}
+    ours = RunConfig(arch="vit_tiny", struct="lowrank", prune_type="pt").to_dict()
+    with pytest.raises(CheckpointError, match=r"^c\.pth\.tar: the checkpoint was saved by --struct merge and this "
+                                              r"run is --struct lowrank; their models differ \(\['token_merger\."):
+        checkpoint.check_compatible("c.pth.tar", payload, create_model("vit_tiny", 10).state_dict(), ours)

@@ -85,6 +85,14 @@ def test_bad_layer_or_centres_exit_2_nothing_written(vqa_jsonl, tmp_path, capsys
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_missing_base_checkpoint_is_named_in_one_line(vqa_jsonl, tmp_path, capsys):
+    missing = tmp_path / "tiny_llava.pt"
+    args = [a for a in _args(vqa_jsonl, tmp_path / "run") if a != "--tiny_random"]
+    assert main(args + [f"base_checkpoint={missing}"]) == 2
+    assert capsys.readouterr().err == f"error: base_checkpoint {missing}: no such checkpoint file\n"
+    assert not os.path.exists(tmp_path / "run")
+
+
 def _setup(jsonl, save_dir):
     config = load_config(CONFIG, SMALL[1:] + ["tiny_random=true", f"train_jsonl={jsonl}", f"save_dir={save_dir}"])
     backbone = ckpt.load_backbone(config)

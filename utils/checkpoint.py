@@ -150,7 +150,9 @@ def load(path: str) -> dict:
 
 
 def check_compatible(path: str, payload: dict, model_state: dict, config_dict: dict) -> None:
-    """The checkpoint must come from the same architecture and dataset as this run."""
+    """The checkpoint must come from the same architecture and dataset as this run, its model the same keys
+    and shapes (CheckpointError naming `path`; naming both --struct values when the keys differ because the
+    checkpoint was made by another struct mode)."""
     saved = payload["config"]
     for key in ("arch", "dataset"):
         if saved.get(key) != config_dict.get(key):
@@ -159,6 +161,11 @@ def check_compatible(path: str, payload: dict, model_state: dict, config_dict: d
     theirs, ours = payload["model"], model_state
     if set(theirs) != set(ours):
         diff = sorted(set(theirs) ^ set(ours))
+        struct, theirs_struct = config_dict.get("struct"), saved.get("struct")
+        if struct and theirs_struct and struct != theirs_struct:  # e.g. a merger or factorised layers
+            raise CheckpointError(f"{path}: the checkpoint was saved by --struct {theirs_struct} and this run is "
+                                  f"--struct {struct}; their models differ ({diff[:3]}), use --struct "
+                                  f"{theirs_struct}")
         raise CheckpointError(f"{path}: model keys differ from --arch {config_dict.get('arch')} ({diff[:3]})")
     for name, tensor in ours.items():
         if tuple(theirs[name].shape) != tuple(tensor.shape):

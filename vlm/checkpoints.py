@@ -62,7 +62,10 @@ def load_backbone(config: VLMPruningConfig, backbone_state: Optional[dict] = Non
         tokenizer = processor.tokenizer
     else:
         if config.base_checkpoint:
-            model, tokenizer, _ = load_tiny_llava(config.base_checkpoint, dtype)
+            try:
+                model, tokenizer, _ = load_tiny_llava(config.base_checkpoint, dtype)
+            except CheckpointError as exc:  # its message starts with the path
+                raise CheckpointError(f"base_checkpoint {exc}") from None
         else:
             tokenizer = cifar10_vqa_tokenizer()
             torch.manual_seed(config.seed)  # the same random backbone for every run of this seed
