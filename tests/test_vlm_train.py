@@ -261,3 +261,22 @@ def test_evaluation_uses_the_temperature_training_reached(vqa_jsonl, tmp_path, o
     last = [json.loads(line) for line in open(run / "metrics.jsonl")][-1]
     *_, temperature = load_eval_setup(str(run / "checkpoint_0000004.pt"), seed=0)
     assert temperature == pytest.approx(last["temperature"]) and temperature < 0.5
+
+
+def test_eval_keeps_the_top_keep_ratio_tokens_when_a_budget_was_trained():
+    """Logits all positive (uniform-ish: what a budget on the mean keep probability can converge to):
+    the threshold would keep every token; with keep_ratio 0.5 the eval keeps the top round(0.5 · n) valid
+    tokens of each sample (sample 0: 4 valid -> 2; sample 1: 3 valid -> round(1.5) = 2)."""
+    from vlm.layer_pruner import LayerSpecificPruner
+    logits = torch.tensor([[1.3, 1.1, 1.5, 1.2], [0.9, 2.0, 1.0, 5.0]])
+    valid = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    decide = dict(layer=1, hidden=torch.zeros(2, 4, 8), vision_index=torch.zeros(2, 4, dtype=torch.long),
+                  vision_valid=valid, question_hidden=torch.zeros(2, 1, 8),
+                  question_mask=torch.ones(2, 1, dtype=torch.bool), training=False, temperature=0.1)
+    budget, threshold = (LayerSpecificPruner(8, 4, [1], "simple", d_internal=8, keep_ratio=ratio) for ratio in (0.5, None))
+    for pruner in (budget, threshold):
+        pruner.keep_logits = lambda *args, **kwargs: logits
+    assert budget.decide(**decide).tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0]]
+    assert threshold.decide(**decide).tolist() == [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]]
+    with pytest.raises(ValueError, match="pruner_keep_ratio"):
+        LayerSpecificPruner(8, 4, [1], "simple", d_internal=8, keep_ratio=1.5)

@@ -21,17 +21,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
-
-def top_k_keep(scores: torch.Tensor, vision_valid: torch.Tensor, keep_tokens: int) -> torch.Tensor:
-    """Float [B, n] mask with 1 on the min(keep_tokens, valid count) highest-scoring valid tokens of each row.
-
-    scores float [B, n]; vision_valid bool [B, n] (False on padded vision slots, never kept). Ties are broken by
-    position (stable sort)."""
-    scores = scores.float().masked_fill(~vision_valid, float("-inf"))
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-    return ((rank < keep_tokens) & vision_valid).float()
+from vlm.hard_drop import top_k_keep  # noqa: F401  (re-exported: the baselines' selection)
 
 
 def _counts(keep_tokens: Union[int, Sequence[int]], layers: Sequence[int]) -> List[int]:

@@ -97,7 +97,8 @@ def build_modules(config: VLMPruningConfig, backbone: Backbone) -> Dict[str, tor
                                                config.target_merge_tokens, config.merger_type == "question_aware",
                                                config.pruner_d_internal, config.pruner_num_heads),
                 "pruner": LayerSpecificPruner(parts.hidden_size, parts.num_layers, config.pruning_layers,
-                                              config.pruner_type, config.pruner_d_internal, config.pruner_num_heads),
+                                              config.pruner_type, config.pruner_d_internal, config.pruner_num_heads,
+                                              config.pruner_keep_ratio),
                 "discriminator": Discriminator(parts.hidden_size, config.discriminator_layers,
                                                config.discriminator_d_internal)}
     except ValueError as exc:

@@ -63,3 +63,15 @@ def padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """RoPE position ids [B, S] for a left-padded batch: 0, 1, ... over each row's attended tokens (padding
     slots get 0), so a padded sample sees the positions it would have alone."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def top_k_keep(scores: torch.Tensor, vision_valid: torch.Tensor, keep_tokens) -> torch.Tensor:
+    """Float [B, n] mask with 1 on the min(keep_tokens, valid count) highest-scoring valid tokens of each row.
+
+    scores float [B, n]; vision_valid bool [B, n] (False on padded vision slots, never kept); keep_tokens an
+    int, or a long tensor [B, 1] of per-row counts. Ties are broken by position (stable sort)."""
+    scores = scores.float().masked_fill(~vision_valid, float("-inf"))
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return ((rank < keep_tokens) & vision_valid).float()

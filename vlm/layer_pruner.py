@@ -9,12 +9,12 @@ at eval). Hooks are attached only for the duration of one forward (`layer_hooks`
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from vlm.hard_drop import gather_tokens
+from vlm.hard_drop import gather_tokens, top_k_keep
 from vlm.pruner_heads import VisionPrunerHead, VisionPrunerHeadSimple, keep_mask
 
 PRUNER_TYPES = ("cross_attention", "simple")
@@ -26,12 +26,21 @@ class LayerSpecificPruner(nn.Module):
     dim: the LLM hidden size D; num_layers: the LLM depth L; pruner_type "cross_attention"
     (VisionPrunerHead, vision -> question cross-attention with `num_heads`) or "simple"
     (VisionPrunerHeadSimple, MLP on the vision tokens); d_internal: the heads' width.
-    Raises ValueError naming `pruning_layers` (a layer outside 0..L-1, repeated or none) or `pruner_type`.
+    keep_ratio: the training budget `pruner_keep_ratio` or None. At eval a head keeps the tokens with
+    logit > 0 when it is None, else the top max(1, round(keep_ratio · n)) logits of each sample's n vision
+    tokens: a budget trained on the mean keep probability can be met by uniform logits (e.g. all at
+    sigmoid⁻¹(0.78) = 1.27), which the threshold would keep entirely.
+    Raises ValueError naming `pruning_layers` (a layer outside 0..L-1, repeated or none), `pruner_type`
+    or `keep_ratio` (outside (0, 1]).
     """
 
     def __init__(self, dim: int, num_layers: int, pruning_layers: Sequence[int] = (10, 20, 31),
-                 pruner_type: str = "cross_attention", d_internal: int = 512, num_heads: int = 4):
+                 pruner_type: str = "cross_attention", d_internal: int = 512, num_heads: int = 4,
+                 keep_ratio: Optional[float] = None):
         super().__init__()
+        if keep_ratio is not None and not 0 < keep_ratio <= 1:
+            raise ValueError(f"keep_ratio={keep_ratio} must be in (0, 1] (pruner_keep_ratio), or None")
+        self.keep_ratio = keep_ratio
         layers = [int(layer) for layer in pruning_layers]
         bad = [layer for layer in layers if not 0 <= layer < num_layers]
         if not layers or bad or len(set(layers)) != len(layers):
@@ -63,6 +72,10 @@ class LayerSpecificPruner(nn.Module):
         """Keep mask [B, n] (float; 0 on invalid slots) for the vision tokens at vision_index long [B, n].
 
         hidden [B, S, D]: the layer's input hidden states; question_hidden [B, Q, D] with question_mask bool
-        [B, Q]; training: Gumbel-softmax straight-through at `temperature`, else logit > 0."""
+        [B, Q]; training: Gumbel-softmax straight-through at `temperature`; eval: logit > 0, or the top
+        round(keep_ratio · n) logits per sample when `keep_ratio` is set."""
         logits = self.keep_logits(layer, hidden, vision_index, vision_valid, question_hidden, question_mask)
+        if not training and self.keep_ratio is not None:
+            counts = (vision_valid.sum(dim=1, keepdim=True) * self.keep_ratio).round().clamp(min=1).long()
+            return top_k_keep(logits, vision_valid, counts).to(logits.dtype)
         return keep_mask(logits, temperature, training) * vision_valid.to(logits.dtype)
