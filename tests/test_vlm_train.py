@@ -273,7 +273,8 @@ def test_eval_keeps_the_top_keep_ratio_tokens_when_a_budget_was_trained():
     decide = dict(layer=1, hidden=torch.zeros(2, 4, 8), vision_index=torch.zeros(2, 4, dtype=torch.long),
                   vision_valid=valid, question_hidden=torch.zeros(2, 1, 8),
                   question_mask=torch.ones(2, 1, dtype=torch.bool), training=False, temperature=0.1)
-    budget, threshold = (LayerSpecificPruner(8, 4, [1], "simple", d_internal=8, keep_ratio=ratio) for ratio in (0.5, None))
+    budget, threshold = (LayerSpecificPruner(8, 4, [1], "simple", d_internal=8, keep_ratio=ratio)
+                         for ratio in (0.5, None))
     for pruner in (budget, threshold):
         pruner.keep_logits = lambda *args, **kwargs: logits
     assert budget.decide(**decide).tolist() == [[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0]]
