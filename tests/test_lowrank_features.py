@@ -32,11 +32,22 @@ def runner_checkpoint(path, dataset="synthetic"):
     torch.manual_seed(0)
     model = create_classifier("vit_tiny", 10)
     masks = {name: torch.rand_like(p) > 0.5 for name, p in model.named_parameters() if name.endswith("qkv.weight")}
-    checkpoint.save(str(path), {"format": checkpoint.FORMAT, "kind": "round", "round": 1, "epoch": 1,
-                                "model": model.state_dict(), "masks": masks, "config": config.to_dict(),
+    save_round_checkpoint(path, model, config, 1, masks)
+    return masks
+
+
+def save_round_checkpoint(path, model, config, round_index, masks=None):
+    """Write `model` as the runner writes the round checkpoint of `round_index` of a run with `config`."""
+    checkpoint.save(str(path), {"format": checkpoint.FORMAT, "kind": "round", "round": round_index, "epoch": 1,
+                                "model": model.state_dict(), "masks": masks or {}, "config": config.to_dict(),
                                 "config_hash": config.config_hash(),
                                 "lineage": checkpoint.lineage_record(config.config_hash(), None, None)})
-    return masks
+
+
+def synthetic_batch():
+    """Two uint8 images [2, 3, 32, 32] and the same normalised as the synthetic dataset does."""
+    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    return images, (images.float() / 255 - 0.5) / 0.25
 
 
 # --- cache ---------------------------------------------------------------------------------------------------
@@ -225,13 +236,9 @@ def test_runner_encoder_rebuilds_struct_lowrank_layers(tmp_path):
     model = create_classifier("vit_tiny", 10).eval()
     replace_module(model, "blocks.0.attn.qkv", factorise(model.blocks[0].attn.qkv, 20))
     path = tmp_path / "1checkpoint.pth.tar"
-    checkpoint.save(str(path), {"format": checkpoint.FORMAT, "kind": "round", "round": 1, "epoch": 1,
-                                "model": model.state_dict(), "masks": {}, "config": config.to_dict(),
-                                "config_hash": config.config_hash(),
-                                "lineage": checkpoint.lineage_record(config.config_hash(), None, None)})
+    save_round_checkpoint(path, model, config, 1)
     encoder = build_encoder(f"runner:{path}")
-    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
-    x = (images.float() / 255 - 0.5) / 0.25  # synthetic's normalisation
+    images, x = synthetic_batch()
     with torch.no_grad():
         assert torch.allclose(encoder.encode(images), model.forward_features(x), atol=1e-5)
 
@@ -252,13 +259,9 @@ def test_runner_encoder_rebuilds_the_struct_merge_merger_at_its_round(tmp_path):
                                  calibration_batches=lambda: iter(()), log=lambda message: None), {})
     mode.configure_model(model, 2, lambda message: None)
     path = tmp_path / "2checkpoint.pth.tar"
-    checkpoint.save(str(path), {"format": checkpoint.FORMAT, "kind": "round", "round": 2, "epoch": 1,
-                                "model": model.state_dict(), "masks": {}, "config": config.to_dict(),
-                                "config_hash": config.config_hash(),
-                                "lineage": checkpoint.lineage_record(config.config_hash(), None, None)})
+    save_round_checkpoint(path, model, config, 2)
     encoder = build_encoder(f"runner:{path}")
-    images = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
-    x = (images.float() / 255 - 0.5) / 0.25  # synthetic's normalisation
+    images, x = synthetic_batch()
     features = encoder.encode(images)
     assert features.shape == (2, 17, 192)
     with torch.no_grad():
