@@ -10,6 +10,7 @@ Per round these modes report the model's parameters, FLOPs per image (torch.util
 counts a multiply-add as 2 FLOPs) and the eval-mode images/s measured over the round's validation and
 test passes (synchronised on CUDA; the first `WARMUP_CALLS` forwards of a round are not counted).
 """
+from abc import ABC, abstractmethod
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -24,7 +25,7 @@ from utils.config import RunConfig
 from utils.errors import UsageError
 
 
-class ShapeChangingMode(StructMode):
+class ShapeChangingMode(StructMode, ABC):
     changes_forward = True  # a changed model runs differently: CUDA graphs are captured anew
 
     def __init__(self, config):
@@ -44,9 +45,9 @@ class ShapeChangingMode(StructMode):
                              f"retrains the layers it changed from the previous round's trained weights, which "
                              f"the rewind weights do not have; pass --prune_type pt")
 
+    @abstractmethod
     def shape_model(self, model: nn.Module, state: Dict[str, torch.Tensor]) -> bool:
         """Give `model` the layers of `state` (a checkpoint's model state); True when it changed any."""
-        raise NotImplementedError
 
     def remaining_pct(self, masks: Masks) -> float:
         """% of the prunable weights left, for the epoch and round records (masks: the round's)."""
