@@ -31,7 +31,8 @@ import torch
 
 try:
     from vlm.baselines import keep_counts_for_budget, top_k_keep
-    from vlm.cost import count_flops, kv_cache_bytes, median_ms
+    from utils.timing import median_ms
+    from vlm.cost import count_flops, kv_cache_bytes
     from vlm.layer_pruner import LayerSpecificPruner
     from vlm.llava import build_llava, llava_parts, tiny_llava_config
     from vlm.merger import LearnableTokenMerger

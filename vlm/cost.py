@@ -5,13 +5,12 @@ pruned forward, which runs later layers on fewer tokens, counts fewer FLOPs; a s
 attention, counts as many as the plain model). Latency is measured, never modelled: CUDA events on a GPU,
 `time.perf_counter` on the CPU, warm-up iterations excluded, median reported. KV-cache bytes are summed over
 the tensors the cache actually holds after the prefill (layers that saw fewer tokens hold shorter caches).
+The latency half lives in `utils.timing` (`median_ms`), shared with the other benchmarks.
 """
 from typing import Any, Callable, List, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-
-from utils.timing import median_ms, time_ms  # noqa: F401  (re-exported: the latency half of a forward's cost)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

@@ -14,8 +14,9 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from utils.errors import UsageError
+from utils.timing import median_ms
 from vlm.baselines import FastVDrop, RandomDrop, keep_counts_for_budget
-from vlm.cost import count_flops, kv_cache_bytes, median_ms
+from vlm.cost import count_flops, kv_cache_bytes
 from vlm.data import batch_to, exact_match, vqa_accuracy, vqa_loader
 from vlm.pruned_forward import equivalent_token_budget, pruned_forward, pruned_generate
 from vlm.tokenizer import WordTokenizer
