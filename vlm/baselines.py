@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from transformers.models.llama.modeling_llama import rotate_half
 
-from vlm.hard_drop import top_k_keep  # noqa: F401  (re-exported: the baselines' selection)
+from vlm.hard_drop import top_k_keep
 
 
 def _counts(keep_tokens: Union[int, Sequence[int]], layers: Sequence[int]) -> List[int]:
