@@ -42,6 +42,7 @@ class StructMode:
     regularized = False
     accepts_vit_structured = False
     changes_forward = False  # True for modes whose configure_model changes how the model runs
+    masks_weights = True  # False for modes that shrink tokens or factorise layers instead of masking weights
 
     def __init__(self, config: RunConfig):
         self.config = config

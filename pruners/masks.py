@@ -53,6 +53,20 @@ def global_magnitude_masks(weights: Dict[str, torch.Tensor], masks: Masks, rate:
     return out
 
 
+def random_masks_like(masks: Masks, generator: torch.Generator) -> Masks:
+    """Masks with the same kept count per layer as `masks`, at uniformly random positions (element-wise):
+    the lottery-ticket "random pruning" control (Frankle & Carbin 2019, sec. 2; open_lth's
+    `randomly_prune` branch). Shapes, dtypes and devices follow `masks`; `generator` (CPU) fixes the draw."""
+    out = {}
+    for name, mask in masks.items():
+        kept = int((mask != 0).sum())
+        chosen = torch.randperm(mask.numel(), generator=generator)[:kept]
+        flat = torch.zeros(mask.numel(), dtype=torch.bool)
+        flat[chosen] = True
+        out[name] = flat.view(mask.shape).to(device=mask.device, dtype=mask.dtype)
+    return out
+
+
 def apply_masks(weights: Dict[str, torch.Tensor], masks: Masks) -> None:
     """Zero the pruned weights in place."""
     with torch.no_grad():

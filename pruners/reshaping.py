@@ -27,6 +27,7 @@ from utils.errors import UsageError
 
 class ShapeChangingMode(StructMode, ABC):
     changes_forward = True  # a changed model runs differently: CUDA graphs are captured anew
+    masks_weights = False
 
     def __init__(self, config):
         super().__init__(config)

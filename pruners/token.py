@@ -76,6 +76,7 @@ def check_budgets(config, budget_for: Callable[[int], int], num_patches: int,
 @STRUCTS.register("token")
 class TokenPruning(StructMode):
     changes_forward = True
+    masks_weights = False
     name = "token"
 
     def __init__(self, config):

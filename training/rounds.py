@@ -202,10 +202,11 @@ class RoundRunner(EpochTraining):
         self.last_save = time.time()
         self.tracker.commit()  # the records this checkpoint covers can no longer be truncated: to wandb
 
-    def save_rewind(self, epoch: int) -> None:
+    def save_rewind(self, epoch: int, state: Optional[dict] = None) -> None:
+        """Save the model's weights now (or `state`, a CPU state dict) as this run's rewind point."""
         path = paths.rewind_weights(self.session.directory)
         sha = checkpoint.save(path, {"kind": "rewind", "prune_type": self.config.prune_type, "epoch": epoch,
-                                     "model": cpu_state(self.session.model)})
+                                     "model": state if state is not None else cpu_state(self.session.model)})
         self.rewind = {"path": os.path.basename(path), "sha256": sha, "prune_type": self.config.prune_type,
                        "epoch": epoch}
 
@@ -257,7 +258,10 @@ class RoundRunner(EpochTraining):
 
 
 def lineage_header(config, directory: str) -> dict:
-    return {"config_hash": config.config_hash(), "run_dir": os.path.abspath(directory)}
+    header = {"config_hash": config.config_hash(), "run_dir": os.path.abspath(directory)}
+    if config.resume_from:  # a branch: what kind (README "Lottery-ticket controls") and of which checkpoint
+        header["branch"] = {"kind": config.branch or "continue", "from": config.resume_from}
+    return header
 
 
 def repair_history(begin: "starting.Start", config, directory: str, warn) -> None:
@@ -328,6 +332,8 @@ def _run_locked(config, directory: str) -> str:
             tracker.info(f"{'resuming' if begin.resumed else 'branching'} from {begin.source} "
                          f"(round {begin.progress.round}, epoch {begin.progress.epoch})")
         runner = RoundRunner(session, struct, tracker, begin.rewind, stop)
+        if begin.new_rewind is not None:  # a random_reinit control: its fresh init is its rewind point
+            runner.save_rewind(0, begin.new_rewind)
         if begin.resumed and begin.round_complete:
             runner.record_round(begin.payload, checkpoint.sha256_of(begin.source))
         if begin.source is None and (config.prune_type == "lt" or

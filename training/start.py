@@ -13,9 +13,10 @@ from typing import Optional
 import torch
 
 from data import resolve_val_size
+from training import controls
 from training.session import RoundProgress, Session
 from utils import checkpoint, paths
-from utils.config import RunConfig, config_differences
+from utils.config import CONTROLS, RunConfig, config_differences
 from utils.errors import CheckpointError, UsageError
 from utils.seeding import runtime_differences
 
@@ -28,6 +29,7 @@ class Start:
     rewind: Optional[dict] = None
     source: Optional[str] = None  # the checkpoint resumed or branched from
     branch_rewind_source: Optional[str] = None  # the parent's rewind file, copied in at start
+    new_rewind: Optional[dict] = None  # a random_reinit branch's fresh init: its own rewind weights
     payload: Optional[dict] = None  # the checkpoint resumed from
     resumed: bool = False  # continues this run dir's own checkpoints (else: a fresh start or a branch)
 
@@ -118,6 +120,8 @@ def _check_branch_flags(path: str, payload: dict, session: Session) -> None:
     for config in (saved, ours):  # the default split and the same size given explicitly are one split
         config["val_size"] = resolve_val_size(config["dataset"], config["val_size"])
     for flag, what in BRANCH_MUST_MATCH.items():
+        if flag == "seed" and ours.get("branch") in controls.SEEDED:
+            continue  # the seed draws the control's new init / random masks (and its data order)
         if flag in ours and saved.get(flag, ours[flag]) != ours[flag]:
             _refuse_flag(path, flag, ours[flag], saved.get(flag), what)
     regrown = sorted(set(payload["masks"]) - set(session.weights))
@@ -140,8 +144,8 @@ def _branch(session: Session, path: str) -> Start:
     _check_branch_flags(path, payload, session)
     progress = session.restore(payload)
     progress.parent, progress.parent_sha256 = os.path.abspath(path), checkpoint.sha256_of(path)
-    rewind, rewind_source = None, None
-    if session.config.prune_type != "pt":
+    rewind, rewind_source, kind = None, None, session.config.branch
+    if session.config.prune_type != "pt" and kind != "random_reinit":  # random_reinit rewinds to its own init
         rewind = payload.get("rewind")
         if not rewind:
             raise CheckpointError(f"--resume_from {path}: its run saved no rewind weights; "
@@ -153,6 +157,10 @@ def _branch(session: Session, path: str) -> Start:
                          f"rewind weights (epoch {rewind['epoch']} of its round 0)")
         rewind_source = os.path.join(os.path.dirname(path), rewind["path"])
         verify_rewind(rewind_source, rewind, f"--resume_from {path}")
+    if kind in CONTROLS:
+        progress, new_rewind = controls.control_start(session, kind, payload, path, rewind_source)
+        return Start(progress=progress, round_complete=False, rewind=rewind, source=path,
+                     branch_rewind_source=rewind_source, new_rewind=new_rewind)
     return Start(progress=progress, round_complete=True, rewind=rewind, source=path,
                  branch_rewind_source=rewind_source)
 

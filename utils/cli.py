@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from utils import paths
-from utils.config import RunConfig, resolve_schedule
+from utils.config import BRANCH_KINDS, CONTROLS, RunConfig, resolve_schedule
 from utils.errors import NumericalError, UsageError, error_line, os_error_line, run_cli
 from utils.interrupts import Interrupted
 
@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exp_name", default=d.exp_name)
     g.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint of the run dir")
     g.add_argument("--resume_from", default=None, help="branch a new run from a numbered checkpoint of any run")
+    g.add_argument("--branch", default=None, choices=BRANCH_KINDS,
+                   help="with --resume_from: continue (default: the parent's next round) or a lottery-ticket "
+                        "control that re-trains the checkpoint's round: retrain (same masks, from the rewind "
+                        "point), random_reinit (same masks, fresh init), random_prune (same per-layer sparsity, "
+                        "random masks)")
     g.add_argument("--checkpoint_interval", type=float, default=d.checkpoint_interval,
                    help="seconds between epoch-level checkpoints (0: every epoch)")
     g.add_argument("--workers", type=int, default=d.workers, help="accepted for compatibility; data is in memory")
@@ -245,11 +250,17 @@ def validate(args: argparse.Namespace, given: Optional[set] = None) -> RunConfig
     _check(args.print_freq >= 1, f"--print_freq {args.print_freq}: must be at least 1")
     _check(args.checkpoint_interval >= 0, f"--checkpoint_interval {args.checkpoint_interval}: must be >= 0")
     _check_device(args.device)
+    _check(args.branch is None or args.resume_from is not None,
+           f"--branch {args.branch}: needs --resume_from <k>checkpoint.pth.tar (the run it is a branch of)")
+    _check(args.branch not in CONTROLS or STRUCTS[args.struct].masks_weights,
+           f"--branch {args.branch}: --struct {args.struct} has no weight masks to control; use a mode that "
+           f"prunes weights (none, refill, regroup, rsst)")
     _check_used(args, given or set())
     return RunConfig(
         arch=args.arch, dataset=args.dataset, data=args.data, val_size=args.val_size, struct=args.struct,
         rate=args.rate, pruning_times=args.pruning_times, prune_type=args.prune_type,
-        rewind_epoch=args.rewind_epoch, prune_classifier=args.prune_classifier, conv1=args.conv1, epochs=args.epochs,
+        rewind_epoch=args.rewind_epoch, prune_classifier=args.prune_classifier, conv1=args.conv1, branch=args.branch,
+        epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         warmup=warmup, decreasing_lr=milestones, seed=args.seed, amp=args.amp, nan_policy=args.nan_policy,
         criteria=args.criteria, criteria_batches=args.criteria_batches,

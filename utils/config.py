@@ -18,6 +18,11 @@ RUN_CONTROL_FIELDS = frozenset({
 })
 
 
+# --branch kinds (with --resume_from): continue = the parent's next round, pruned from its weights; the
+# lottery-ticket controls re-train the parent's round (training/controls.py)
+CONTROLS = ("retrain", "random_reinit", "random_prune")
+BRANCH_KINDS = ("continue",) + CONTROLS
+
 # What runs saved before a field existed did (issue 16): they pruned the stem and kept
 # max(1, round(n)) + round((C - round(n)) * fillback_rate) channels.
 LEGACY_VALUES = {"conv1": True, "refill_count": "nearest"}
@@ -38,6 +43,7 @@ class RunConfig:
     rewind_epoch: int = 24
     prune_classifier: bool = False  # --fc (synonym --prune_classifier): prune every classifier head
     conv1: bool = False  # --conv1: prune the stem (conv1 / patch_embed.proj), dense by default
+    branch: Optional[str] = None  # with resume_from: continue (None) or a control (training/controls.py)
     # optimisation, per round
     epochs: int = 120
     batch_size: int = 128
@@ -98,7 +104,10 @@ class RunConfig:
         return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL_FIELDS}
 
     def config_hash(self) -> str:
-        canonical = json.dumps(self.experiment_fields(), sort_keys=True, separators=(",", ":"))
+        fields = self.experiment_fields()
+        if fields["branch"] is None:  # hashes of runs made before --branch existed stay as they were
+            del fields["branch"]
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def replace(self, **changes) -> "RunConfig":
