@@ -27,7 +27,7 @@ from training.loop import epoch_line, evaluate, recalibrate_batchnorm
 from training.optim import effective_warmup, lr_at
 from training.step import resolve_amp
 from training.session import RoundProgress, Session, cpu_state, device_state, prunable_of
-from utils import checkpoint, history, paths
+from utils import checkpoint, history, paths, provenance
 from utils.interrupts import Interrupted, StopRequest
 from utils.lock import RunLock
 from utils.seeding import seed_everything
@@ -321,6 +321,7 @@ def _run_locked(config, directory: str) -> str:
     else:  # a fresh start or a branch: records of an attempt that saved no checkpoint go
         truncate_metrics(directory, -1, 0, False)
     write_config(directory, config)
+    provenance.record_start(directory)
     if begin.resumed:
         repair_history(begin, config, directory, lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
     tracker = Tracker(directory, config, resuming=begin.resumed, history=session.history)
