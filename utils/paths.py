@@ -80,8 +80,23 @@ def wandb_state_file(directory: str) -> str:
     return os.path.join(directory, "wandb_state.json")
 
 
+def provenance_file(directory: str) -> str:
+    """One record per process that started or resumed the run (utils/provenance.py)."""
+    return os.path.join(directory, "provenance.json")
+
+
 def lock_file(directory: str) -> str:
     return os.path.join(directory, ".lock")
+
+
+def compact_round_report(directory: str, round_index: int) -> str:
+    """export_compact.py's measurements of round k (params, FLOPs, latency, throughput per variant)."""
+    return os.path.join(directory, "compact", f"round_{round_index}.json")
+
+
+def sweep_file(folder: str) -> str:
+    """sweep.py's record of a sweep folder: its grid and its cells' run dirs."""
+    return os.path.join(folder, "sweep.json")
 
 
 def round_index_of(path: str) -> Optional[int]:
