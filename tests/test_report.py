@@ -1,4 +1,4 @@
-"""report_runs.py / utils.reports: table, lineage tree, plot and errors, on run dirs written by hand.
+"""report_runs.py / reports/: table, lineage tree, plot and errors, on run dirs written by hand.
 
 The fixtures write lineage.json, metrics.jsonl and config.json in exactly the
 format training/rounds.py and utils/tracking.py produce, so these tests run in
@@ -12,7 +12,8 @@ import sys
 import pytest
 
 import report_runs
-from utils import reports
+from reports import lineage, plot, tables, xaxes
+from reports.runs import load_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -73,9 +74,9 @@ def table_rows(table: str) -> list:
 
 
 def test_table_marks_the_best_validation_round_with_its_test_beside(sweep):
-    runs, warnings = reports.load_runs(list(sweep))
+    runs, warnings = load_runs(list(sweep))
     assert warnings == []
-    rows = table_rows(reports.markdown_table(runs))
+    rows = table_rows(tables.markdown_table(runs))
     parent_label = "none res20s synthetic rate=0.5"
     branch_label = "none res20s synthetic rate=0.3 [br]"
     assert rows == [
@@ -93,8 +94,8 @@ def test_table_marks_the_best_validation_round_with_its_test_beside(sweep):
 
 def test_tree_hangs_the_branch_under_its_parent_at_round_1(sweep):
     parent, branch = sweep
-    runs, _ = reports.load_runs([branch, parent])  # order given must not matter
-    lines = reports.lineage_tree(runs).splitlines()
+    runs, _ = load_runs([branch, parent])  # order given must not matter
+    lines = lineage.lineage_tree(runs).splitlines()
     assert len(lines) == 2
     assert lines[0].startswith("none res20s synthetic rate=0.5  rounds 0-2  remaining 100%->25%  "
                                "best val 70.00 (test 71.25) @ 50%  ") and parent in lines[0]
@@ -108,8 +109,8 @@ def test_nested_branches_draw_as_a_tree(sweep, tmp_path):
                       os.path.join(parent, "0checkpoint.pth.tar"))
     deep = write_run(tmp_path / "runs" / "deep", [(3, 20.0, 60.0, 59.0)], config_record(exp_name="deep"),
                      os.path.join(branch, "2checkpoint.pth.tar"))
-    runs, _ = reports.load_runs([deep, early, branch, parent])
-    prefixes = [line.split(": ")[0] if ": " in line else "" for line in reports.lineage_tree(runs).splitlines()]
+    runs, _ = load_runs([deep, early, branch, parent])
+    prefixes = [line.split(": ")[0] if ": " in line else "" for line in lineage.lineage_tree(runs).splitlines()]
     # siblings sorted by the round they branched at, whatever order the dirs were given in
     assert prefixes == ["", "├── branch at round 0", "└── branch at round 1", "    └── branch at round 2"]
     assert [run.directory for run in runs] == [parent, early, branch, deep]
@@ -117,10 +118,10 @@ def test_nested_branches_draw_as_a_tree(sweep, tmp_path):
 
 def test_a_folder_of_runs_is_expanded_and_an_absent_parent_is_named(sweep, tmp_path):
     parent, branch = sweep
-    runs, _ = reports.load_runs([str(tmp_path / "runs")])
+    runs, _ = load_runs([str(tmp_path / "runs")])
     assert [run.directory for run in runs] == [parent, branch]
-    alone, _ = reports.load_runs([branch])
-    assert f"[branched from {parent}/1checkpoint.pth.tar, not in this report]" in reports.lineage_tree(alone)
+    alone, _ = load_runs([branch])
+    assert f"[branched from {parent}/1checkpoint.pth.tar, not in this report]" in lineage.lineage_tree(alone)
 
 
 def test_cli_writes_a_png_and_report_md(sweep, tmp_path, capsys):
@@ -134,7 +135,7 @@ def test_cli_writes_a_png_and_report_md(sweep, tmp_path, capsys):
     assert "```\nnone res20s synthetic rate=0.5" in markdown and "└── branch at round 1" in markdown
     printed = capsys.readouterr().out
     assert "└── branch at round 1" in printed and "71.25" in printed
-    assert sorted(os.listdir(out)) == ["accuracy_vs_remaining.png", "report.md"]  # no temp files left
+    assert sorted(os.listdir(out)) == ["accuracy_vs_remaining.png", "report.md", "rounds.csv"]  # no temp files left
 
 
 def test_bad_path_exits_2_with_one_line_naming_it(tmp_path):
@@ -168,7 +169,7 @@ def test_truncated_and_partial_metrics_lines_are_skipped(sweep):
     with open(metrics, "w") as f:
         f.writelines(lines[:3] + ['{"type": "round", "round": 1\n', "[1, 2]\n"] + lines[3:-1] + [cut])
     os.remove(os.path.join(parent, "lineage.json"))  # metrics.jsonl is now the only source of rounds
-    runs, warnings = reports.load_runs([parent])
+    runs, warnings = load_runs([parent])
     assert [(r.round, r.test_top1, r.epochs) for r in runs[0].rounds] == [(0, 70.5, 2), (1, 71.25, 2)]
     assert warnings == [f"{metrics}: skipped 3 unreadable line(s)"]
 
@@ -178,13 +179,17 @@ def test_report_on_a_real_two_round_run(core_run, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "report"
     assert report_runs.main([run_dir, "--out", str(out)]) == 0
-    runs, warnings = reports.load_runs([run_dir])
+    runs, warnings = load_runs([run_dir])
     rows = runs[0].rounds
     assert warnings == [] and [r.round for r in rows] == [0, 1] and 45 < rows[1].remaining_pct < 55
     best = runs[0].best()
     assert best.val_top1 == max(r.val_top1 for r in rows)
-    assert f"| **best val** (round {best.round}) |" in reports.markdown_table(runs).replace("  ", "")
+    assert f"| **best val** (round {best.round}) |" in tables.markdown_table(runs).replace("  ", "")
     assert (out / "accuracy_vs_remaining.png").read_bytes().startswith(PNG_SIGNATURE)
+    with open(out / "rounds.csv") as f:  # the runner's config.json gives the CSV's flag columns
+        csv_rows = [line.rstrip("\n").split(",") for line in f][1:]
+    assert [row[2:10] for row in csv_rows] == [["res20s", "synthetic", "rsst", "l1", "0.5", "1", "", str(k)]
+                                               for k in (0, 1)]
 
 
 # --struct token: the weights stay at 100 %, the tokens kept per image shrink (pruners/token.py round_metrics)
@@ -203,11 +208,10 @@ def token_and_weight_runs(sweep, tmp_path):
 
 
 def test_token_runs_get_their_own_x_tokens_kept(token_and_weight_runs):
-    from utils import report_plot
     parent, token = token_and_weight_runs
-    runs, warnings = reports.load_runs([parent, token])
+    runs, warnings = load_runs([parent, token])
     assert warnings == [] and [run.is_token for run in runs] == [False, True]
-    rows = table_rows(reports.markdown_table(runs))
+    rows = table_rows(tables.markdown_table(runs))
     assert rows[4:] == [
         ["token vit_tiny synthetic rate=0.5", "0", "100.00", "65", "60.00", "61.00", "2"],
         ["token vit_tiny synthetic rate=0.5", "1", "100.00", "33", "58.50", "59.50", "2"],
@@ -215,10 +219,10 @@ def test_token_runs_get_their_own_x_tokens_kept(token_and_weight_runs):
         ["token vit_tiny synthetic rate=0.5", "**best val** (round 0)", "100.00", "65", "60.00", "**61.00**", ""],
     ]
     assert rows[3][3] == "-"  # a weight run has no tokens kept
-    assert "tokens 65->17  best val 61.00 (test 60.00) @ 65 tokens" in reports.lineage_tree(runs)
-    figure = report_plot.accuracy_figure(runs, "mixed")
+    assert "tokens 65->17  best val 61.00 (test 60.00) @ 65 tokens" in lineage.lineage_tree(runs)
+    figure = plot.accuracy_figure(runs, "mixed")
     weights, tokens = figure.axes
-    assert (weights.get_xlabel(), tokens.get_xlabel()) == (report_plot.WEIGHTS_X, report_plot.TOKENS_X)
+    assert (weights.get_xlabel(), tokens.get_xlabel()) == (xaxes.REMAINING.label, xaxes.TOKENS.label)
     assert (weights.get_xscale(), tokens.get_xscale()) == ("log", "linear")
     assert list(tokens.lines[0].get_xdata()) == [65, 33, 17]  # not a vertical line at 100 % weights
     assert list(tokens.lines[0].get_ydata()) == [60.0, 58.5, 55.25]
@@ -235,7 +239,7 @@ def test_token_run_without_its_metrics_records_is_named_not_plotted_at_100(token
         kept = [line for line in f if '"round": 2' not in line]
     with open(metrics, "w") as f:
         f.writelines(kept)
-    runs, warnings = reports.load_runs([token])
+    runs, warnings = load_runs([token])
     assert [r.round for r in runs[0].rounds] == [0, 1]
     assert warnings == [f"{token}: --struct token round(s) 2 have no tokens_kept in metrics.jsonl, left out"]
 
@@ -243,11 +247,11 @@ def test_token_run_without_its_metrics_records_is_named_not_plotted_at_100(token
 def test_without_a_validation_split_no_round_is_called_best(tmp_path):
     run = write_run(tmp_path / "noval", [(0, 100.0, 70.0, None), (1, 50.0, 72.0, None)], config_record(),
                     str(tmp_path / "noval" / "rewind.pth.tar"))
-    runs, _ = reports.load_runs([run])
+    runs, _ = load_runs([run])
     assert runs[0].best() is None
-    assert table_rows(reports.markdown_table(runs))[-1][1] == "no best: no validation split"
-    assert "no validation split" in reports.lineage_tree(runs) and "best val" not in reports.lineage_tree(runs)
-    assert reports.accuracy_plot_png(runs).startswith(PNG_SIGNATURE)
+    assert table_rows(tables.markdown_table(runs))[-1][1] == "no best: no validation split"
+    assert "no validation split" in lineage.lineage_tree(runs) and "best val" not in lineage.lineage_tree(runs)
+    assert plot.accuracy_plot_png(runs).startswith(PNG_SIGNATURE)
 
 
 def test_without_matplotlib_the_table_and_tree_still_come_out(sweep, tmp_path, capsys, monkeypatch):
@@ -257,5 +261,5 @@ def test_without_matplotlib_the_table_and_tree_still_come_out(sweep, tmp_path, c
     captured = capsys.readouterr()
     assert captured.err.strip() == ("warning: matplotlib is not installed: no accuracy_vs_remaining.png "
                                     "(pip install matplotlib, or pip install '.[reports]')")
-    assert sorted(os.listdir(out)) == ["report.md"] and "![" not in (out / "report.md").read_text()
+    assert sorted(os.listdir(out)) == ["report.md", "rounds.csv"] and "![" not in (out / "report.md").read_text()
     assert "| **best val** (round 1) |" in captured.out.replace("  ", "")
