@@ -81,7 +81,7 @@ def kill_run_when(args, directory, predicate, timeout=300):
 # the packages of pyproject.toml's extras (tokens, regroup, tracking, reports, vlm, lowrank, dev) that a core install
 # lacks (pyyaml and safetensors come with timm)
 EXTRA_PACKAGES = ("open_clip", "clip_benchmark", "pymetis", "wandb", "matplotlib", "pytest", "hypothesis", "transformers",
-                  "peft")
+                  "peft", "submitit")
 CORE_RUN_ARGS = ["--dataset", "synthetic", "--arch", "res20s", "--pruning_times", "2", "--epochs", "1",
                  "--rate", "0.5", "--batch_size", "64", "--lr", "0.05", "--val_size", "2400", "--no_progress"]
 

@@ -53,14 +53,14 @@ def test_requirement_files_match_pyproject():
     assert requirement_lines(CORE_FILE) == project["dependencies"]
     everything = requirement_lines(ALL_FILE)
     assert everything[0] == "-r requirements-core.txt"
-    names = ("tokens", "regroup", "tracking", "reports", "vlm", "lowrank", "dev")
+    names = ("tokens", "regroup", "tracking", "reports", "vlm", "lowrank", "sweeps", "compact", "dev")
     listed = [r for name in names for r in extras[name]]
     assert everything[1:] == [r for i, r in enumerate(listed) if r not in listed[:i]]  # each package once
     assert extras["all"] == [f"imp-runner[{','.join(names)}]"]
     optional = " ".join(r for name, reqs in extras.items() for r in reqs).lower()
     core = " ".join(project["dependencies"]).lower()
     for package in ("open_clip", "clip_benchmark", "pymetis", "wandb", "matplotlib", "pytest", "hypothesis",
-                    "transformers", "pyyaml", "safetensors", "peft"):
+                    "transformers", "pyyaml", "safetensors", "peft", "submitit"):
         assert package in optional and package not in core, package
 
 

@@ -85,6 +85,11 @@ def provenance_file(directory: str) -> str:
     return os.path.join(directory, "provenance.json")
 
 
+def compact_report(directory: str, round_index: int) -> str:
+    """export_compact.py's measured report of round `round_index` (compact/ in the run dir)."""
+    return os.path.join(directory, "compact", f"round_{round_index}.json")
+
+
 def lock_file(directory: str) -> str:
     return os.path.join(directory, ".lock")
 
@@ -97,6 +102,11 @@ def compact_round_report(directory: str, round_index: int) -> str:
 def sweep_file(folder: str) -> str:
     """sweep.py's record of a sweep folder: its grid and its cells' run dirs."""
     return os.path.join(folder, "sweep.json")
+
+
+def jobs_file(folder: str) -> str:
+    """sweep.py's record of which scheduler job ran which cell of a sweep folder."""
+    return os.path.join(folder, "jobs.json")
 
 
 def round_index_of(path: str) -> Optional[int]:
