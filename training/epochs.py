@@ -2,12 +2,14 @@
 save a mid-epoch checkpoint when a stop request arrives.
 
 Kept out of rounds.py so that file stays about rounds; `EpochTraining` is a mixin that reads the
-runner's session, config, tracker, stop request and rewind reference.
+runner's session, config, tracker, stop request and rewind reference. Under torchrun it is also where
+the ranks meet: masks and weights compared at a round's start, the stop agreed at every step
+boundary, BatchNorm statistics shared after every epoch, and files written by rank 0 only (`save`).
 """
 import itertools
 import os
 import time
-from typing import Tuple
+from typing import Optional, Tuple
 
 from training.loop import EpochResult, nonfinite_tensors, step_line, train_epoch
 from training.session import RoundProgress
@@ -21,6 +23,18 @@ STREAM_TRAIN = 1
 
 
 class EpochTraining:
+    def save(self, path: str, payload: dict) -> Optional[str]:
+        """checkpoint.save on the writing rank (the only process without torchrun): the sha256 of the file;
+        None on the other ranks, which write nothing."""
+        if not self.session.dist.is_writer:
+            return None
+        return checkpoint.save(path, payload)
+
+    def agree_on_round(self, progress: RoundProgress) -> None:
+        """Under torchrun, before a round trains: rank 0's masks on every rank, checksums compared and logged."""
+        session = self.session
+        session.dist.agree_on_round(progress.round, progress.plan, session.weights, session.model, self.tracker.info)
+
     def train_epoch(self, progress: RoundProgress, epoch: int, schedule) -> Tuple[EpochResult, int]:
         """Train epoch `epoch` (0-based) -- from the saved batch when a stop interrupted it -- and return
         its result and the images trained in this process. A stop request ends it at the next step
@@ -37,7 +51,7 @@ class EpochTraining:
         steps, started = len(loader), time.time()
         remaining = itertools.islice(loader, first, None)  # the skipped batches are drawn, so the order holds
         batches = progress_bar(remaining, steps - first, f"round {progress.round} epoch {epoch + 1}/{config.epochs}",
-                               config.progress)
+                               config.progress and session.dist.is_writer)
 
         def report(done: int, seen: int) -> None:  # no progress bar: a line every --print_freq steps
             rate = (seen - carried[0]) / max(time.time() - started, 1e-9)
@@ -45,8 +59,9 @@ class EpochTraining:
                                         step.running_loss_sum() / max(seen, 1), rate))
 
         result = train_epoch(session.model, step, batches, schedule, first, carried,
-                             stop=lambda: self.stop.requested, report=report,
+                             stop=self.stop.at_step_boundary, report=report,
                              report_every=config.print_freq if batches is remaining else 0)
+        session.dist.broadcast_buffers(session.model)  # per-rank BatchNorm statistics (CPU): rank 0's for all
         if result.stopped_at is not None:
             self.save_mid_epoch(progress, epoch, result, steps)
         return result, result.samples - carried[0]
@@ -55,6 +70,8 @@ class EpochTraining:
         """Save the stopped epoch's position and running sums to latest.pth.tar, then raise Interrupted
         (NumericalError instead when the epoch already went non-finite: that state is not worth keeping)."""
         counters = self.session.step.counters_state()
+        self.session.dist.check_same("stop position (round, epoch, step)", (progress.round, epoch + 1,
+                                                                            result.stopped_at), self.tracker.info)
         bad = int(counters["first_bad"])
         if bad >= 0:
             result.bad_step = bad
@@ -62,7 +79,7 @@ class EpochTraining:
         progress.batch = result.stopped_at
         progress.epoch_sums = {"counters": counters, "seen": result.samples, "skipped": result.skipped}
         path = paths.latest_checkpoint(self.session.directory)
-        checkpoint.save(path, self.session.payload("epoch", progress, rewind=self.rewind))
+        self.save(path, self.session.payload("epoch", progress, rewind=self.rewind))
         self.tracker.commit()  # the epoch records this checkpoint covers can no longer be truncated: to wandb
         self.tracker.info(f"saved round {progress.round} epoch {epoch + 1} at step {result.stopped_at}/{steps} "
                           f"to {path}")

@@ -5,6 +5,9 @@ The step itself (forward, backward, masked SGD, RSST penalty) is a TrainStep
 CUDA epoch has one host synchronisation -- plus one per `report_every` steps
 when progress lines are printed (no progress bar), and one per epoch for the
 finiteness check of the weights.
+
+Under torchrun (training/distributed.py) a batch is this rank's part of a global batch: counts of
+images are global (local count x ranks) and evaluation sums its counts over the ranks.
 """
 import math
 from dataclasses import dataclass
@@ -14,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training.distributed import SINGLE, Distributed
 from training.step import TrainStep, autocast
 
 
@@ -38,13 +42,14 @@ def train_epoch(model: nn.Module, step: TrainStep, batches: Iterable[Tuple[torch
     `stop()` is asked after every step (a host flag: no sync); when it says yes the epoch ends there
     with `stopped_at` set and the step's sums left unread, for a mid-epoch checkpoint.
     `report(done, seen)` is called every `report_every` batches (it may read the running sums).
+    Images are counted over all ranks (each rank's batch is one of `step.dist.world_size` equal parts).
     """
     model.train()
     seen, skipped = carried
     for index, (images, labels) in enumerate(batches, start):
         lr, reg_lambda = schedule(index)
         if step(images, labels, lr, reg_lambda):
-            seen += labels.shape[0]
+            seen += labels.shape[0] * step.dist.world_size
         else:
             skipped += 1
         if report is not None and report_every and (index + 1) % report_every == 0:
@@ -89,7 +94,9 @@ def step_line(round_index: int, epoch: int, epochs: int, done: int, steps: int, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp: str = "none",
-             channels_last: bool = False) -> EpochResult:
+             channels_last: bool = False, dist: Distributed = SINGLE) -> EpochResult:
+    """Loss and top-1 accuracy (%) of `model` on `batches`; under torchrun `batches` is this rank's shard and
+    the sums are those of all ranks."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -102,6 +109,10 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp: str
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         correct += (logits.argmax(1) == labels).sum()
         seen += labels.shape[0]
+    if dist.enabled:
+        totals = dist.sum_tensor(torch.stack([loss_sum.double(), correct.double(),
+                                              torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+        loss_sum, correct, seen = totals[0], totals[1].round().long(), int(totals[2])
     return EpochResult(loss=float(loss_sum) / max(seen, 1), accuracy=100.0 * int(correct) / max(seen, 1),
                        samples=seen)
 

@@ -21,7 +21,7 @@ from pruners import create_struct
 from pruners.base import PruneContext, RoundPlan
 from pruners.masks import apply_masks, layer_sparsity, remaining_fraction
 from pruners.reshaping import ShapeChangingMode
-from training import start as starting
+from training import distributed, start as starting
 from training.epochs import EpochTraining
 from training.loop import epoch_line, evaluate, recalibrate_batchnorm
 from training.optim import effective_warmup, lr_at
@@ -29,9 +29,8 @@ from training.step import resolve_amp
 from training.session import RoundProgress, Session, cpu_state, device_state, prunable_of
 from utils import checkpoint, history, paths, provenance
 from utils.interrupts import Interrupted, StopRequest
-from utils.lock import RunLock
 from utils.seeding import seed_everything
-from utils.tracking import Tracker, has_round_record, truncate_metrics, write_config
+from utils.tracking import RankTracker, Tracker, has_round_record, truncate_metrics, write_config
 
 BN_RECALIBRATION_BATCHES = 20
 
@@ -108,6 +107,7 @@ class RoundRunner(EpochTraining):
         session, config = self.session, self.config
         self.struct.configure_model(session.model, progress.round, self.tracker.info)
         plan, step = progress.plan, session.step
+        self.agree_on_round(progress)  # torchrun: rank 0's masks on every rank, checksums compared
         if self.struct.changes_forward:
             step.reset_graph()  # the model runs differently this round: capture it anew
         step.start_round(plan)
@@ -183,13 +183,14 @@ class RoundRunner(EpochTraining):
     def make_sparse(self, plan: RoundPlan) -> None:
         apply_masks(self.session.weights, plan.final_masks)
         if plan.penalty_masks is not None:
-            recalibrate_batchnorm(self.session.model, self.calibration_batches(BN_RECALIBRATION_BATCHES),
-                                  self.session.amp, self.session.channels_last)
+            with self.session.dist.unsynced_batchnorm(self.session.model):  # every rank sees these batches whole
+                recalibrate_batchnorm(self.session.model, self.calibration_batches(BN_RECALIBRATION_BATCHES),
+                                      self.session.amp, self.session.channels_last)
 
     def evaluate(self, split: str) -> float:
         session = self.session
         return evaluate(session.model, session.loaders[split], session.device, session.amp,
-                        session.channels_last).accuracy
+                        session.channels_last, session.dist).accuracy
 
     def maybe_save_epoch(self, progress: RoundProgress) -> None:
         interval = self.config.checkpoint_interval
@@ -197,16 +198,16 @@ class RoundRunner(EpochTraining):
             return  # the round checkpoint follows at once
         if interval > 0 and time.time() - self.last_save < interval and not self.stop.requested:
             return
-        checkpoint.save(paths.latest_checkpoint(self.session.directory),
-                        self.session.payload("epoch", progress, rewind=self.rewind))
+        self.save(paths.latest_checkpoint(self.session.directory),
+                  self.session.payload("epoch", progress, rewind=self.rewind))
         self.last_save = time.time()
         self.tracker.commit()  # the records this checkpoint covers can no longer be truncated: to wandb
 
     def save_rewind(self, epoch: int, state: Optional[dict] = None) -> None:
         """Save the model's weights now (or `state`, a CPU state dict) as this run's rewind point."""
         path = paths.rewind_weights(self.session.directory)
-        sha = checkpoint.save(path, {"kind": "rewind", "prune_type": self.config.prune_type, "epoch": epoch,
-                                     "model": state if state is not None else cpu_state(self.session.model)})
+        sha = self.save(path, {"kind": "rewind", "prune_type": self.config.prune_type, "epoch": epoch,
+                               "model": state if state is not None else cpu_state(self.session.model)})
         self.rewind = {"path": os.path.basename(path), "sha256": sha, "prune_type": self.config.prune_type,
                        "epoch": epoch}
 
@@ -230,8 +231,8 @@ class RoundRunner(EpochTraining):
                    "layer_sparsity": layer_sparsity(plan.final_masks), **self.struct.round_metrics()}
         payload = session.payload("round", progress, metrics=metrics, rewind=self.rewind)
         # the best file goes first: once the numbered checkpoint exists, the round is complete
-        checkpoint.save(paths.round_best(directory, progress.round), dict(payload, model=best_model))
-        sha = checkpoint.save(ckpt_path, payload)
+        self.save(paths.round_best(directory, progress.round), dict(payload, model=best_model))
+        sha = self.save(ckpt_path, payload)
         self.record_round(payload, sha)
         return plan
 
@@ -246,14 +247,16 @@ class RoundRunner(EpochTraining):
         """The round-end bookkeeping of a saved round: lineage.json entry, round record, removal of the
         round's latest.pth.tar. Idempotent, so a resume after a kill between the checkpoint and any of
         these (the last round's too) completes them."""
-        directory = self.session.directory
-        checkpoint.record_round(directory, checkpoint.lineage_entry(payload, sha), header=lineage_header(
-            self.config, directory))
+        directory, writer = self.session.directory, self.session.dist.is_writer
+        if writer:
+            checkpoint.record_round(directory, checkpoint.lineage_entry(payload, sha), header=lineage_header(
+                self.config, directory))
         if not has_round_record(directory, payload["round"]):
             self.tracker.round(payload["metrics"])
         self.tracker.commit()
         self.session.history.clear()
-        checkpoint.remove_quietly([paths.latest_checkpoint(directory)])
+        if writer:
+            checkpoint.remove_quietly([paths.latest_checkpoint(directory)])
         self.completed = (paths.round_checkpoint(directory, payload["round"]), sha)
 
 
@@ -274,6 +277,22 @@ def repair_history(begin: "starting.Start", config, directory: str, warn) -> Non
                            pending=p.round if begin.round_complete else None)
 
 
+def prepare_run_dir(begin: "starting.Start", config, directory: str) -> None:
+    """The run dir's files before the first round trains: the branch's rewind weights, metrics.jsonl cut
+    back to the checkpoint resumed from, config.json, provenance.json, lost history rebuilt."""
+    os.makedirs(directory, exist_ok=True)
+    starting.install_branch_rewind(begin, directory)
+    if begin.resumed:
+        p = begin.progress
+        truncate_metrics(directory, p.round, p.epoch, begin.round_complete)
+    else:  # a fresh start or a branch: records of an attempt that saved no checkpoint go
+        truncate_metrics(directory, -1, 0, False)
+    write_config(directory, config)
+    provenance.record_start(directory)
+    if begin.resumed:
+        repair_history(begin, config, directory, lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
+
+
 def wants_channels_last(choice: str, model: torch.nn.Module, device: torch.device) -> bool:
     """auto: NHWC on CUDA when convolutions hold most of the weights (convnets, not a ViT's patch stem)."""
     if choice != "auto":
@@ -290,43 +309,41 @@ def resolve_device(name: str) -> torch.device:
 
 
 def run(config) -> str:
-    """Run (or resume, or branch) an experiment; returns its run directory."""
+    """Run (or resume, or branch) an experiment; returns its run directory. Under torchrun every rank calls it
+    (training/distributed.py): rank 0 takes the lock and writes, the others only read."""
     directory = paths.run_dir(config)
-    with RunLock(directory):  # one run per run dir, taken before anything reads or writes it
-        return _run_locked(config, directory)
+    # one run per run dir, taken (by rank 0, the only writer) before anything reads or writes it
+    with distributed.process_group(config) as ranks, distributed.writer_lock(ranks, directory):
+        return _run_locked(config, directory, ranks)
 
 
-def _run_locked(config, directory: str) -> str:
+def _run_locked(config, directory: str, ranks: distributed.Distributed = distributed.SINGLE) -> str:
     starting.check_run_dir(config, directory)
-    checkpoint.remove_partial_writes(directory)
-    device = resolve_device(config.device)
+    if ranks.is_writer:
+        checkpoint.remove_partial_writes(directory)
+    device = distributed.rank_device(config.device, ranks, resolve_device)
     seed_everything(config.seed, config.deterministic)
-    model = create_model(config.arch, data.DATASETS[config.dataset].num_classes).to(device)
+    model = ranks.prepare_model(create_model(config.arch, data.DATASETS[config.dataset].num_classes).to(device))
     struct = create_struct(config)
     struct.check_model(model)
-    splits = data.load(config.dataset, config.data, config.val_size)
+    splits = ranks.rank_zero_first(lambda: data.load(config.dataset, config.data, config.val_size))
     weights = prunable_of(model, config)
     channels_last = wants_channels_last(config.channels_last, model, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     session = Session(config=config, directory=directory, device=device, model=model, weights=weights,
-                      splits=splits, amp=resolve_amp(config.amp, device), channels_last=channels_last, struct=struct)
+                      splits=splits, amp=resolve_amp(config.amp, device), channels_last=channels_last, struct=struct,
+                      dist=ranks)
     session.step = session.new_step()
     begin = starting.resolve(session)
-    os.makedirs(directory, exist_ok=True)
-    starting.install_branch_rewind(begin, directory)
-    if begin.resumed:
-        p = begin.progress
-        truncate_metrics(directory, p.round, p.epoch, begin.round_complete)
-    else:  # a fresh start or a branch: records of an attempt that saved no checkpoint go
-        truncate_metrics(directory, -1, 0, False)
-    write_config(directory, config)
-    provenance.record_start(directory)
-    if begin.resumed:
-        repair_history(begin, config, directory, lambda m: print(f"warning: {m}", file=sys.stderr, flush=True))
-    tracker = Tracker(directory, config, resuming=begin.resumed, history=session.history)
+    p = begin.progress  # every rank starts from the same state, and has read it before rank 0 writes
+    ranks.check_same("start (checkpoint, round, epoch, step)", (begin.source, p.round, p.epoch, p.batch))
+    if ranks.is_writer:
+        prepare_run_dir(begin, config, directory)
+    tracker = Tracker(directory, config, resuming=begin.resumed, history=session.history) if ranks.is_writer \
+        else RankTracker(ranks.rank)
     try:
-        stop = StopRequest(log=tracker.info)
+        stop = ranks.stop_request(log=tracker.info)
         tracker.info(f"run dir {directory}: {config.arch} on {config.dataset}, struct {struct.describe()}, "
                      f"rate {config.rate}, {config.pruning_times} rounds x {config.epochs} epochs, device {device}")
         if begin.source:

@@ -15,6 +15,7 @@ from models import dense_modules
 from pruners.base import RoundPlan, StructMode
 from pruners.masks import Masks, dense_masks, from_storage, prunable_weights, to_storage
 from pruners.reshaping import ShapeChangingMode
+from training.distributed import SINGLE, Distributed
 from training.step import TrainStep
 from utils import checkpoint
 from utils.config import RunConfig
@@ -88,16 +89,19 @@ class Session:
     # the metrics.jsonl records of the round under way, saved in its checkpoints (utils/history.py rebuilds
     # a lost or damaged metrics.jsonl from them); the Tracker appends to this list
     history: List[dict] = field(default_factory=list)
+    dist: Distributed = SINGLE  # torchrun ranks (training/distributed.py); SINGLE: one process
 
     def __post_init__(self):
         spec, device, config = self.splits.spec, self.device, self.config
+        shard = (self.dist.rank, self.dist.world_size)  # each rank: its part of every global batch
         # one device copy of the training images serves both the training and the calibration loader
         train = ImageSet(self.splits.train.images.to(device), self.splits.train.labels.to(device))
         self.loaders = {
-            "train": TensorLoader(train, config.batch_size, spec.mean, spec.std, device, True, True),
-            "val": TensorLoader(self.splits.val, EVAL_BATCH, spec.mean, spec.std, device, False),
-            "test": TensorLoader(self.splits.test, EVAL_BATCH, spec.mean, spec.std, device, False),
-            # batches seen in training mode (BatchNorm recalibration) follow the training loader's drop_last
+            "train": TensorLoader(train, config.batch_size, spec.mean, spec.std, device, True, True, shard),
+            "val": TensorLoader(self.splits.val, EVAL_BATCH, spec.mean, spec.std, device, False, shard=shard),
+            "test": TensorLoader(self.splits.test, EVAL_BATCH, spec.mean, spec.std, device, False, shard=shard),
+            # batches seen in training mode (BatchNorm recalibration) follow the training loader's drop_last;
+            # every rank sees them whole (masks are computed from them on every rank)
             "calibration": TensorLoader(train, config.batch_size, spec.mean, spec.std, device, False, True),
         }
         check_batch_statistics(self.model, self.loaders["train"], config)
@@ -109,7 +113,7 @@ class Session:
                          self.struct is not None and self.struct.regularized, use_graph=config.cuda_graph,
                          channels_last=self.channels_last,
                          compile_model=config.compile == "on" or (config.compile == "auto" and device.type == "cuda"),
-                         skip_nonfinite=config.nan_policy == "skip_batch")
+                         skip_nonfinite=config.nan_policy == "skip_batch", dist=self.dist)
 
     def layers_changed(self) -> None:
         """After a struct mode replaced or added layers (--struct lowrank / merge): the prunable weights

@@ -11,6 +11,10 @@ eagerly.
 
 SGD here is torch.optim.SGD's rule (dampening 0, no Nesterov):
 buf = momentum * buf + (grad + wd * w); w -= lr * buf.
+
+Under torchrun (`dist`, training/distributed.py) the body averages the gradients over the ranks
+right after the backward (one all-reduce, captured in the graph with NCCL), and the epoch's sums are
+summed over the ranks when read; one process (`SINGLE`) runs exactly the ops above.
 """
 import contextlib
 from typing import Dict, List, Optional
@@ -20,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pruners.base import RoundPlan
+from training.distributed import SINGLE, Distributed
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require
 # bf16 keeps fp32's exponent range, so it needs no loss scaling (which would cost a sync or a
@@ -44,8 +49,9 @@ def resolve_amp(amp: str, device: torch.device) -> str:
 class TrainStep:
     def __init__(self, model: nn.Module, weights: Dict[str, torch.Tensor], device: torch.device, amp: str,
                  momentum: float, weight_decay: float, regularized: bool, use_graph: bool,
-                 channels_last: bool = False, compile_model: bool = False, skip_nonfinite: bool = False):
-        self.model, self.device, self.amp = model, device, amp
+                 channels_last: bool = False, compile_model: bool = False, skip_nonfinite: bool = False,
+                 dist: Distributed = SINGLE):
+        self.model, self.device, self.amp, self.dist = model, device, amp, dist
         self.skip_nonfinite = skip_nonfinite
         self.momentum, self.weight_decay, self.regularized = momentum, weight_decay, regularized
         self.channels_last = channels_last
@@ -105,11 +111,12 @@ class TrainStep:
         with autocast(self.device, self.amp):
             logits = self.forward(images)
             loss = F.cross_entropy(logits, labels)
-        if self.skip_nonfinite and not bool(torch.isfinite(loss.detach())):
-            return False  # eager only: this host sync is why skip_batch runs without the graph
+        if self.skip_nonfinite and not self.dist.all_true(bool(torch.isfinite(loss.detach()))):
+            return False  # eager only: this host sync is why skip_batch runs without the graph; ranks skip alike
         loss.backward()
         with torch.no_grad():
             grads = [p.grad for p in self.params]
+            self.dist.average_gradients(grads)
             masked_grads = [p.grad for p in self.masked_params]
             if masked_grads:
                 torch._foreach_mul_(masked_grads, self.masks)
@@ -194,22 +201,40 @@ class TrainStep:
     COUNTERS = ("loss_sum", "correct", "first_bad", "step_index")
 
     def running_loss_sum(self) -> float:
-        """The loss summed over this epoch's images so far, without resetting it (one host sync)."""
-        return float(self.loss_sum)
+        """The loss summed over this epoch's images so far, without resetting it (one host sync). Under
+        torchrun: this rank's sum times the number of ranks, an estimate that needs no collective (progress
+        lines must not make the ranks wait for each other)."""
+        return float(self.loss_sum) * self.dist.world_size
+
+    def _global_sums(self) -> Dict[str, torch.Tensor]:
+        """The counters summed over the ranks (first bad step: the earliest on any rank); as is for one process."""
+        if not self.dist.enabled:
+            return {name: getattr(self, name) for name in self.COUNTERS}
+        summed = self.dist.sum_tensor(torch.stack([self.loss_sum.double(), self.correct.double()]))
+        never = torch.iinfo(torch.long).max
+        bad = self.dist.min_tensor(torch.where(self.first_bad < 0, never, self.first_bad).reshape(1))[0]
+        return {"loss_sum": summed[0].to(self.loss_sum.dtype), "correct": summed[1].round().long(),
+                "first_bad": torch.where(bad == never, -1, bad), "step_index": self.step_index}
 
     def counters_state(self) -> dict:
-        """The epoch's running sums (loss sum, correct count, first bad step, steps) as CPU tensors,
-        for a mid-epoch checkpoint; `load_counters` puts them back bit-exactly."""
-        return {name: getattr(self, name).detach().cpu().clone() for name in self.COUNTERS}
+        """The epoch's running sums (loss sum, correct count, first bad step, steps) as CPU tensors, for a
+        mid-epoch checkpoint; `load_counters` puts them back bit-exactly. Under torchrun every rank must call
+        it (the sums are those of all ranks)."""
+        return {name: value.detach().cpu().clone() for name, value in self._global_sums().items()}
 
     @torch.no_grad()
     def load_counters(self, state: dict) -> None:
+        """Saved sums back in place; under torchrun rank 0 holds the sums of all ranks, the others start at 0."""
         for name in self.COUNTERS:
             getattr(self, name).copy_(state[name])
+        if self.dist.rank > 0:
+            self.loss_sum.zero_()
+            self.correct.zero_()
 
     def read_epoch(self):
-        """(loss sum, correct count, first bad step or None) since the last read; one host sync."""
-        loss_sum, correct, bad = float(self.loss_sum), int(self.correct), int(self.first_bad)
+        """(loss sum, correct count, first bad step or None) since the last read, over all ranks; one host sync."""
+        sums = self._global_sums()
+        loss_sum, correct, bad = float(sums["loss_sum"]), int(sums["correct"]), int(sums["first_bad"])
         for tensor in (self.loss_sum, self.correct, self.step_index):
             tensor.zero_()
         self.first_bad.fill_(-1)

@@ -46,6 +46,10 @@ class StopRequest:
                      f"checkpoint (send it again to stop at once)")
         return True
 
+    def at_step_boundary(self) -> bool:
+        """`requested`, asked after every training step (training/distributed.py agrees on it across ranks)."""
+        return self.requested
+
     def _handle(self, signum, _frame):
         if self.signum is not None:  # asked twice: stop now
             signal.signal(signum, signal.SIG_DFL)

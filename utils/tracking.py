@@ -192,6 +192,32 @@ class Tracker:
         self.metrics_handle.close()
 
 
+class RankTracker:
+    """The Tracker of a torchrun rank other than 0 (training/distributed.py): rank 0 reports for the run, so
+    this one writes no file and prints nothing but warnings, tagged with its rank."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def info(self, message: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        print(f"warning: [rank {self.rank}] {message}", file=sys.stderr, flush=True)
+
+    def epoch(self, record: dict) -> None:
+        pass
+
+    def round(self, record: dict) -> None:
+        pass
+
+    def commit(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _best_round_cell(best) -> str:
     """`<round>:<test top-1>` of the best-validation round so far; `-` without a validation split."""
     return "-" if not best else f"{best['round']}:{best['test_top1']:.2f}"
