@@ -85,11 +85,6 @@ def provenance_file(directory: str) -> str:
     return os.path.join(directory, "provenance.json")
 
 
-def compact_report(directory: str, round_index: int) -> str:
-    """export_compact.py's measured report of round `round_index` (compact/ in the run dir)."""
-    return os.path.join(directory, "compact", f"round_{round_index}.json")
-
-
 def lock_file(directory: str) -> str:
     return os.path.join(directory, ".lock")
 
