@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 import data
+from compact import structured_flops
 from models import create_model
 from pruners import create_struct
 from pruners.base import PruneContext, RoundPlan
@@ -228,13 +229,28 @@ class RoundRunner(EpochTraining):
                    "train_loss": progress.last_train_loss,
                    "remaining_pct": self.remaining_pct(plan.final_masks),
                    "best_round": session.best_round, "checkpoint": ckpt_path,
-                   "layer_sparsity": layer_sparsity(plan.final_masks), **self.struct.round_metrics()}
+                   "layer_sparsity": layer_sparsity(plan.final_masks), **self.flops_metrics(plan.final_masks),
+                   **self.struct.round_metrics()}
         payload = session.payload("round", progress, metrics=metrics, rewind=self.rewind)
         # the best file goes first: once the numbered checkpoint exists, the round is complete
         self.save(paths.round_best(directory, progress.round), dict(payload, model=best_model))
         sha = self.save(ckpt_path, payload)
         self.record_round(payload, sha)
         return plan
+
+    def flops_metrics(self, masks) -> dict:
+        """{"flops_per_image": FLOPs of the model with the heads / channels / neurons its masks remove taken
+        out (compact.structured_flops; the dense count for element-wise masks)} for the modes that mask
+        weights; {} for the others (they report their own) or when counting fails: a round is never lost
+        to a metric, the failure is logged instead."""
+        if not self.struct.masks_weights:
+            return {}
+        image_shape = tuple(self.session.splits.test.images.shape[1:])
+        try:
+            return {"flops_per_image": structured_flops(self.session.model, masks, image_shape)}
+        except Exception as exc:  # noqa: BLE001 - any failure of the counter: log it, keep the round
+            self.tracker.warn(f"round FLOPs not counted ({type(exc).__name__}: {exc})")
+            return {}
 
     def update_best_round(self, round_index: int, val: Optional[float], test: float) -> None:
         """Model selection across rounds is on validation too: the best round is the one with the
