@@ -25,14 +25,18 @@ def _parent(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-def attention_modules(model: nn.Module) -> Dict[str, nn.Module]:
-    """{attention module name: module} of the blocks whose heads we can remove."""
+def _groups(find, model: nn.Module) -> list:
+    """`find(model)` (pruners.groups' layout finders), a layout they refuse as ValueError."""
     try:
-        groups = find_attention_groups(model)
+        return find(model)
     except UnsupportedLayout as exc:
         raise ValueError(str(exc)) from None
+
+
+def attention_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """{attention module name: module} of the blocks whose heads we can remove."""
     found = {}
-    for group in groups:
+    for group in _groups(find_attention_groups, model):
         module = model.get_submodule(_parent(group.qkv))
         if not hasattr(module, "attn_dim"):
             raise ValueError(f"{_parent(group.qkv)} ({type(module).__name__}): no attn_dim attribute; per-block "
@@ -43,12 +47,8 @@ def attention_modules(model: nn.Module) -> Dict[str, nn.Module]:
 
 def mlp_modules(model: nn.Module) -> Dict[str, nn.Module]:
     """{MLP module name: module} of the plain fc1 -> act -> fc2 MLPs (GLUs are left as they are)."""
-    try:
-        groups = find_mlp_groups(model)
-    except UnsupportedLayout as exc:
-        raise ValueError(str(exc)) from None
     found = {}
-    for group in groups:
+    for group in _groups(find_mlp_groups, model):
         module = model.get_submodule(_parent(group.fc2))
         plain = group.rows == (group.fc1,) and model.get_submodule(group.fc1).out_features == group.hidden
         if plain and isinstance(getattr(module, "act", None), nn.Module):

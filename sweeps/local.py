@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 from sweeps.executors import EXECUTORS, child_env, open_log, runner_argv
 from sweeps.plan import Cell, Sweep
 from utils.errors import UsageError
+from utils.interrupts import SignalHandlers
 
 POLL_S = 0.2
 
@@ -31,24 +32,15 @@ def visible_gpus() -> List[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-class SignalRelay:
+class SignalRelay(SignalHandlers):
     """SIGINT/SIGTERM handlers that only count signals; `forward` sends one SIGTERM per new signal to children."""
 
     def __init__(self):
-        self.count, self._forwarded, self._previous = 0, 0, {}
+        super().__init__()
+        self.count, self._forwarded = 0, 0
 
     def _handle(self, signum, _frame):
         self.count += 1
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
 
     def forward(self, processes: List[subprocess.Popen]) -> None:
         while self._forwarded < self.count:

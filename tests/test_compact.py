@@ -4,7 +4,6 @@ import json
 import os
 import pickle
 import shutil
-import time
 
 import pytest
 import torch
@@ -199,12 +198,6 @@ def test_vit_constant_heads_and_neurons_fold_into_biases():
     assert max_logit_difference(masked, unfolded, images) > 1e-3
 
 
-def _seconds(work) -> float:
-    started = time.perf_counter()
-    work()
-    return time.perf_counter() - started
-
-
 def test_structured_flops_counts_removed_heads_and_neurons():
     model = create_model("vit_tiny", 10)
     masks = {name: torch.ones_like(p) for name, p in model.named_parameters() if name.endswith("weight")}
@@ -218,11 +211,6 @@ def test_structured_flops_counts_removed_heads_and_neurons():
     per_head = 2 * tokens * dim * 64 * 4 + 2 * tokens * tokens * 64 * 2  # qkv + proj, q @ k^T + attn @ v
     per_block = per_head + 128 * 2 * tokens * dim * 2
     assert structured_flops(model, masks, (3, 32, 32)) == dense - 9 * per_block
-    # cost: a copy, the plan and one counted forward, a small multiple of counting the dense model (0.04 s
-    # for vit_tiny on an idle 2-core CPU); compared with that, not a clock, so a busy machine cannot fail it
-    baseline = min(_seconds(lambda: count_flops(model, (3, 32, 32))) for _ in range(3))
-    elapsed = min(_seconds(lambda: structured_flops(model, masks, (3, 32, 32))) for _ in range(3))
-    assert elapsed < 4 * baseline + 0.1, f"{elapsed:.2f} s vs {baseline:.2f} s for the dense count"
     element = {name: (torch.rand_like(m) < 0.5).float() for name, m in masks.items()}
     assert structured_flops(model, element, (3, 32, 32)) == dense
 

@@ -24,16 +24,39 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
-class StopRequest:
-    """Context manager that turns SIGTERM/SIGINT into a request checked after every training step."""
+class SignalHandlers:
+    """Context manager base: `self._handle(signum, frame)` handles SIGTERM and SIGINT inside the `with`
+    (installed from the main thread only, where Python delivers signals); the previous handlers come back
+    on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+    def __init__(self):
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class StopRequest(SignalHandlers):
+    """Context manager that turns SIGTERM/SIGINT into a request checked after every training step."""
+
     def __init__(self, log=print):
+        super().__init__()
         self.signum: Optional[int] = None
         self.log = log
         self._announced = False
-        self._previous = {}
 
     @property
     def requested(self) -> bool:
@@ -55,14 +78,3 @@ class StopRequest:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
         self.signum = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
