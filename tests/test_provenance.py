@@ -37,3 +37,11 @@ def test_a_run_records_its_own_command_line(core_run):
     assert len(starts) == 1
     command = starts[0]["command"]
     assert command[1].endswith("main_imp_fillback.py") and command[command.index("--save_dir") + 1] == directory
+
+
+def test_a_torchrun_worker_records_how_it_was_launched(monkeypatch):
+    for name, value in {"LOCAL_WORLD_SIZE": "2", "WORLD_SIZE": "4", "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    assert provenance.torchrun_launch() == {"nproc_per_node": 2, "nnodes": 2, "rendezvous": "node1:29500"}
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert provenance.torchrun_launch() is None

@@ -363,8 +363,7 @@ def _run_locked(config, directory: str, ranks: distributed.Distributed = distrib
         tracker.info(f"run dir {directory}: {config.arch} on {config.dataset}, struct {struct.describe()}, "
                      f"rate {config.rate}, {config.pruning_times} rounds x {config.epochs} epochs, device {device}")
         if begin.source:
-            tracker.info(f"{'resuming' if begin.resumed else 'branching'} from {begin.source} "
-                         f"(round {begin.progress.round}, epoch {begin.progress.epoch})")
+            tracker.info(starting.describe(begin, config))
         runner = RoundRunner(session, struct, tracker, begin.rewind, stop)
         if begin.new_rewind is not None:  # a random_reinit control: its fresh init is its rewind point
             runner.save_rewind(0, begin.new_rewind)

@@ -80,13 +80,20 @@ def _resume(session: Session, path: str, payload: dict) -> Start:
     _check_same_experiment(path, payload, session.config)
     if payload.get("rewind"):
         verify_rewind(paths.rewind_weights(session.directory), payload["rewind"], f"--resume from {path}")
-    for difference in runtime_differences(payload["rng"]):
-        print(f"warning: --resume: {difference}, so the resumed run is not bit-identical to an uninterrupted "
-              f"one", file=sys.stderr)
+    _warn_runtime(payload, "--resume: the resumed run", "an uninterrupted one")
     progress = session.restore(payload)
     return Start(progress=progress, round_complete=payload["kind"] == "round",
                  optimizer_state=payload.get("optimizer"), rewind=payload.get("rewind"), source=path, payload=payload,
                  resumed=True)
+
+
+def _warn_runtime(payload: dict, subject: str, reference: str) -> None:
+    """One warning line per runtime setting (torch threads, deterministic kernels) that differs from the
+    checkpoint's: floating-point reductions then run in another order, so results differ in the last bits
+    and grow apart from there."""
+    for difference in runtime_differences(payload["rng"]):
+        print(f"warning: {subject} runs with {difference}, so it is not bit-identical to {reference}",
+              file=sys.stderr)
 
 
 # Flags that define what a parent's weights are: a branch must use its parent's values (arch and dataset
@@ -142,6 +149,7 @@ def _branch(session: Session, path: str) -> Start:
     session.adopt_shapes(payload["model"])
     checkpoint.check_compatible(path, payload, session.model.state_dict(), session.config.to_dict())
     _check_branch_flags(path, payload, session)
+    _warn_runtime(payload, "--resume_from: the branch", "the parent's round")
     progress = session.restore(payload)
     progress.parent, progress.parent_sha256 = os.path.abspath(path), checkpoint.sha256_of(path)
     rewind, rewind_source, kind = None, None, session.config.branch
@@ -163,6 +171,21 @@ def _branch(session: Session, path: str) -> Start:
                      branch_rewind_source=rewind_source, new_rewind=new_rewind)
     return Start(progress=progress, round_complete=True, rewind=rewind, source=path,
                  branch_rewind_source=rewind_source)
+
+
+def describe(start: Start, config: RunConfig) -> str:
+    """The log line that says where a resumed or branched run goes on (epochs 1-based, as the epoch lines)."""
+    p = start.progress
+    if start.resumed and not start.round_complete:
+        where = (f"round {p.round}, inside epoch {p.epoch + 1} at step {p.batch}" if p.batch else
+                 f"round {p.round}, epoch {p.epoch + 1} (epochs 1-{p.epoch} done)" if p.epoch else
+                 f"the start of round {p.round}")
+        return f"resuming from {start.source}: {where}"
+    if start.resumed:
+        return f"resuming from {start.source}: round {p.round} is complete, next round {p.round + 1}"
+    if config.branch in CONTROLS:
+        return f"branching from {start.source} as a {config.branch} control: training its round {p.round} again"
+    return f"branching from {start.source} (its round {p.round}): next round {p.round + 1}"
 
 
 def verify_rewind(path: str, rewind: dict, context: str) -> None:

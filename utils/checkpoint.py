@@ -112,6 +112,9 @@ def load_file(path: str) -> dict:
     Raises CheckpointError (one line naming `path`) for a missing, empty, truncated, unsafe or foreign
     file, and for one whose content no longer matches the digest it was saved with.
     """
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: a directory, not a checkpoint file; name one of its files, "
+                              f"e.g. {os.path.join(path, '0checkpoint.pth.tar')}")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     if os.path.getsize(path) == 0:
@@ -135,6 +138,9 @@ def load(path: str) -> dict:
     """Load and validate a round/epoch checkpoint."""
     payload = load_file(path)
     missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if payload.get("kind") == "rewind":
+        raise CheckpointError(f"{path}: the run's rewind weights (no masks, no round); use a numbered "
+                              f"<k>checkpoint.pth.tar of the run")
     if missing:
         raise CheckpointError(f"{path}: not a runner checkpoint (missing {', '.join(missing)})")
     if payload["format"] != FORMAT:

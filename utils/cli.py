@@ -304,6 +304,9 @@ def main(argv: Optional[Sequence[str]] = None, run=None) -> int:
             run(config)
 
     def stopped(exc: Interrupted) -> Tuple[str, int]:
+        rank = os.environ.get("RANK", "0")
+        if rank.isdigit() and int(rank) > 0:  # under torchrun only rank 0 writes (and says so)
+            return f"[rank {rank}] {exc}; rank 0 saved the checkpoint", exc.exit_code
         return f"{exc}; saved {exc.checkpoint}; continue with the same command plus --resume", exc.exit_code
 
     return run_cli(work, expected=[(NumericalError, error_line(3)),

@@ -63,7 +63,19 @@ def collect(argv: Optional[List[str]] = None) -> dict:
         "gpus": gpus(),
         "git": {"commit": git_commit(), "dirty": git_dirty()},
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "torchrun": torchrun_launch(),
     }
+
+
+def torchrun_launch() -> Optional[dict]:
+    """Under torchrun, what launched this worker (the worker's own "command" is `python main_imp_fillback.py
+    ...`; torchrun's line is not visible to it): {"nproc_per_node", "nnodes", "rendezvous"}; None otherwise."""
+    env = os.environ
+    if "LOCAL_WORLD_SIZE" not in env or "WORLD_SIZE" not in env:
+        return None
+    per_node = int(env["LOCAL_WORLD_SIZE"])
+    return {"nproc_per_node": per_node, "nnodes": int(env["WORLD_SIZE"]) // max(per_node, 1),
+            "rendezvous": f"{env.get('MASTER_ADDR', '?')}:{env.get('MASTER_PORT', '?')}"}
 
 
 def read(directory: str) -> List[dict]:
