@@ -102,3 +102,9 @@ def test_a_control_without_a_parent_or_masks_is_refused(tmp_path, capsys, extra,
 def test_retrain_under_another_seed_is_refused_but_random_controls_take_one(parent, tmp_path, capsys):
     argv = PARENT + ["--resume_from", paths.round_checkpoint(parent, 1), "--branch", "retrain", "--seed", "7"]
     assert_refused(argv, str(tmp_path / "run"), capsys, "error: --seed 7:")
+
+
+def test_a_control_needs_the_round_it_retrains_within_pruning_times(parent, tmp_path, capsys):
+    argv = [a if a != "2" or i == 0 or PARENT[i - 1] != "--pruning_times" else "1" for i, a in enumerate(PARENT)]
+    assert_refused(argv + ["--resume_from", paths.round_checkpoint(parent, 1), "--branch", "retrain"],
+                   str(tmp_path / "run"), capsys, "error: --pruning_times 1: the retrain control re-trains round 1")

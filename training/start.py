@@ -166,6 +166,10 @@ def _branch(session: Session, path: str) -> Start:
         rewind_source = os.path.join(os.path.dirname(path), rewind["path"])
         verify_rewind(rewind_source, rewind, f"--resume_from {path}")
     if kind in CONTROLS:
+        if session.config.pruning_times <= payload["round"]:
+            raise UsageError(f"--pruning_times {session.config.pruning_times}: the {kind} control re-trains round "
+                             f"{payload['round']} of {path}, so it needs --pruning_times {payload['round'] + 1} "
+                             f"or more (rounds are numbered from 0)")
         progress, new_rewind = controls.control_start(session, kind, payload, path, rewind_source)
         return Start(progress=progress, round_complete=False, rewind=rewind, source=path,
                      branch_rewind_source=rewind_source, new_rewind=new_rewind)
