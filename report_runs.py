@@ -69,12 +69,13 @@ def gather(args) -> dict:
     """Everything the report says, read and checked before anything is written; UsageError names what is bad."""
     runs, warnings = load_runs(args.run_dirs)
     sweeps = sweep.sweeps_under(args.run_dirs)
-    series, notes = group_series(runs, args.spread), []
+    series, notes, caveats = group_series(runs, args.spread), [], []
     for x in args.x:
         if not plot.panels(series, x):
             raise UsageError(f"--x {x}: nothing to plot, {X_AXES[x].missing or 'no round keeps anything'}")
         notes += plot.left_out(series, x)
-    return {"runs": runs, "warnings": warnings, "sweeps": sweeps, "notes": notes, "xs": args.x,
+        caveats += plot.mixed_settings(series, x)
+    return {"runs": runs, "warnings": warnings, "sweeps": sweeps, "notes": notes, "caveats": caveats, "xs": args.x,
             "table": tables.markdown_table(runs, args.spread), "tree": lineage.lineage_tree(runs)}
 
 
@@ -82,6 +83,7 @@ def document(report: dict, title: str, images: list, spread: str) -> str:
     """report.md: plots (and what they leave out), one table per sweep (or a summary), rounds, lineage."""
     parts = [f"# {title or X_AXES[report['xs'][0]].title}\n"]
     parts += [f"![{title or X_AXES[x].title}]({plot_name(x)})\n" for x in images]
+    parts += [f"**Warning:** {caveat}\n" for caveat in report["caveats"]]
     if report["notes"]:
         parts.append("Not in the plots:\n\n" + "".join(f"- {note}\n" for note in report["notes"]))
     for found in report["sweeps"]:
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
 
     def work() -> tuple:
         report = gather(args)
-        for warning in report["warnings"] + report["notes"]:
+        for warning in report["warnings"] + report["notes"] + report["caveats"]:
             print(f"warning: {warning}", file=sys.stderr)
         if not have_matplotlib():
             print(f"warning: matplotlib is not installed: no {PLOT_NAME} (pip install matplotlib, "

@@ -3,7 +3,10 @@
 One panel per (arch, dataset) (and, on the remaining-weights view, one per (arch, dataset) of
 `--struct token` runs, whose x is tokens kept); x from reports/xaxes.py with fixed ticks. Seeds of one
 experiment are one line (their mean) in a band (± std or min-max); a lottery-ticket control
-(random reinit / random prune / retrain) is drawn in its ticket's colour with its own line style; a
+(random reinit / random prune / retrain) is drawn in its ticket's colour with its own line style and
+marker shape, hollow, larger and above the tickets (a retrain point on its ticket's point stays
+visible); on the throughput view the masked model's img/s of each exported round is a faint marker
+beside the compact one's, and the axis label names the dtype / compile setting (or says they mix); a
 dotted link joins a branch to the parent round it started from; a ring marks each line's
 best-validation round (never chosen on test); one dashed grey dense baseline per panel (the mean
 round-0 test top-1 of its runs). The legend sits below the panels, in a figure area of its own, so
@@ -15,10 +18,14 @@ import math
 from typing import Optional
 
 from reports.series import group_series
-from reports.xaxes import REMAINING, TOKENS, X_AXES, axis_for, drawable
+from reports.xaxes import TOKENS, X_AXES, axis_for, drawable
 
-MARKERS = "osD^vP*X"
-CONTROL_STYLES = {"random_reinit": "--", "random_prune": "-.", "retrain": (0, (3, 1, 1, 1, 1, 1))}
+MARKERS = "osDPXphd"                    # tickets (and ordinary branches), one per series in turn
+# control kind -> (line style, marker): shapes no ticket uses, so a one-round control still says what it is
+CONTROL_STYLES = {"random_reinit": ("--", "^"), "random_prune": ("-.", "v"), "retrain": ((0, (3, 1, 1, 1, 1, 1)), "*")}
+CONTROL_MARKER = {"markersize": 10, "markerfacecolor": "none", "markeredgewidth": 1.6, "zorder": 3}  # above tickets
+CONTROL_EDGE_SHADE = 0.6                # a control's marker edge: its ticket's colour darkened, seen on top of it
+COMPANION_ALPHA = 0.3
 LINK_STYLE = (0, (1, 2))
 BASELINE_COLOR = "0.35"
 PANEL_INCHES = (7.0, 4.5)
@@ -52,24 +59,64 @@ def left_out(series: list, x: str) -> list:
     return ([f"left out of the {x} plot, {X_AXES[x].missing}: {'; '.join(absent)}"] if absent else []) + partial
 
 
+def mixed_settings(series: list, x: str) -> list:
+    """A warning line when the `x` view draws values measured in different settings (throughput: dtype,
+    torch.compile), naming the series of each; [] when they agree or the axis has no settings."""
+    by_setting = {}
+    for s in series:
+        for setting in measured_settings(axis_for(x, s.is_token), [s]):
+            by_setting.setdefault(setting, []).append(s.label)
+    if len(by_setting) < 2:
+        return []
+    named = "; ".join(f"{setting}: {', '.join(labels)}" for setting, labels in sorted(by_setting.items()))
+    return [f"the {x} plot mixes measurement settings ({named}): their img/s are not comparable"]
+
+
 def styles(series: list) -> dict:
-    """{series: (colour, marker, line style)}: a control takes its ticket's colour and marker."""
+    """{series: (colour, marker, line style)}: a control takes its ticket's colour, its kind's line style
+    and marker (CONTROL_STYLES); a control whose ticket is not in the report gets a colour of its own."""
     own = [s for s in series if not (s.control and s.parent)]
-    style = {s: (f"C{i % 10}", MARKERS[i % len(MARKERS)], "-") for i, s in enumerate(own)}
+    colour = {s: f"C{i % 10}" for i, s in enumerate(own)}
+    style = {}
+    for i, s in enumerate(own):
+        style[s] = (colour[s], *(CONTROL_STYLES[s.control][::-1] if s.control else (MARKERS[i % len(MARKERS)], "-")))
     for s in series:
         if s not in style:
-            color, marker, _ = style[s.parent]
-            style[s] = (color, marker, CONTROL_STYLES[s.control])
+            linestyle, marker = CONTROL_STYLES[s.control]
+            style[s] = (colour[s.parent], marker, linestyle)
     return style
 
 
+def darker(color: str, factor: float = CONTROL_EDGE_SHADE) -> tuple:
+    """`color` as RGB scaled towards black by `factor` (1: unchanged): the same colour family, darker."""
+    from matplotlib.colors import to_rgb
+    return tuple(channel * factor for channel in to_rgb(color))
+
+
+def _draw_companion(axes, axis, rows: list, color: str, marker: str) -> list:
+    """Faint markers at the axis's companion x of each round (same y), each joined to its round's point by
+    a faint line: the gap is the speedup. Returns the companion x values drawn."""
+    pairs = [(axis.companion(row).mean, axis.value(row).mean, row.test_top1.mean) for row in rows
+             if axis.companion(row) is not None and math.isfinite(axis.companion(row).mean)]
+    if pairs:
+        axes.plot([p[0] for p in pairs], [p[2] for p in pairs], marker=marker, color=color, linestyle="none",
+                  alpha=COMPANION_ALPHA, markerfacecolor="none", gid="companion")
+        gaps = [point for faint, x, y in pairs for point in ((faint, y), (x, y), (math.nan, math.nan))]
+        axes.plot([p[0] for p in gaps], [p[1] for p in gaps], color=color, alpha=COMPANION_ALPHA, linewidth=1,
+                  linestyle=":", gid="companion")
+    return [p[0] for p in pairs]
+
+
 def _draw_series(axes, s, axis, style: tuple, members: list) -> list:
-    """The line (+ band, best ring, link to the parent round); returns the x values drawn."""
+    """The line (+ band, best ring, link to the parent round, faint companion points); returns the x values
+    drawn. In a panel whose values mix measurement settings the label says the series' own: '... [bf16]'."""
     color, marker, linestyle = style
     rows = [row for row in s.rows if drawable(axis, row)]
     xs, ys = [axis.value(row).mean for row in rows], [row.test_top1.mean for row in rows]
-    axes.plot(xs, ys, marker=marker, color=color, linestyle=linestyle, label=s.label,
-              markerfacecolor="white" if s.control else color)
+    own = measured_settings(axis, [s]) if len(measured_settings(axis, members)) > 1 else []
+    axes.plot(xs, ys, marker=marker, color=color, linestyle=linestyle,
+              label=s.label + (f" [{' / '.join(own)}]" if own else ""),
+              **({**CONTROL_MARKER, "markeredgecolor": darker(color)} if s.control else {}))
     if any(row.n > 1 for row in rows):
         axes.fill_between(xs, [row.test_top1.lo for row in rows], [row.test_top1.hi for row in rows],
                           color=color, alpha=0.18, linewidth=0)
@@ -82,7 +129,7 @@ def _draw_series(axes, s, axis, style: tuple, members: list) -> list:
     if start is not None and rows and drawable(axis, start):
         axes.plot([axis.value(start).mean, xs[0]], [start.test_top1.mean, ys[0]], linestyle=LINK_STYLE,
                   color=color, linewidth=1)
-    return xs
+    return xs + (_draw_companion(axes, axis, rows, color, marker) if axis.companion else [])
 
 
 def _draw_baseline(axes, members: list, arch: str, dataset: str) -> str:
@@ -97,10 +144,29 @@ def _draw_baseline(axes, members: list, arch: str, dataset: str) -> str:
     return ""
 
 
-def _format_axis(axes, axis, xs: list) -> None:
-    """Scale, limits (decreasing where less model is to the right) and ticks that never come from data."""
+def measured_settings(axis, members: list) -> list:
+    """The sorted measurement settings ('bf16, compiled', 'fp32') of the values `members` put on `axis`."""
+    if axis.settings is None:
+        return []
+    return sorted({setting for s in members for row in s.rows if drawable(axis, row) for setting in axis.settings(row)})
+
+
+def axis_label(axis, members: list) -> str:
+    """The x label, naming the measurement setting of the panel's values ('..., fp32') or that they mix."""
+    found = measured_settings(axis, members)
+    if len(found) > 1:
+        return f"{axis.label}\nMIXED settings, not comparable: {' | '.join(found)}"
+    return f"{axis.label}, {found[0]}" if found else axis.label
+
+
+def _format_axis(axes, axis, xs: list, label: str) -> None:
+    """Scale, limits (decreasing where less model is to the right; on 1-2-5 axes out to the next tick beyond
+    the data on each side) and ticks that never come from data."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
     lo, hi = min(xs), max(xs)
+    if axis.bounds:
+        lo, hi = axis.bounds(lo, hi)
+    ticks = axis.fixed_ticks(lo, hi) if axis.fixed_ticks else []
     if axis.log:
         axes.set_xscale("log")
         lo, hi = lo / 1.15, hi * 1.15
@@ -108,13 +174,12 @@ def _format_axis(axes, axis, xs: list) -> None:
         pad = (hi - lo) * 0.06 or abs(hi) * 0.05 or 1.0
         lo, hi = lo - pad, hi + pad
     axes.set_xlim((hi, lo) if axis.decreasing else (lo, hi))
-    ticks = axis.fixed_ticks(lo, hi) if axis.fixed_ticks else []
-    if len(ticks) < 2 and axis is not REMAINING:  # a narrow range: nice round numbers inside it instead
+    if not ticks:  # no fixed ticks (tokens, throughput): nice round numbers inside the range
         ticks = [t for t in MaxNLocator(nbins=5, integer=axis is TOKENS).tick_values(lo, hi) if lo <= t <= hi]
     axes.xaxis.set_major_locator(FixedLocator(ticks))
     axes.xaxis.set_minor_locator(NullLocator())
     axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: axis.tick_label(value)))
-    axes.set(xlabel=axis.label, ylabel="test top-1 (%)")
+    axes.set(xlabel=label, ylabel="test top-1 (%)")
     axes.grid(True, alpha=0.3)
 
 
@@ -123,7 +188,8 @@ def _legend(figure, handles: list, labels: list) -> None:
     grows by the legend's rows, so the panels keep their size however many runs there are."""
     width, height = figure.get_size_inches()
     columns = max(1, min(len(labels), int(width // (0.075 * max(map(len, labels)) + 0.8))))
-    figure.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize="small", frameon=False)
+    figure.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize="small", frameon=False,
+                  handlelength=3.5)  # long enough to tell --, -. and -.. apart
     figure.set_size_inches(width, height + 0.3 + LEGEND_ROW_INCHES * math.ceil(len(labels) / columns))
 
 
@@ -150,7 +216,7 @@ def accuracy_figure(runs: list, title: Optional[str] = None, x: str = "remaining
         axes = figure.add_subplot(rows, columns, i + 1)
         xs = [value for s in members for value in _draw_series(axes, s, axis, style[s], members)]
         baselines.add(_draw_baseline(axes, members, arch, dataset))
-        _format_axis(axes, axis, xs)
+        _format_axis(axes, axis, xs, axis_label(axis, members))
         axes.set_title(title if len(groups) == 1 else f"{arch} · {dataset}" + (" · tokens" if axis is TOKENS else ""))
     if len(groups) > 1:
         figure.suptitle(title)
@@ -160,6 +226,9 @@ def accuracy_figure(runs: list, title: Optional[str] = None, x: str = "remaining
         handles.setdefault(label, handle)
     handles["best-validation round"] = Line2D([], [], marker="o", markersize=10, markerfacecolor="none",
                                               markeredgecolor="0.3", linestyle="none")
+    if any(line.get_gid() == "companion" for axes in figure.axes for line in axes.lines):
+        handles[X_AXES[x].companion_label] = Line2D([], [], marker="o", color="0.3", alpha=COMPANION_ALPHA,
+                                                    markerfacecolor="none", linestyle=":")
     if any(row.n > 1 for members in groups.values() for s in members for row in s.rows):
         handles[f"band: {'± std' if spread == 'std' else 'min-max'} over seeds"] = Patch(color="0.5", alpha=0.25)
     labels = list(handles)

@@ -25,6 +25,15 @@ class Throughput:
     p75: float
     variant: str                        # "compact" or "masked"
     device: str
+    dtype: str = "?"                    # export_compact.py --dtype: "fp32" or "bf16" ("?" in exports without it)
+    compiled: bool = False              # export_compact.py --compile: timed as torch.compile'd models
+    masked_median: Optional[float] = None  # the masked variant's img/s of the same export when `variant` is
+    #                                        compact: the baseline of the compact model's speedup
+
+    @property
+    def setting(self) -> str:
+        """How it was measured: 'fp32', 'bf16, compiled'. img/s of two settings are not comparable."""
+        return self.dtype + (", compiled" if self.compiled else "")
 
 
 @dataclass
@@ -145,18 +154,29 @@ def _row(entry: dict) -> Optional[RoundRow]:
         return None  # a record missing its numbers has nothing to plot
 
 
+def _median_img_s(variants, variant: str) -> float:
+    """variants[variant]'s batch-256 img/s median; KeyError/TypeError/ValueError when it has none."""
+    return float(variants[variant]["throughput_img_s_b256"]["median"])
+
+
 def read_throughput(directory: str, round_index: int, warnings: list) -> Optional[Throughput]:
-    """The deployable variant's batch-256 throughput from compact/round_<k>.json, or None (not exported)."""
+    """The deployable variant's batch-256 throughput from compact/round_<k>.json, or None (not exported);
+    with the export's dtype and compile setting and, beside a compact variant, the masked one's median."""
     path = paths.compact_round_report(directory, round_index)
     export = read_json(path, warnings)
     variants = export.get("variants")
     for variant in THROUGHPUT_VARIANTS:
         try:
             speed = variants[variant]["throughput_img_s_b256"]
-            return Throughput(float(speed["median"]), float(speed["p25"]), float(speed["p75"]), variant,
-                              str(export.get("device", "?")))
+            median, p25, p75 = float(speed["median"]), float(speed["p25"]), float(speed["p75"])
         except (KeyError, TypeError, ValueError):
             continue
+        try:
+            masked = _median_img_s(variants, "masked") if variant != "masked" else None
+        except (KeyError, TypeError, ValueError):
+            masked = None  # an export without a masked variant: no speedup to show
+        return Throughput(median, p25, p75, variant, str(export.get("device", "?")),
+                          str(export.get("dtype") or "?"), export.get("compile") is True, masked)
     if variants is not None:
         warnings.append(f"{path}: no throughput_img_s_b256 of a compact or masked variant, ignored")
     return None

@@ -71,6 +71,8 @@ class SeriesRow:
     tokens_kept: Optional[Stat]
     flops_per_image: Optional[Stat]
     throughput: Optional[Stat]          # img/s at batch 256 (median of each seed's export)
+    throughput_settings: tuple = ()     # how the seeds' throughput was measured, sorted: ('fp32',), ('bf16, compiled',)
+    masked_throughput: Optional[Stat] = None  # the masked model's img/s beside a compact one (the speedup's base)
 
 
 @dataclass(eq=False)
@@ -108,12 +110,13 @@ def _series_rows(runs: list, spread: str) -> list:
     rows = []
     for index in sorted({r.round for run in runs for r in run.rounds}):
         done = [r for run in runs for r in run.rounds if r.round == index]
-        epochs = {r.epochs for r in done}
+        epochs, speeds = {r.epochs for r in done}, [r.throughput for r in done if r.throughput]
         rows.append(SeriesRow(
             index, len(done), stat([r.remaining_pct for r in done], spread), stat([r.test_top1 for r in done], spread),
             stat([r.val_top1 for r in done], spread), epochs.pop() if len(epochs) == 1 else None,
             stat([r.tokens_kept for r in done], spread), stat([r.flops_per_image for r in done], spread),
-            stat([r.throughput.median if r.throughput else None for r in done], spread)))
+            stat([speed.median for speed in speeds], spread), tuple(sorted({speed.setting for speed in speeds})),
+            stat([speed.masked_median for speed in speeds], spread)))
     return rows
 
 

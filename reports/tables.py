@@ -6,6 +6,7 @@ selects), its test top-1 beside it.
 """
 import csv
 import io
+import os
 from typing import Optional
 
 from reports.series import Series, SeriesRow, group_series, is_experiment_key
@@ -29,6 +30,13 @@ def _mflops(row: SeriesRow) -> str:
                                                                   if flops.n > 1 and flops.spread == "std" else "")
 
 
+def _img_s(row: SeriesRow) -> str:
+    """'1432 (fp32)', '2810 ± 40 (bf16, compiled)': img/s of two dtypes or compile settings never read alike."""
+    if row.throughput is None:
+        return "-"
+    return f"{_text(row.throughput, 0)} ({' / '.join(row.throughput_settings)})"
+
+
 # (header, shown when any series ..., cell of a round); "val top-1" and "epochs" change in the best row
 COLUMNS = [
     ("remaining %", lambda s: True, lambda row: _text(row.remaining_pct)),
@@ -37,7 +45,7 @@ COLUMNS = [
     ("test top-1", lambda s: True, lambda row: _text(row.test_top1)),
     ("val top-1", lambda s: True, lambda row: _text(row.val_top1)),
     ("epochs", lambda s: True, lambda row: "-" if row.epochs is None else str(row.epochs)),
-    ("img/s (b256)", lambda s: any(r.throughput for r in s.rows), lambda row: _text(row.throughput, 0)),
+    ("img/s (b256)", lambda s: any(r.throughput for r in s.rows), _img_s),
     ("seeds", lambda s: len(s.runs) > 1, lambda row: str(row.n)),
 ]
 
@@ -76,13 +84,14 @@ def best_cell(s: Optional[Series]) -> str:
     return "-" if best is None else f"round {best.round}: {round_cell(s, best.round)} (val {best.val_top1.text()})"
 
 
-def pivot_table(settings: list, rows: list) -> str:
-    """Rounds as columns. `rows` are (setting values, seeds text, Series or None); `settings` names the
-    setting columns. A cell is the round's test top-1 (mean ± spread over seeds) @ remaining; the last
-    column the best-validation round."""
-    rounds = sorted({r.round for _, _, s in rows if s for r in s.rows})
-    header = settings + ["seeds"] + [f"round {k}" for k in rounds] + ["best (val)"]
-    body = [[*values, seeds] + [round_cell(s, k) for k in rounds] + [best_cell(s)] for values, seeds, s in rows]
+def pivot_table(settings: list, rows: list, trailer: Optional[str] = None) -> str:
+    """Rounds as columns. `rows` are (setting values, seeds text, Series or None[, trailer cell]); `settings`
+    names the setting columns. A cell is the round's test top-1 (mean ± spread over seeds) @ remaining;
+    then the best-validation round, then, when `trailer` names one, a last column of the rows' own text."""
+    rounds = sorted({r.round for row in rows if row[2] for r in row[2].rows})
+    header = settings + ["seeds"] + [f"round {k}" for k in rounds] + ["best (val)"] + ([trailer] if trailer else [])
+    body = [[*values, seeds] + [round_cell(s, k) for k in rounds] + [best_cell(s)] + (list(extra) if trailer else [])
+            for values, seeds, s, *extra in rows]
     return render(header, [[cell.replace("|", "\\|") for cell in row] for row in body])
 
 
@@ -92,20 +101,38 @@ def differing_keys(series: list) -> list:
     return [k for k in keys if len({repr(s.config.get(k)) for s in series}) > 1]
 
 
+def setting_text(key: str, value) -> str:
+    """A config value as a summary cell: '-' when absent; `branch` reads 'ticket' for a ticket or an
+    ordinary branch (None, 'continue') and the control kind otherwise."""
+    if key == "branch":
+        return "ticket" if value in (None, "continue") else str(value)
+    return "-" if value is None else str(value)
+
+
+def run_names(runs: list) -> dict:
+    """{run: its directory relative to the folder all the runs share} ('crit_rate/l1_seed-1'); the
+    directory's own name when that says nothing (one run)."""
+    directories = [os.path.abspath(run.directory) for run in runs]
+    common = os.path.commonpath(directories) if directories else ""
+    return {run: (os.path.relpath(d, common) if d != common else os.path.basename(d)) for run, d in zip(runs, directories)}
+
+
 def summary_table(runs: list, spread: str = "std") -> str:
     """The pivot table of a folder of runs without sweep.json: one row per series, set apart by the
-    config keys that differ between them (a branch also by the round it started from)."""
+    config keys that differ between them (a branch also by the round it started from); the last column,
+    `run dir`, names each row's run dir(s) relative to their common folder, so a row leads to its runs."""
     series = group_series(runs, spread)
-    keys = differing_keys(series) or ["run"]
-    rows = [([s.label if k == "run" else str(s.config.get(k, "-")) for k in keys] +
-             [f"round {s.branch_round}" if s.branch_round is not None else "start"], str(len(s.runs)), s)
-            for s in series]
-    return pivot_table(keys + ["from"], rows)
+    keys, names = differing_keys(series) or ["run"], run_names(runs)
+    rows = [([s.label if k == "run" else setting_text(k, s.config.get(k)) for k in keys] +
+             [f"round {s.branch_round}" if s.branch_round is not None else "start"], str(len(s.runs)), s,
+             ", ".join(names[run] for run in s.runs)) for s in series]
+    return pivot_table(keys + ["from"], rows, trailer="run dir")
 
 
 CSV_COLUMNS = ["run", "run_dir", "arch", "dataset", "struct", "criteria", "rate", "seed", "branch", "round",
                "remaining_pct", "tokens_kept", "flops_per_image", "test_top1", "val_top1", "epochs",
-               "throughput_img_s", "throughput_variant", "throughput_device"]
+               "throughput_img_s", "throughput_variant", "throughput_device", "throughput_dtype", "throughput_compile",
+               "throughput_masked_img_s"]
 
 
 def csv_text(runs: list) -> str:
@@ -120,6 +147,7 @@ def csv_text(runs: list) -> str:
             writer.writerow([run.label, run.directory, config.get("arch"), config.get("dataset"), config.get("struct"),
                              config.get("criteria"), config.get("rate"), config.get("seed"), config.get("branch"),
                              row.round, row.remaining_pct, row.tokens_kept, row.flops_per_image, row.test_top1,
-                             row.val_top1, row.epochs, speed and speed.median, speed and speed.variant,
-                             speed and speed.device])
+                             row.val_top1, row.epochs, *(
+                                 (speed.median, speed.variant, speed.device, speed.dtype, speed.compiled,
+                                  speed.masked_median) if speed else [None] * 6)])
     return out.getvalue()

@@ -1,6 +1,8 @@
 """reports/plot.py and reports/series.py on hand-written run dirs: fixed ticks, the legend outside the
 panels, one baseline per (arch, dataset), seeds as one line in a band, lottery-ticket controls, and
 the FLOPs / throughput views (fake compact/round_<k>.json exports)."""
+import csv
+import io
 import json
 import math
 import os
@@ -27,7 +29,7 @@ def curve(rate, rounds, base):
     return [(k, 100 * (1 - rate) ** k, base - 0.5 * k, base - 0.5 * k - 0.25) for k in range(rounds)]
 
 
-def write_export(run_dir, round_index, compact=None, masked=None):
+def write_export(run_dir, round_index, compact=None, masked=None, dtype="fp32", compile=False):
     """compact/round_<k>.json as export_compact.py writes it; a variant's img/s median m has quartiles m -+ 5 %."""
     def variant(median):
         return {"params": 1000, "flops_per_image": 10 ** 6, "latency_ms_b1": {"median": 1.0, "p25": 0.9, "p75": 1.1},
@@ -36,7 +38,7 @@ def write_export(run_dir, round_index, compact=None, masked=None):
     variants.update({name: variant(v) for name, v in (("compact", compact), ("masked", masked)) if v is not None})
     os.makedirs(os.path.join(run_dir, "compact"), exist_ok=True)
     with open(os.path.join(run_dir, "compact", f"round_{round_index}.json"), "w") as f:
-        json.dump({"round": round_index, "device": "cpu", "dtype": "float32", "compile": False, "out_dir": "x",
+        json.dump({"round": round_index, "device": "cpu", "dtype": dtype, "compile": compile, "out_dir": "x",
                    "variants": variants, "max_abs_logit_diff": 1e-6}, f)
 
 
@@ -72,11 +74,13 @@ def test_eleven_runs_fixed_ticks_legend_outside_one_baseline_per_panel(eleven_ru
     renderer = figure.canvas.get_renderer()
     resnet, vit = figure.axes  # one panel per (arch, dataset), no legend axes
     assert (resnet.get_title(), vit.get_title()) == ("res20s · cifar10", "vit_tiny · cifar100")
-    for axes, ticks in ((resnet, [100, 50, 20, 10, 5, 2]), (vit, [100, 50, 20, 10])):
+    # the limits reach the tick beyond the sparsest round (1.56 % -> 1, 10.2 % -> 10)
+    for axes, ticks in ((resnet, [100, 50, 20, 10, 5, 2, 1]), (vit, [100, 50, 20, 10])):
         assert axes.get_xscale() == "log" and axes.get_xlim()[0] > axes.get_xlim()[1]  # fewer weights to the right
         assert list(axes.get_xticks()) == ticks
         assert [label.get_text() for label in axes.get_xticklabels()] == [f"{t:g}" for t in ticks]
         assert list(axes.xaxis.get_minorticklocs()) == []
+        assert min(axes.get_xlim()) < ticks[-1] and max(axes.get_xlim()) > ticks[0]
         assert sum(line.get_label().startswith("dense baseline") for line in axes.lines) == 1
     # seeds share a line: 4 res20s series (criteria x rate) of 2 seeds, 3 vit runs
     assert sum(line.get_label().endswith("(2 seeds)") for line in resnet.lines) == 4
@@ -165,7 +169,9 @@ def test_flops_view_leaves_out_runs_without_flops(tmp_path, capsys):
     assert axes.get_xlabel() == "FLOPs per image" and axes.get_title() == "Accuracy vs FLOPs per image"
     assert [line.get_label() for line in axes.lines][0] == "none res20s synthetic rate=0.5"
     assert list(axes.lines[0].get_xdata()) == [41e6, 20.5e6, 10.25e6]
-    assert [label.get_text() for label in axes.get_xticklabels()] == ["20M", "10M"]
+    # 41M and 10.25M lie between labelled ticks: the limits reach out to 50M and 10M
+    assert [label.get_text() for label in axes.get_xticklabels()] == ["50M", "20M", "10M"]
+    assert max(axes.get_xlim()) > 50e6 and min(axes.get_xlim()) < 10e6
     assert tables.markdown_table(runs).splitlines()[0].split("|")[4].strip() == "MFLOPs / image"
     assert [row[3] for row in table_rows(tables.markdown_table(runs))[:4]] == ["41.0", "20.5", "10.2", "41.0"]
     out = tmp_path / "out"
@@ -189,7 +195,11 @@ def test_throughput_comes_from_compact_exports(tmp_path):
     assert axes.get_xlim()[0] < axes.get_xlim()[1]  # faster to the right
     csv_lines = tables.csv_text(runs).splitlines()
     assert csv_lines[0].split(",") == tables.CSV_COLUMNS
-    assert csv_lines[2].split(",")[-3:] == ["1800.0", "compact", "cpu"] and csv_lines[3].endswith(",,,")
+    assert csv_lines[0].split(",")[-6:] == ["throughput_img_s", "throughput_variant", "throughput_device",
+                                            "throughput_dtype", "throughput_compile", "throughput_masked_img_s"]
+    assert csv_lines[1].split(",")[-6:] == ["1000.0", "masked", "cpu", "fp32", "False", ""]
+    assert csv_lines[2].split(",")[-6:] == ["1800.0", "compact", "cpu", "fp32", "False", "1010.0"]
+    assert csv_lines[3].endswith(",,,,,,")
 
 
 def test_controls_of_two_ticket_seeds_are_one_series_even_with_one_control_seed(tmp_path):
@@ -203,3 +213,99 @@ def test_controls_of_two_ticket_seeds_are_one_series_even_with_one_control_seed(
     assert (len(ticket.runs), len(control.runs), control.parent) == (2, 2, ticket)
     assert control.label == "none res20s synthetic rate=0.5 · random reinit (2 seeds)"
     assert [(row.round, row.test_top1.text()) for row in control.rows] == [(1, "81.00 ± 1.41")]
+
+
+def test_each_control_kind_has_its_own_marker_and_a_retrain_point_on_its_ticket_stays_visible(ticket_and_controls,
+                                                                                            tmp_path):
+    ticket, controls = ticket_and_controls
+    source = os.path.join(ticket, "1checkpoint.pth.tar")
+    retrain = make(tmp_path, "retrain", [(2, 64.0, 90.2, 89.2)], parent=source, struct="rsst", dataset="cifar10",
+                   seed=1, branch="retrain", resume_from=source)  # exactly on the ticket's round-2 point
+    runs, _ = load_runs([ticket, *controls, retrain])
+    figure = plot.accuracy_figure(runs)
+    axes, = figure.axes
+    name = "rsst res20s cifar10 rate=0.5 crit=l1"
+    kinds = ("random reinit", "random prune", "retrain")
+    lines = {line.get_label(): line for line in axes.lines}
+    solid, *drawn = [lines[name]] + [lines[f"{name} · {kind}"] for kind in kinds]
+    assert len({line.get_marker() for line in [solid, *drawn]}) == 4  # one shape per kind, none the ticket's
+    assert [line.get_linestyle() for line in [solid, *drawn[:2]]] == ["-", "--", "-."]  # retrain: its own dashes
+    assert {line.get_color() for line in drawn} == {solid.get_color()}  # the ticket's colour, a darker edge
+    assert {line.get_markeredgecolor() for line in drawn} == {plot.darker(solid.get_color())}
+    for line in drawn:  # hollow, larger and above the ticket: a point on the ticket's point still shows
+        assert line.get_markerfacecolor() == "none" and line.get_markersize() > solid.get_markersize()
+        assert line.get_zorder() > solid.get_zorder()
+    assert (list(lines[f"{name} · retrain"].get_xdata()), list(lines[f"{name} · retrain"].get_ydata())) == (
+        [64.0], [90.2]) and (64.0, 90.2) in zip(solid.get_xdata(), solid.get_ydata())
+    legend, = figure.legends
+    handles = dict(zip([text.get_text() for text in legend.texts], legend.legend_handles))
+    assert [handles[f"{name} · {kind}"].get_marker() for kind in kinds] == [line.get_marker() for line in drawn]
+    assert handles[name].get_marker() == solid.get_marker()
+
+
+def test_remaining_axis_reaches_the_next_tick_beyond_the_data(tmp_path):
+    run = make(tmp_path, "run", [(0, 100.0, 90.0, 89.0), (1, 50.0, 89.0, 88.0), (2, 35.0, 88.0, 87.0),
+                                 (3, 25.0, 87.0, 86.0)])
+    runs, _ = load_runs([run])
+    axes, = plot.accuracy_figure(runs).axes
+    ticks = list(axes.get_xticks())
+    assert ticks == [100, 50, 20]  # the 20 tick is reached: 35 % and 25 % lie between 50 and 20
+    lo, hi = sorted(axes.get_xlim())
+    assert lo < 20 and hi > 100
+    assert all(any(t >= x for t in ticks) and any(t <= x for t in ticks) for x in axes.lines[0].get_xdata())
+    assert xaxes.one_two_five_bounds(25.0, 100.0) == (20.0, 100.0)
+    assert xaxes.one_two_five_bounds(10.25e6, 41e6) == (10e6, 50e6)
+    assert xaxes.one_two_five_bounds(3e-3, 80.0) == (1e-3, 100.0)  # over 4 decades: decades only
+    with pytest.raises(ValueError):
+        xaxes.one_two_five_bounds(0.0, 1.0)
+
+
+def test_throughput_says_its_dtype_and_compile_setting_and_warns_when_they_mix(tmp_path):
+    fp32 = make(tmp_path, "fp32", curve(0.5, 2, 90), struct="channel", rate=0.5)
+    bf16 = make(tmp_path, "bf16", curve(0.3, 2, 89), struct="channel", rate=0.3)
+    for k in (0, 1):
+        write_export(fp32, k, compact=1400.0 + k * 32, masked=1000.0)
+        write_export(bf16, k, compact=2800.0 + k * 10, masked=2000.0, dtype="bf16", compile=True)
+    runs, _ = load_runs([fp32, bf16])
+    rows = table_rows(tables.markdown_table(runs))
+    assert [row[-1] for row in rows if row[1] in ("0", "1")] == ["1400 (fp32)", "1432 (fp32)",
+                                                                  "2800 (bf16, compiled)", "2810 (bf16, compiled)"]
+    csv_rows = list(csv.DictReader(io.StringIO(tables.csv_text(runs))))
+    assert [(r["throughput_dtype"], r["throughput_compile"]) for r in csv_rows] == [("fp32", "False")] * 2 + [
+        ("bf16", "True")] * 2
+    series = group_series(runs)
+    warning = ("the throughput plot mixes measurement settings (bf16, compiled: channel res20s synthetic rate=0.3; "
+               "fp32: channel res20s synthetic rate=0.5): their img/s are not comparable")
+    assert plot.mixed_settings(series, "throughput") == [warning] and plot.mixed_settings(series, "remaining") == []
+    axes, = plot.accuracy_figure(runs, x="throughput").axes
+    assert axes.get_xlabel() == f"{xaxes.THROUGHPUT.label}\nMIXED settings, not comparable: bf16, compiled | fp32"
+    assert [line.get_label() for line in axes.lines if not line.get_label().startswith("_")][:2] == [
+        "channel res20s synthetic rate=0.5 [fp32]", "channel res20s synthetic rate=0.3 [bf16, compiled]"]
+    alone, = plot.accuracy_figure(runs[:1], x="throughput").axes
+    assert alone.get_xlabel() == f"{xaxes.THROUGHPUT.label}, fp32"
+    assert alone.lines[0].get_label() == "channel res20s synthetic rate=0.5"  # one setting: said once, on the axis
+    out = tmp_path / "out"
+    assert report_runs.main([fp32, bf16, "--x", "throughput", "--out", str(out)]) == 0
+    assert f"**Warning:** {warning}\n" in (out / "report.md").read_text()
+
+
+def test_throughput_plot_draws_the_masked_model_faint_beside_the_compact_one(tmp_path):
+    run = make(tmp_path, "run", curve(0.5, 3, 90), struct="channel")
+    write_export(run, 0, masked=1000.0)  # nothing compact: no faint twin
+    write_export(run, 1, compact=1800.0, masked=1010.0)
+    write_export(run, 2, compact=2600.0, masked=1020.0)
+    runs, _ = load_runs([run])
+    assert [r.throughput.masked_median for r in runs[0].rounds] == [None, 1010.0, 1020.0]
+    figure = plot.accuracy_figure(runs, x="throughput")
+    axes, = figure.axes
+    main = axes.lines[0]
+    assert list(main.get_xdata()) == [1000.0, 1800.0, 2600.0]
+    faint = [line for line in axes.lines if line.get_gid() == "companion" and line.get_linestyle() == "None"]
+    assert len(faint) == 1 and faint[0].get_alpha() == plot.COMPANION_ALPHA
+    assert (list(faint[0].get_xdata()), list(faint[0].get_ydata())) == ([1010.0, 1020.0], [89.5, 89.0])
+    assert faint[0].get_color() == main.get_color() and faint[0].get_marker() == main.get_marker()
+    assert min(axes.get_xlim()) < 1000.0 and max(axes.get_xlim()) > 2600.0
+    legend, = figure.legends
+    assert xaxes.THROUGHPUT.companion_label in [text.get_text() for text in legend.texts]
+    remaining_view, = plot.accuracy_figure(runs).axes  # only the throughput view has a companion
+    assert not any(line.get_gid() == "companion" for line in remaining_view.lines)

@@ -84,10 +84,26 @@ def test_a_folder_without_sweep_json_gets_a_summary_by_differing_flags(tmp_path)
     runs, _ = load_runs([str(tmp_path / "runs")])
     assert table_rows(tables.summary_table(runs)) == [
         ["0.2", "start", "2", "91.00 @ 100%", "91.00 ± 1.41 @ 80%",
-         "round 1: 91.00 ± 1.41 @ 80% (val 91.00 ± 1.41)"],
-        ["0.5", "start", "1", "91.00 @ 100%", "85.00 @ 50%", "round 0: 91.00 @ 100% (val 90.00)"],
+         "round 1: 91.00 ± 1.41 @ 80% (val 91.00 ± 1.41)", "r0.2s1, r0.2s2"],
+        ["0.5", "start", "1", "91.00 @ 100%", "85.00 @ 50%", "round 0: 91.00 @ 100% (val 90.00)", "r0.5s1"],
     ]
-    assert tables.summary_table(runs).splitlines()[0].split("|")[1].strip() == "rate"
+    header = tables.summary_table(runs).splitlines()[0].split("|")
+    assert (header[1].strip(), header[-2].strip()) == ("rate", "run dir")
+
+
+def test_summary_names_a_ticket_ticket_and_traces_each_row_to_its_run_dir(tmp_path):
+    ticket = write_run(tmp_path / "runs" / "ticket", [(0, 100.0, 90.0, 89.0), (1, 80.0, 90.5, 89.5)],
+                       config_record(branch=None), str(tmp_path / "runs" / "ticket" / "rewind.pth.tar"))
+    source = os.path.join(ticket, "0checkpoint.pth.tar")
+    kinds = ("continue", "retrain", "random_reinit")
+    for i, kind in enumerate(kinds):
+        write_run(tmp_path / "runs" / kind, [(1, 80.0, 88.0 - i, 87.0 - i)],
+                  config_record(branch=kind, resume_from=source, exp_name=kind), source)
+    runs, _ = load_runs([str(tmp_path / "runs")])
+    rows = table_rows(tables.summary_table(runs))
+    assert [(row[0], row[-1]) for row in rows] == [("ticket", "ticket"), ("ticket", "continue"),
+                                                   ("random_reinit", "random_reinit"), ("retrain", "retrain")]
+    assert "None" not in tables.summary_table(runs)
 
 
 @pytest.mark.parametrize("content,reason", [
