@@ -48,6 +48,20 @@ def split_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
     return argv, []
 
 
+def report_changes(sweep: plan.Sweep, stored: Optional[dict]) -> None:
+    """One line each when this grid extends sweep.json (new cells) or leaves some of its cells out."""
+    if stored is None:
+        return
+    added, dropped = record.new_cells(sweep, stored), record.left_out(sweep, stored)
+    if added:
+        print(f"sweep {sweep.name}: this grid adds {summary.plural(len(added), 'new cell')} to sweep.json "
+              f"(its grid values become the union)", flush=True)
+    if dropped:
+        shown = ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+        print(f"sweep {sweep.name}: {summary.plural(len(dropped), 'cell')} of sweep.json not in this grid "
+              f"({shown}): kept in sweep.json, not run now", flush=True)
+
+
 def sweep_main(argv: Sequence[str]) -> int:
     own, runner_flags = split_argv(argv)
     options = build_parser().parse_args(own)
@@ -55,10 +69,16 @@ def sweep_main(argv: Sequence[str]) -> int:
     if not options.grid:
         raise UsageError("--grid: give at least one, e.g. --grid rate=0.2,0.3")
     grid = grids.parse_grid(options.grid)
-    sweep = plan.build(grid, runner_flags, options.root, options.name or plan.default_name(grid))
+    name = options.name or plan.default_name(grid)
+    plan.check_name(name)
+    stored = record.read_existing(plan.sweep_folder(options.root, name))
+    grid = record.align(grid, stored)  # an extended sweep keeps its key order, hence its cell names
+    sweep = plan.build(grid, runner_flags, options.root, name, known=record.known_values(stored, grid, runner_flags))
     stored = record.check_existing(sweep)
     before = {cell.name: cellstates.cell_state(cell.run_dir, cell.pruning_times) for cell in sweep.cells}
-    print(f"sweep {sweep.name}: {len(sweep.cells)} cells ({summary.counts(before)}) in {sweep.folder}", flush=True)
+    print(f"sweep {sweep.name}: {summary.plural(len(sweep.cells), 'cell')} ({summary.counts(before)}) in "
+          f"{sweep.folder}", flush=True)
+    report_changes(sweep, stored)
     if options.dry_run:
         for cell in sweep.cells:
             print(f"{cell.name} [{before[cell.name].state}]: {shlex.join(cell.command)}")
@@ -78,8 +98,8 @@ def sweep_main(argv: Sequence[str]) -> int:
     print(summary.table(rows), flush=True)
     if todo and not getattr(executor, "waits", True):
         submitted = sum(1 for v in results.values() if isinstance(v, str) and v.startswith("job "))
-        print(f"{submitted} job(s) submitted (jobs.json lists them); the same command again shows the table and "
-              f"submits only cells neither finished nor queued")
+        print(f"{summary.plural(submitted, 'job')} submitted (jobs.json lists them); the same command again shows "
+              f"the table and submits only cells neither finished nor queued")
         return 0
     unfinished = [name for name, state in after.items() if state.state != cellstates.FINISHED]
     print(f"sweep {sweep.name}: {summary.counts(after)}", flush=True)

@@ -2,14 +2,16 @@
 
 Every cell's full command is parsed by `utils.cli.parse_config` (the parser and checks the runner itself
 applies), so a bad grid key or value is refused with one line naming the --grid, and no cell can fail
-later on a flag the sweep could have checked.
+later on a flag the sweep could have checked. Two cells whose parsed configs are one experiment (e.g.
+rate=0.2,0.20) are refused too.
 """
 import argparse
+import dataclasses
 import difflib
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from sweeps import grid as grids
 from utils.errors import UsageError
@@ -53,6 +55,11 @@ class Sweep:
 def check_name(name: str) -> None:
     if not _NAME.match(name) or name in (".", ".."):
         raise UsageError(f"--name {name!r}: use letters, digits and . _ + - (it names a folder under --root)")
+
+
+def sweep_folder(root: str, name: str) -> str:
+    """<root>/<name>: where a sweep's sweep.json, logs and cells live."""
+    return os.path.join(os.path.normpath(root), name)
 
 
 def default_name(grid: grids.Grid) -> str:
@@ -110,15 +117,52 @@ def _blame(message: str, values: Dict[str, str], grid: grids.Grid, name: str) ->
     return f"runner flags (cell {name}): {message}"
 
 
-def build(grid: grids.Grid, runner_flags: Sequence[str], root: str, name: str) -> Sweep:
+def _experiment(config):
+    """The experiment a RunConfig describes: the config less where it is written (save_dir) and its label
+    (exp_name), so two cells that differ only there run the same experiment."""
+    return dataclasses.replace(config, save_dir=None, exp_name="")
+
+
+def _same_experiment(grid: grids.Grid, first: Dict[str, str], second: Dict[str, str], where: str) -> UsageError:
+    """The one-line refusal of two cells (`first` made earlier) whose runner configs are equal."""
+    keys = [key for key in second if first.get(key) != second[key]] or list(second)
+    shown = lambda values: ", ".join(f"{k}={values.get(k)}" for k in keys)  # noqa: E731
+    return UsageError(f"{grids.grid_text(keys[0], grid)}: {shown(second)} gives the same runner config as "
+                      f"{shown(first)} (cell {grids.cell_name(first)}{where}), so one experiment would run twice; "
+                      f"drop one of the values")
+
+
+def _known_experiments(known: Sequence[Dict[str, str]], points: Sequence[Dict[str, str]],
+                       runner_flags: Sequence[str], booleans: Sequence[str]) -> List[Tuple[object, Dict[str, str]]]:
+    """(experiment, values) of the cells of an earlier grid (sweep.json) that this grid does not repeat; a cell
+    the runner's parser now refuses is left out (it cannot equal a valid one)."""
+    from utils.cli import parse_config
+    found = []
+    for values in known:
+        if values in points:
+            continue
+        try:
+            command = grids.cell_command(runner_flags, values, "-", booleans)
+            found.append((_experiment(parse_config(command[2:])), dict(values)))
+        except UsageError:
+            continue
+    return found
+
+
+def build(grid: grids.Grid, runner_flags: Sequence[str], root: str, name: str,
+          known: Sequence[Dict[str, str]] = ()) -> Sweep:
     """Validate and expand a sweep; UsageError (one line naming the --grid, --name or runner flags) before
-    anything is launched or written."""
+    anything is launched or written. Two cells whose parsed runner configs are equal but for save_dir and
+    exp_name (e.g. rate=0.2,0.20) are refused, also against `known`: the values of cells an earlier grid
+    of this sweep made (sweep.json), when this grid extends it."""
     from utils.cli import parse_config
     check_name(name)
     booleans = _check_keys(grid, runner_flags, _runner_options())
     points = grids.expand(grid)
     grids.check_unique_names(points)
-    folder = os.path.join(os.path.normpath(root), name)
+    folder = sweep_folder(root, name)
+    seen = {experiment: (values, " of sweep.json")
+            for experiment, values in _known_experiments(known, points, runner_flags, booleans)}
     cells = []
     for values in points:
         cell_name = grids.cell_name(values)
@@ -128,5 +172,10 @@ def build(grid: grids.Grid, runner_flags: Sequence[str], root: str, name: str) -
             config = parse_config(command[2:])
         except UsageError as exc:
             raise UsageError(_blame(str(exc), values, grid, cell_name)) from None
+        experiment = _experiment(config)
+        if experiment in seen:
+            first, where = seen[experiment]
+            raise _same_experiment(grid, first, values, where)
+        seen[experiment] = (values, "")
         cells.append(Cell(cell_name, values, command, run_dir, config.pruning_times))
     return Sweep(name, folder, grid, list(runner_flags), cells)

@@ -67,6 +67,10 @@ class SubmititExecutor:
     def make_executor(self, folder: str):
         raise NotImplementedError
 
+    def job_folder(self, log_dir: str) -> str:
+        """submitit's folder template: one subfolder per job (`%j` is the job id)."""
+        return os.path.join(log_dir, "%j")
+
     def queued(self, folder: str) -> Dict[str, str]:
         """{cell: job id} of the cells whose latest job (jobs.json) is still queued or running: not resubmitted."""
         return {}
@@ -86,7 +90,7 @@ class SubmititExecutor:
             return results
         # the job process unpickles sweeps.job.CellJob: this checkout must be importable wherever it starts
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-        executor = self.make_executor(os.path.join(log_dir, "%j"))
+        executor = self.make_executor(self.job_folder(log_dir))
         cwd, wait_s = os.getcwd(), max(5, options.signal_delay_s - STOP_MARGIN_S)
         jobs = []
         with executor.batch():
@@ -154,6 +158,12 @@ class SubmititLocal(SubmititExecutor):
     its controller signals only the job process, so the job forwards SIGTERM to the runner."""
     name = "submitit_local"
     forward_sigterm = True
+
+    def job_folder(self, log_dir: str) -> str:
+        """`log_dir` itself: submitit's local controller creates its folder unformatted (submitit 1.5,
+        local/local.py Controller.start_tasks), so a `%j` template would leave an empty folder named `%j`;
+        the job files are told apart by their `<pid>_` prefix instead."""
+        return log_dir
 
     def make_executor(self, folder: str):
         import submitit

@@ -7,6 +7,11 @@ from sweeps.plan import Cell
 HEADER = ("cell", "before", "exit", "rounds", "best round", "best val", "test")
 
 
+def plural(count: int, noun: str) -> str:
+    """`1 cell`, `2 cells`, `0 cells`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _number(value) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 

@@ -110,6 +110,10 @@ def test_malformed_grid_texts_are_refused(texts, message):
                                                                "from local, slurm, submitit_local"),
     (["--grid", "seed=1", "--parallel", "0", "--", *RUNNER], "error: --parallel 0: must be at least 1"),
     (["--", *RUNNER], "error: --grid: give at least one"),
+    (["--grid", "rate=0.2,0.20", "--", *RUNNER], "error: --grid rate=0.2,0.20: rate=0.20 gives the same runner "
+                                                 "config as rate=0.2 (cell rate-0.2), so one experiment would run"),
+    (["--grid", "seed=1,2", "--grid", "exp_name=a,b", "--", *RUNNER], "error: --grid exp_name=a,b: exp_name=b gives "
+     "the same runner config as exp_name=a (cell seed-1_exp_name-a), so"),  # exp_name only labels a run
 ])
 def test_bad_sweep_is_refused_in_one_line_before_anything_is_written(args, message, tmp_path, capsys):
     root = tmp_path / "runs"
@@ -133,12 +137,17 @@ def test_sweep_json_is_reused_and_another_grid_under_the_same_name_is_refused(tm
     assert record.check_existing(reordered) == stored  # the same cells: the same sweep
     record.write(reordered, "slurm", stored)
     assert json.load(open(paths.sweep_file(built.folder))) == dict(stored, executor="slurm")
-    with pytest.raises(UsageError, match=r"sweep.json: sweep 's' was made with the grid .* use another --name"):
-        record.check_existing(plan.build(grid.parse_grid(["rate=0.3,0.4"]), RUNNER, root, "s"))
-    with pytest.raises(UsageError, match="was made with runner flags"):
+    extended = plan.build(grid.parse_grid(["rate=0.3,0.4"]), RUNNER, root, "s")
+    assert record.check_existing(extended) == dict(stored, executor="slurm")  # other values extend the sweep
+    with pytest.raises(UsageError, match=r"sweep.json: sweep 's' was made with the grid keys \['rate'\], not "
+                                         r"\['rate', 'seed'\]; extending a key's values is allowed, but the grid "
+                                         r"keys and runner flags must match: use another --name"):
+        record.check_existing(plan.build(grid.parse_grid(["rate=0.3", "seed=1"]), RUNNER, root, "s"))
+    with pytest.raises(UsageError, match=r"was made with runner flags .*; extending a key's values is allowed"):
         record.check_existing(plan.build(grid.parse_grid(["rate=0.3,0.5"]), [*RUNNER, "--lr", "0.1"], root, "s"))
     assert main(["--root", str(tmp_path / "dry"), "--grid", "rate=0.3", "--dry_run", "--", *RUNNER]) == 0
-    assert "rate-0.3 [new]: python main_imp_fillback.py" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sweep sweep-rate: 1 cell (1 new) in" in out and "rate-0.3 [new]: python main_imp_fillback.py" in out
     assert not (tmp_path / "dry").exists()
 
 
@@ -223,6 +232,77 @@ def test_local_pool_keeps_going_past_a_failing_cell(tmp_path, monkeypatch, capsy
     assert pool.launch(built, todo, dict.fromkeys(scripts, "new")) == {"a": 3, "b": 0, "c": 0}
     assert "ran c" in (tmp_path / "logs" / "c.log").read_text()
     assert "end a: exit code 3" in capsys.readouterr().out
+
+
+# a stand-in runner (argv: run dir): writes what a finished 2-round run leaves (lineage.json, numbered checkpoints)
+FINISH_CELL = ("import json, os, sys; d = sys.argv[1]; os.makedirs(d, exist_ok=True); "
+               "json.dump({'rounds': [{'round': r, 'val_top1': 40.0 + r, 'test_top1': 39.0} for r in (0, 1)]}, "
+               "open(os.path.join(d, 'lineage.json'), 'w')); "
+               "[open(os.path.join(d, f'{r}checkpoint.pth.tar'), 'w').close() for r in (0, 1)]")
+
+
+def test_a_grid_with_new_values_extends_the_sweep_and_one_with_fewer_keeps_sweep_json(tmp_path, monkeypatch, capsys):
+    from sweeps import local
+    monkeypatch.setattr(local, "runner_argv", lambda cell: [sys.executable, "-c", FINISH_CELL, cell.run_dir])
+    root, folder = tmp_path / "runs", tmp_path / "runs" / "s"
+    sweep_args = lambda *grids: ["--root", str(root), "--name", "s", *grids, "--", *RUNNER]  # noqa: E731
+    assert main(sweep_args("--grid", "rate=0.3", "--grid", "seed=1,2")) == 0
+    first = json.load(open(folder / "sweep.json"))
+    kept = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and "seed-" in p.parent.name}
+    capsys.readouterr()
+    # new values for both keys, the keys in the other order: the stored cells keep their names and run dirs
+    assert main(sweep_args("--grid", "seed=3,1,2", "--grid", "rate=0.5,0.3")) == 0
+    out = capsys.readouterr().out
+    assert "sweep s: 6 cells (2 finished, 4 new)" in out and "sweep s: this grid adds 4 new cells to sweep.json" in out
+    assert [line for line in out.splitlines() if line.startswith(("skip ", "start "))] == [
+        "skip rate-0.3_seed-1: finished (2/2 rounds)", "skip rate-0.3_seed-2: finished (2/2 rounds)",
+        *(f"start {n} (new): log {folder / 'logs' / n}.log" for n in
+          ("rate-0.5_seed-3", "rate-0.5_seed-1", "rate-0.5_seed-2", "rate-0.3_seed-3"))]  # in the order given
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    extended = json.load(open(folder / "sweep.json"))
+    assert extended["grid"] == {"rate": ["0.3", "0.5"], "seed": ["1", "2", "3"]}
+    assert [c["name"] for c in extended["cells"]] == [f"rate-{r}_seed-{s}" for r in ("0.3", "0.5") for s in "123"]
+    assert extended["cells"][:2] == first["cells"] and extended["runner_flags"] == first["runner_flags"]
+    assert extended["cells"][2]["command"][-7:] == ["--rate", "0.3", "--seed", "3", "--save_dir",
+                                                    str(folder / "rate-0.3_seed-3"), "--resume"]
+    text = (folder / "sweep.json").read_text()
+    # fewer values: only this grid's cells run; sweep.json keeps every cell ever made, unchanged
+    assert main(sweep_args("--grid", "rate=0.5", "--grid", "seed=1")) == 0
+    out = capsys.readouterr().out
+    assert "sweep s: 1 cell (1 finished) in" in out
+    assert ("sweep s: 5 cells of sweep.json not in this grid (rate-0.3_seed-1, rate-0.3_seed-2, rate-0.3_seed-3, "
+            "...): kept in sweep.json, not run now\n") in out
+    assert (folder / "sweep.json").read_text() == text
+    # other keys, other runner flags, or a new value that repeats a stored cell's experiment: refused, nothing written
+    for args, message in [
+        (sweep_args("--grid", "rate=0.3", "--grid", "seed=1", "--grid", "momentum=0.8"), "was made with the grid "
+         "keys ['rate', 'seed'], not ['rate', 'seed', 'momentum']; extending a key's values is allowed, but the grid keys and "
+         "runner flags must match: use another --name"),
+        ([*sweep_args("--grid", "rate=0.3", "--grid", "seed=1"), "--momentum", "0.8"], "was made with runner flags"),
+        (sweep_args("--grid", "rate=0.30", "--grid", "seed=1"), "error: --grid rate=0.30: rate=0.30 gives the same "
+         "runner config as rate=0.3 (cell rate-0.3_seed-1 of sweep.json)"),
+    ]:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert (folder / "sweep.json").read_text() == text and not (folder / "rate-0.30_seed-1").exists()
+
+
+def test_submitit_local_leaves_no_folder_named_after_the_job_id_template(tmp_path, monkeypatch):
+    """submitit's local controller creates its folder unformatted: `<sweep>/slurm/%j` must not be that folder."""
+    pytest.importorskip("submitit")
+    from sweeps import slurm
+    from sweeps.cli import build_parser
+    monkeypatch.setattr(slurm, "runner_argv", lambda cell: [sys.executable, "-c", "print('ran', 'cell')"])
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # the executor extends it: undone here
+    cell = plan.Cell("a", {}, ["python", "x.py"], str(tmp_path / "a"), 1)
+    built = plan.Sweep("s", str(tmp_path / "s"), {}, [], [cell])
+    executor = slurm.SubmititLocal(build_parser().parse_args(["--executor", "submitit_local", "--wait"]))
+    assert executor.launch(built, [cell], {"a": "new"}) == {"a": 0}
+    made = [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")]
+    assert not [p for p in made if "%" in p], made
+    job = json.load(open(tmp_path / "s" / "jobs.json"))["submissions"][0]["jobs"][0]["job_id"]
+    assert f"s/slurm/{job}_0_log.out" in made and "ran cell" in (tmp_path / "s" / "logs" / "a.log").read_text()
 
 
 # ---- end to end: the local pool, resume, submitit ---------------------------------------------------------
