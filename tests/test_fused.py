@@ -1,0 +1,192 @@
+"""Horizontal fusion (training/fused): N cells in one model compute what N separate models compute."""
+import pytest
+import torch
+
+from data import ImageSet
+from data.loader import TensorLoader
+from data.synthetic import read_synthetic
+from models import create_model, dense_modules
+from pruners.base import RoundPlan
+from pruners.masks import prunable_weights
+from training.fused import FusedTrainStep, fuse_masks, fuse_models
+from training.step import TrainStep
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")]
+CPU = torch.device("cpu")
+ROUTE = {"res20s": "grouped", "test_vit": "vmap"}
+
+
+def make_models(arch, seeds):
+    """One model per seed (different inits); BatchNorm running stats and affines drawn per seed too,
+    so eval-mode forwards and the stat updates differ between cells."""
+    models = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = create_model(arch, 10)
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.data.uniform_(0.5, 1.5)
+                module.bias.data.normal_(0, 0.1)
+        models.append(model)
+    return models
+
+
+@pytest.mark.parametrize("arch,train", [("res20s", True), ("res20s", False), ("test_vit", True)])
+def test_fused_forward_matches_each_model(arch, train):
+    models = make_models(arch, [1, 2, 3])
+    fused = fuse_models(models)
+    assert fused.route == ROUTE[arch] and fused.cells == 3
+    fused.train(train)
+    for model in models:
+        model.train(train)
+    images = torch.randn(3, 8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    images[1] = images[0]  # cells 0 and 1 see the same images: their logits differ by their weights only
+    with torch.no_grad():
+        logits = fused(images)
+        assert logits.shape == (3, 8, 10)
+        for i, model in enumerate(models):
+            assert (logits[i] - model(images[i])).abs().max() <= 1e-5
+    assert (logits[0] - logits[1]).abs().max() > 1e-2
+    # BatchNorm running statistics after the forward (train: updated from each cell's batch; eval: unchanged)
+    for state, model in zip(fused.unfuse(), models):
+        for name, value in model.state_dict().items():
+            assert (state[name].double() - value.double()).abs().max() <= 1e-6, name
+    if arch == "res20s":
+        assert int(fused.unfuse()[0]["bn1.num_batches_tracked"]) == (1 if train else 0)
+
+
+@pytest.mark.parametrize("arch", ["res20s", "test_vit"])
+def test_unfuse_round_trip_is_exact(arch):
+    models = make_models(arch, [4, 5])
+    fused = fuse_models(models)
+    states = fused.unfuse()
+    for state, model in zip(states, models):
+        expected = model.state_dict()
+        assert list(state) == list(expected)
+        assert all(torch.equal(state[name], expected[name]) for name in expected)
+    again = fuse_models(make_models(arch, [6, 7]))
+    again.load_cells(states[::-1])
+    for state, expected in zip(again.unfuse(), states[::-1]):
+        assert all(torch.equal(state[name], expected[name]) for name in expected)
+    fresh = create_model(arch, 10)
+    fresh.load_state_dict(states[1])  # strict: exactly the cell's keys and shapes
+
+
+def test_fused_params_and_masks_address_each_cell():
+    models = make_models("res20s", [1, 2])
+    fused = fuse_models(models)
+    params = fused.fused_params
+    assert list(params) == [name for name, _ in models[0].named_parameters()]
+    conv, index = params["layers.3.conv1.weight"]  # 16 -> 32 channels, stride 2
+    assert conv.shape == (64, 16, 3, 3) and index == [slice(0, 32), slice(32, 64)]
+    fc, index = params["fc.weight"]
+    assert fc.shape == (2, 10, 64) and index == [0, 1]
+    assert torch.equal(fc[1], models[1].fc.weight)
+    generator = torch.Generator().manual_seed(3)
+    weights = prunable_weights(models[0])
+    cell_masks = [{n: (torch.rand(w.shape, generator=generator) < density).float() for n, w in weights.items()}
+                  for density in (0.5, 0.2)]
+    masks = fuse_masks(fused, cell_masks)
+    for name, (tensor, index) in params.items():
+        if name in masks:
+            assert masks[name].shape == tensor.shape
+            for i in range(2):
+                assert torch.equal(masks[name][index[i]], cell_masks[i][name])
+    assert float(masks["fc.weight"][0].mean()) == pytest.approx(float(cell_masks[0]["fc.weight"].mean()))
+
+
+def test_refusals_name_the_problem():
+    with pytest.raises(ValueError, match="model 1 differs from model 0"):
+        fuse_models([create_model("res20s", 10), create_model("res20s", 100)])
+    with pytest.raises(ValueError, match="cannot update BatchNorm running statistics"):
+        fuse_models(make_models("res20s", [1]), route="vmap")
+    with pytest.raises(ValueError, match=r"grouped fusion cannot widen .*LayerNorm"):
+        fuse_models(make_models("test_vit", [1]), route="grouped")
+    with pytest.raises(ValueError, match="unknown fusion route 'hfta'"):
+        fuse_models(make_models("res20s", [1]), route="hfta")
+    fused = fuse_models(make_models("res20s", [1, 2]))
+    with pytest.raises(ValueError, match="weight_decay: 1 values for 2 cells"):
+        FusedTrainStep(fused, [], CPU, "none", 0.9, [1e-4], regularized=False, use_graph=False)
+    with pytest.raises(ValueError, match="masked names not among .*: nope.weight"):
+        FusedTrainStep(fused, ["nope.weight"], CPU, "none", 0.9, [0, 0], regularized=False, use_graph=False)
+
+
+# cell i: seed, init seed, learning rate (times a per-step ramp), RSST lambda, weight decay, mask density
+CELLS = [dict(seed=11, lr=0.05, reg=0.3, wd=5e-4, density=0.5), dict(seed=22, lr=0.02, reg=1.0, wd=1e-3, density=0.3)]
+BATCH, STEPS = 32, 8
+
+
+def cell_setup(arch, cell, model):
+    """A cell's masked weights, masks (its own generator and density) and penalty masks."""
+    weights = prunable_weights(model, exclude=dense_modules(model))
+    generator = torch.Generator().manual_seed(cell["seed"])
+    masks = {n: (torch.rand(w.shape, generator=generator) < cell["density"]).float() for n, w in weights.items()}
+    penalty = {n: m * (torch.rand(m.shape, generator=generator) < 0.5).float() for n, m in masks.items()}
+    return weights, RoundPlan(train_masks=masks, final_masks=masks, penalty_masks=penalty)
+
+
+def cell_loader(train_set, cell, batch):
+    loader = TensorLoader(train_set, batch, (0.5,) * 3, (0.25,) * 3, CPU, train=True, drop_last=True)
+    loader.set_epoch_seed(cell["seed"])  # each cell's own order and crops/flips
+    return loader
+
+
+# float64 shows the fused step IS the separate steps (weights and momentum agree to 1e-9 after 8 steps).
+# In fp32, res20s's conv1 gradient on these images carries ~1e-4 relative rounding noise (a BatchNorm'd
+# sum over 32k positions; it differs as much between two memory layouts of one separate run) and SGD at
+# these learning rates grows weight differences 5-10x per step, so its fp32 check is 2 steps and its
+# momentum (gradient-sized) tolerance 1e-4.
+@pytest.mark.parametrize("arch,dtype,batch,steps,tol,momentum_tol", [
+    ("res20s", torch.float64, 16, STEPS, 1e-9, 1e-9),
+    ("res20s", torch.float32, BATCH, 2, 1e-5, 1e-4),
+    ("test_vit", torch.float32, BATCH, STEPS, 1e-5, 1e-5)])
+def test_fused_pair_trains_like_two_separate_runs(arch, dtype, batch, steps, tol, momentum_tol):
+    train, _ = read_synthetic("")
+    train_set = ImageSet(train.images[:batch * steps], train.labels[:batch * steps])
+    models = [model.to(dtype) for model in make_models(arch, [cell["seed"] for cell in CELLS])]
+    fused = fuse_models(models)  # copies: the models below train separately
+    plans = [cell_setup(arch, cell, model)[1] for cell, model in zip(CELLS, models)]
+
+    separate = []
+    for cell, model, plan in zip(CELLS, models, plans):
+        weights, _ = cell_setup(arch, cell, model)
+        step = TrainStep(model, weights, CPU, "none", 0.9, cell["wd"], regularized=True, use_graph=False)
+        step.start_round(plan)
+        losses, before = [], 0.0
+        for k, (images, labels) in enumerate(cell_loader(train_set, cell, batch)):
+            # contiguous, as the fused batch is after stacking (the loader's crops come channels-last)
+            step(images.contiguous().to(dtype), labels, lr=cell["lr"] * (k + 1) / STEPS, reg_lambda=cell["reg"])
+            losses.append((step.running_loss_sum() - before) / batch)
+            before = step.running_loss_sum()
+        separate.append((losses, step.correct.item(), step.state_dict()["momentum_buffers"]))
+
+    masked_names = list(plans[0].train_masks)
+    fused_step = FusedTrainStep(fused, masked_names, CPU, "none", 0.9, [c["wd"] for c in CELLS],
+                                regularized=True, use_graph=False)
+    fused_step.start_round(plans)
+    fused_losses, before = [], torch.zeros(2)
+    loaders = [cell_loader(train_set, cell, batch) for cell in CELLS]
+    for k, batches in enumerate(zip(*loaders)):
+        images = torch.stack([b[0] for b in batches]).to(dtype)
+        labels = torch.stack([b[1] for b in batches])
+        fused_step(images, labels, lr=[c["lr"] * (k + 1) / STEPS for c in CELLS], reg_lambda=[c["reg"] for c in CELLS])
+        fused_losses.append((fused_step.loss_sum - before) / batch)
+        before = fused_step.loss_sum.clone()
+    assert len(fused_losses) == steps
+    fused_states = fused.unfuse()
+    for i, (losses, correct, momentum) in enumerate(separate):
+        for k in range(steps):  # the loss counters are fp32 in both steps: 1e-5 whatever the dtype
+            assert float(fused_losses[k][i]) == pytest.approx(losses[k], rel=1e-5), (i, k)
+        assert int(fused_step.correct[i]) == correct
+        for name, value in models[i].state_dict().items():
+            assert (fused_states[i][name].double() - value.double()).abs().max() <= tol, (i, name)
+        for name, mask in plans[i].train_masks.items():
+            assert torch.all(fused_states[i][name][mask == 0] == 0), (i, name)
+        for fused_buf, buf in zip(fused_step.cell_state_dict(i)["momentum_buffers"], momentum):
+            assert (fused_buf - buf).abs().max() <= momentum_tol
+    assert separate[0][0] != pytest.approx(separate[1][0], rel=1e-3)  # the cells did differ
+    loss_sums, corrects, bad = fused_step.read_epoch()
+    assert bad == [None, None] and corrects == [s[1] for s in separate]

@@ -1,0 +1,10 @@
+"""Horizontal fusion: N same-shaped runs of a sweep trained as one model (HFTA, MLSys 2021).
+
+models.py: fuse_models / FusedModel (grouped-conv or vmap route), fuse_masks.
+step.py: FusedTrainStep, N TrainSteps in one (per-cell lr, lambda, weight decay, masks).
+See docs/fused.md.
+"""
+from training.fused.models import FusedModel, fuse_masks, fuse_models
+from training.fused.step import FusedTrainStep
+
+__all__ = ["FusedModel", "FusedTrainStep", "fuse_masks", "fuse_models"]

@@ -1,0 +1,250 @@
+"""N same-shaped models as one module ("horizontal fusion", HFTA: Wang et al., MLSys 2021).
+
+Two routes, one interface (`FusedModel`): images [N, B, C, H, W] -> logits [N, B, classes], where
+cell i sees only its own images and its own weights.
+
+- `grouped` (CNNs with BatchNorm, e.g. res20s): activations run as [B, N*C, H, W], cell-major
+  channels. Each Conv2d becomes one Conv2d with N times the channels and groups=N*groups (so no
+  channel of one cell ever meets another cell's); each BatchNorm2d one BatchNorm2d over N*C channels
+  (per-channel batch statistics and running statistics are exactly those of the separate models);
+  each Linear a batched matmul over [N, out, in] weights. Functional ops in `forward` (relu, adds,
+  pooling, flatten) act per channel or element, so they need no change.
+- `vmap` (models without BatchNorm running statistics, e.g. timm ViTs with LayerNorm):
+  torch.func.stack_module_state + vmap(functional_call), PyTorch's ensembling recipe. It needs no
+  knowledge of the model's internals (timm's Attention differs between versions), which is why the
+  ViTs take it instead of a hand-fused attention.
+
+Every fused tensor holds its cells along dim 0, cell-major: cell i's tensor is `fused[index]` with
+index i (stacked [N, ...] tensors) or slice(i*k, (i+1)*k) (conv / BatchNorm tensors of N*k rows),
+a view shaped exactly as the cell's tensor; `fused.view(N, -1)[i]` is the same numbers flattened.
+BatchNorm's `num_batches_tracked` is one shared counter (index ()): cells step in lockstep.
+"""
+import copy
+from typing import Dict, List, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
+
+Index = Union[int, slice, Tuple[()]]
+
+
+def cell_index(fused_shape: torch.Size, cell_shape: torch.Size, cells: int, cell: int) -> Index:
+    """Where cell `cell` of `cells` lives in a fused tensor: i for [N, *cell_shape], a slice of
+    dim 0 for [N*k, *cell_shape[1:]], () for a shared 0-dim tensor. Raises ValueError otherwise."""
+    fused_shape, cell_shape = tuple(fused_shape), tuple(cell_shape)
+    if fused_shape == (cells, *cell_shape):
+        return cell
+    if cell_shape and fused_shape == (cells * cell_shape[0], *cell_shape[1:]):
+        return slice(cell * cell_shape[0], (cell + 1) * cell_shape[0])
+    if fused_shape == cell_shape == ():
+        return ()
+    raise ValueError(f"fused shape {fused_shape} does not hold {cells} cells of shape {cell_shape}")
+
+
+class FusedLinear(nn.Module):
+    """N Linear layers as one batched matmul: [..., N*in] -> [..., N*out], weight [N, out, in],
+    bias [N, out] (cell-major features, as the grouped route's flattened channels are)."""
+
+    def __init__(self, cells: int, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.cells, self.in_features, self.out_features = cells, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(cells, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(cells, out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        rows = x.reshape(-1, self.cells, self.in_features).transpose(0, 1)  # [N, M, in]
+        out = torch.bmm(rows, self.weight.transpose(1, 2))
+        if self.bias is not None:
+            out = out + self.bias[:, None, :]
+        return out.transpose(0, 1).reshape(*lead, self.cells * self.out_features)
+
+
+def _grouped_conv(conv: nn.Conv2d, cells: int) -> nn.Conv2d:
+    return nn.Conv2d(cells * conv.in_channels, cells * conv.out_channels, conv.kernel_size, conv.stride,
+                     conv.padding, conv.dilation, cells * conv.groups, conv.bias is not None, conv.padding_mode)
+
+
+def _wide_batchnorm(bn: nn.BatchNorm2d, cells: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(cells * bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+
+
+def _fused_linear(linear: nn.Linear, cells: int) -> FusedLinear:
+    return FusedLinear(cells, linear.in_features, linear.out_features, linear.bias is not None)
+
+
+# exact types only: a subclass may change forward (e.g. a LoRA or masked Linear)
+GROUPED_LAYERS = {nn.Conv2d: _grouped_conv, nn.BatchNorm2d: _wide_batchnorm, nn.Linear: _fused_linear}
+
+
+def _holds_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False))
+
+
+def grouped_unsupported(model: nn.Module) -> List[str]:
+    """Names of the modules holding tensors that the grouped route cannot widen (empty: it can)."""
+    return [f"{name or '<root>'} ({type(m).__name__})" for name, m in model.named_modules()
+            if _holds_tensors(m) and type(m) not in GROUPED_LAYERS]
+
+
+class FusedModel(nn.Module):
+    """N cells of one architecture in one module; see the module docstring for the layout.
+
+    `fused_params` / `fused_state`: cell name -> (fused tensor, [index of cell 0..N-1]).
+    `unfuse()`: N state_dicts equal to the cells' (exact: the fused tensors hold the same numbers).
+    """
+    route = "base"
+
+    def __init__(self, models: Sequence[nn.Module]):
+        super().__init__()
+        self.cells = len(models)
+        state = models[0].state_dict()
+        self.cell_shapes = {name: tensor.shape for name, tensor in state.items()}
+        self.param_names = [name for name, p in models[0].named_parameters() if p.requires_grad]
+
+    def _fused_tensors(self) -> Dict[str, torch.Tensor]:
+        """Cell state name -> the fused tensor holding it (parameters as the Parameters themselves)."""
+        raise NotImplementedError
+
+    @property
+    def fused_state(self) -> Dict[str, Tuple[torch.Tensor, List[Index]]]:
+        return {name: (tensor, [cell_index(tensor.shape, self.cell_shapes[name], self.cells, i)
+                                for i in range(self.cells)])
+                for name, tensor in self._fused_tensors().items()}
+
+    @property
+    def fused_params(self) -> Dict[str, Tuple[torch.Tensor, List[Index]]]:
+        """Each trainable cell parameter name -> (fused Parameter, per-cell index), in the cells'
+        `parameters()` order (the order of a TrainStep's momentum buffers)."""
+        state = self.fused_state
+        return {name: state[name] for name in self.param_names}
+
+    def unfuse(self) -> List[Dict[str, torch.Tensor]]:
+        """N state_dicts (CPU-independent clones, the cells' key order) loadable into the cell model."""
+        state = self.fused_state
+        return [{name: tensor[index[i]].detach().clone() for name, (tensor, index) in state.items()}
+                for i in range(self.cells)]
+
+    @torch.no_grad()
+    def load_cells(self, states: Sequence[Dict[str, torch.Tensor]]) -> None:
+        """Copy N cell state_dicts into the fused tensors. Raises ValueError on a count/key mismatch."""
+        if len(states) != self.cells:
+            raise ValueError(f"{len(states)} cell states for {self.cells} cells")
+        for i, cell_state in enumerate(states):
+            if set(cell_state) != set(self.cell_shapes):
+                missing = sorted(set(self.cell_shapes) ^ set(cell_state))
+                raise ValueError(f"cell {i}: state keys differ from the fused model's ({', '.join(missing[:5])})")
+        for name, (tensor, index) in self.fused_state.items():
+            if index[0] == ():  # shared counter (num_batches_tracked): the cells run in lockstep
+                tensor.copy_(states[0][name])
+                continue
+            for i in range(self.cells):
+                tensor[index[i]].copy_(states[i][name])
+
+
+class GroupedFusedModel(FusedModel):
+    """The structural route: grouped convolutions, wide BatchNorms, batched Linears."""
+    route = "grouped"
+
+    def __init__(self, models: Sequence[nn.Module]):
+        super().__init__(models)
+        unsupported = grouped_unsupported(models[0])
+        if unsupported:
+            raise ValueError(f"grouped fusion cannot widen {', '.join(unsupported[:3])}; use route='vmap'")
+        self.model = copy.deepcopy(models[0])
+        for name, module in list(self.model.named_modules()):
+            widen = GROUPED_LAYERS.get(type(module))
+            if widen is not None:
+                reference = next(t for t in module.state_dict().values() if t.is_floating_point())
+                self.model.set_submodule(name, widen(module, self.cells).to(reference.device, reference.dtype))
+        self.load_cells([m.state_dict() for m in models])
+
+    def _fused_tensors(self) -> Dict[str, torch.Tensor]:
+        return dict(self.model.state_dict(keep_vars=True))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, B, C, H, W] -> logits [N, B, classes]."""
+        cells, batch = images.shape[:2]
+        logits = self.model(images.transpose(0, 1).reshape(batch, cells * images.shape[2], *images.shape[3:]))
+        return logits.view(batch, cells, -1).transpose(0, 1)
+
+
+class VmapFusedModel(FusedModel):
+    """torch.func route: stacked [N, ...] parameters, one vmapped functional_call per forward."""
+    route = "vmap"
+
+    def __init__(self, models: Sequence[nn.Module]):
+        super().__init__(models)
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for m in models[0].modules()):
+            raise ValueError("vmap fusion cannot update BatchNorm running statistics; use route='grouped'")
+        params, buffers = stack_module_state(list(models))
+        self.stacked = nn.ParameterList([nn.Parameter(params[name]) for name in params])
+        self._param_keys = list(params)
+        self._buffer_keys = list(buffers)
+        for k, name in enumerate(self._buffer_keys):
+            self.register_buffer(f"stacked_buffer_{k}", buffers[name])
+        self._base = [copy.deepcopy(models[0]).to("meta")]  # a list: not a submodule, holds no tensors
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._base[0].train(mode)
+        return self
+
+    def _fused_tensors(self) -> Dict[str, torch.Tensor]:
+        tensors = dict(zip(self._param_keys, self.stacked))
+        tensors.update({name: getattr(self, f"stacked_buffer_{k}") for k, name in enumerate(self._buffer_keys)})
+        return {name: tensors[name] for name in self.cell_shapes if name in tensors}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images [N, B, C, H, W] -> logits [N, B, classes]; stochastic layers draw per cell."""
+        params = dict(zip(self._param_keys, self.stacked))
+        buffers = {name: getattr(self, f"stacked_buffer_{k}") for k, name in enumerate(self._buffer_keys)}
+        base = self._base[0]
+
+        def one_cell(cell_params, cell_buffers, cell_images):
+            return functional_call(base, (cell_params, cell_buffers), (cell_images,))
+        return vmap(one_cell, randomness="different")(params, buffers, images)
+
+
+ROUTES = {"grouped": GroupedFusedModel, "vmap": VmapFusedModel}
+
+
+def fuse_models(models: Sequence[nn.Module], route: str = "auto") -> FusedModel:
+    """One FusedModel holding copies of `models` (N >= 1 models of one architecture, same state keys
+    and shapes); the models themselves are left untouched. `route`: "grouped", "vmap" or "auto"
+    (grouped when every tensor-holding module is a Conv2d, BatchNorm2d or Linear, else vmap).
+    Raises ValueError for no models, differing architectures, or a route that cannot take them."""
+    if not models:
+        raise ValueError("fuse_models needs at least one model")
+    shapes = {name: t.shape for name, t in models[0].state_dict().items()}
+    for i, model in enumerate(models[1:], 1):
+        other = {name: t.shape for name, t in model.state_dict().items()}
+        if type(model) is not type(models[0]) or other != shapes:
+            raise ValueError(f"model {i} differs from model 0 in type or state shapes: "
+                             "cells must share one architecture")
+    if route == "auto":
+        route = "vmap" if grouped_unsupported(models[0]) else "grouped"
+    if route not in ROUTES:
+        raise ValueError(f"unknown fusion route {route!r}; choose from auto, {', '.join(ROUTES)}")
+    return ROUTES[route](models)
+
+
+def fuse_masks(fused: FusedModel, cell_masks: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Per-cell masks (N dicts name -> 0/1 tensor shaped as the cell's parameter, same names in every
+    cell) -> name -> mask shaped as the fused parameter. Raises ValueError on a count or name mismatch."""
+    if len(cell_masks) != fused.cells:
+        raise ValueError(f"{len(cell_masks)} mask sets for {fused.cells} cells")
+    params = fused.fused_params
+    names = list(cell_masks[0])
+    out = {}
+    for name in names:
+        if name not in params or any(set(masks) != set(names) for masks in cell_masks):
+            raise ValueError(f"mask {name!r}: not a trainable parameter of every cell")
+        tensor, index = params[name]
+        out[name] = torch.empty_like(tensor, requires_grad=False)
+        for i, masks in enumerate(cell_masks):
+            out[name][index[i]] = masks[name]
+    return out

@@ -1,0 +1,162 @@
+"""N TrainSteps as one: the masked SGD of training/step.py on a FusedModel's cell-major tensors.
+
+The loss is the SUM over cells of each cell's mean cross-entropy: cell i's weights reach only its
+own term, so each cell's gradient is exactly the gradient of its separate run (a mean over cells
+would divide every cell's gradient by N). Per cell: learning rate, RSST lambda, weight decay, masks
+and penalty masks; momentum is shared. Per-cell scalars live in device tensors of shape [N] and
+are applied through [N, 1] views of the [N, numel / N] flat views of every fused tensor, so the
+body has no host sync and one captured CUDA graph serves every step (TrainStep's capture and
+warm-up are reused). On the CPU it runs eagerly.
+"""
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pruners.base import RoundPlan
+from training.fused.models import FusedModel
+from training.step import TrainStep, autocast
+
+
+class FusedTrainStep(TrainStep):
+    """One step of N cells: images [N, B, C, H, W], labels [N, B], lr / reg_lambda: N floats.
+
+    `masked_names`: the cells' masked parameter names (e.g. the keys of `prunable_weights`), the
+    same for every cell. `weight_decay`: N floats. Counters `loss_sum` (float [N]), `correct`
+    (long [N]), `first_bad` (long [N], -1 = none) stay on the device. Not supported here: torchrun
+    (`dist`) and `skip_nonfinite` (one cell's bad batch must not skip the others' step).
+    Raises ValueError for a per-cell list whose length is not N or an unknown masked name.
+    """
+
+    def __init__(self, fused: FusedModel, masked_names: Sequence[str], device: torch.device, amp: str,
+                 momentum: float, weight_decay: Sequence[float], regularized: bool, use_graph: bool,
+                 compile_model: bool = False):
+        super().__init__(fused, {}, device, amp, momentum, 0.0, regularized, use_graph,
+                         compile_model=compile_model)
+        cells = self.cells = fused.cells
+        params = fused.fused_params
+        unknown = [name for name in masked_names if name not in params]
+        if unknown:
+            raise ValueError(f"masked names not among the cells' trainable parameters: {', '.join(unknown[:5])}")
+        self.cell_names = list(params)  # a cell's TrainStep buffer order
+        self.params = [params[name][0] for name in self.cell_names]
+        self.buffers = [torch.zeros_like(p) for p in self.params]
+        self.index = {name: params[name][1] for name in self.cell_names}
+        self.masked_names = list(masked_names)
+        self.masked_params = [params[name][0] for name in self.masked_names]
+        self.masks = [torch.ones_like(p) for p in self.masked_params]
+        self.penalty_masks = [torch.zeros_like(p) for p in self.masked_params] if regularized else []
+        self.lr = torch.zeros(cells, device=device)
+        self.reg_lambda = torch.zeros(cells, device=device)
+        self.weight_decay = self._per_cell(weight_decay, "weight_decay").to(device)
+        self.loss_sum = torch.zeros(cells, device=device)
+        self.correct = torch.zeros(cells, device=device, dtype=torch.long)
+        self.first_bad = torch.full((cells,), -1, device=device, dtype=torch.long)
+        self.step_index = torch.zeros((), device=device, dtype=torch.long)
+        # [N, numel/N] views: per-cell scalars broadcast over each cell's row
+        self._rows = [p.view(cells, -1) for p in self.params]
+        self._buffer_rows = [b.view(cells, -1) for b in self.buffers]
+        self._masked_rows = [p.view(cells, -1) for p in self.masked_params]
+        self._penalty_rows = [m.view(cells, -1) for m in self.penalty_masks]
+
+    def _per_cell(self, values: Sequence[float], what: str) -> torch.Tensor:
+        values = list(values)
+        if len(values) != self.cells:
+            raise ValueError(f"{what}: {len(values)} values for {self.cells} cells")
+        return torch.tensor(values, dtype=torch.float32)
+
+    # ---- round and state management ------------------------------------------------------
+    @torch.no_grad()
+    def start_round(self, plans: Sequence[RoundPlan]) -> None:
+        """Fresh momentum and each cell's masks (plans[i] for cell i), written in place."""
+        if len(plans) != self.cells:
+            raise ValueError(f"{len(plans)} round plans for {self.cells} cells")
+        for buf in self.buffers:
+            buf.zero_()
+        for k, name in enumerate(self.masked_names):
+            for i, plan in enumerate(plans):
+                self.masks[k][self.index[name][i]].copy_(plan.train_masks[name])
+                if self.penalty_masks:
+                    target = self.penalty_masks[k][self.index[name][i]]
+                    target.zero_() if plan.penalty_masks is None else target.copy_(plan.penalty_masks[name])
+
+    def cell_state_dict(self, cell: int) -> dict:
+        """Cell `cell`'s optimiser state in TrainStep.state_dict()'s form (loadable into its TrainStep)."""
+        return {"momentum_buffers": [buf[self.index[name][cell]].detach().cpu().clone()
+                                     for name, buf in zip(self.cell_names, self.buffers)]}
+
+    @torch.no_grad()
+    def load_cell_state_dict(self, cell: int, state: dict) -> None:
+        saved = state["momentum_buffers"]
+        if len(saved) != len(self.buffers):
+            raise ValueError(f"optimizer state has {len(saved)} momentum buffers, a cell needs {len(self.buffers)}")
+        for name, buf, value in zip(self.cell_names, self.buffers, saved):
+            buf[self.index[name][cell]].copy_(value)
+
+    @torch.no_grad()
+    def penalized_norm(self) -> List[float]:
+        """Per cell: the L2 norm of the penalised weights (0 without regularisation)."""
+        if not self.penalty_masks:
+            return [0.0] * self.cells
+        squares = sum(((p * m).view(self.cells, -1) ** 2).sum(1)
+                      for p, m in zip(self.masked_params, self.penalty_masks))
+        return torch.sqrt(squares).tolist()
+
+    # ---- the step ----------------------------------------------------------------------------
+    def _body(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
+        cells, batch = labels.shape
+        with autocast(self.device, self.amp):
+            logits = self.forward(images)
+            per_sample = F.cross_entropy(logits.reshape(cells * batch, -1), labels.reshape(-1), reduction="none")
+            cell_loss = per_sample.view(cells, batch).mean(1)
+        cell_loss.sum().backward()
+        with torch.no_grad():
+            grad_rows = [p.grad.view(cells, -1) for p in self.params]
+            masked_grads = [p.grad for p in self.masked_params]
+            if masked_grads:
+                torch._foreach_mul_(masked_grads, self.masks)
+            if self.regularized and masked_grads:
+                pulled = torch._foreach_mul(self._masked_rows, self._penalty_rows)
+                torch._foreach_mul_(pulled, [self.reg_lambda[:, None]] * len(pulled))
+                torch._foreach_add_([g.view(cells, -1) for g in masked_grads], pulled)
+            decay = torch._foreach_mul(self._rows, [self.weight_decay[:, None]] * len(grad_rows))
+            torch._foreach_add_(grad_rows, decay)
+            torch._foreach_mul_(self._buffer_rows, self.momentum)
+            torch._foreach_add_(self._buffer_rows, grad_rows)
+            steps = torch._foreach_mul(self._buffer_rows, [self.lr[:, None]] * len(grad_rows))
+            torch._foreach_add_(self._rows, steps, alpha=-1.0)
+            if self.masked_params:
+                torch._foreach_mul_(self.masked_params, self.masks)
+            finite = torch.isfinite(cell_loss.detach())
+            self.first_bad.copy_(torch.where((self.first_bad < 0) & ~finite, self.step_index, self.first_bad))
+            self.step_index.add_(1)
+            self.loss_sum.add_(cell_loss.detach().float() * batch)
+            self.correct.add_((logits.detach().argmax(-1) == labels).sum(1))
+        return True
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: Sequence[float],
+                 reg_lambda: Sequence[float]) -> bool:
+        """One step of every cell; lr and reg_lambda are N floats (copied to the device, no sync)."""
+        self.lr.copy_(self._per_cell(lr, "lr"), non_blocking=True)
+        self.reg_lambda.copy_(self._per_cell(reg_lambda, "reg_lambda"), non_blocking=True)
+        if not self.use_graph:
+            self._zero_grads()
+            return self._body(images, labels)
+        if self.graph is None:
+            self._capture(images, labels)
+        self.static_images.copy_(images)
+        self.static_labels.copy_(labels)
+        self.graph.replay()
+        return True
+
+    def running_loss_sum(self) -> List[float]:
+        """Per cell: the loss summed over this epoch's images so far (one host sync)."""
+        return self.loss_sum.tolist()
+
+    def read_epoch(self):
+        """Per cell (lists of N): loss sums, correct counts, first bad step or None; then reset. One sync."""
+        loss_sum, correct, bad = self.loss_sum.tolist(), self.correct.tolist(), self.first_bad.tolist()
+        for tensor in (self.loss_sum, self.correct, self.step_index):
+            tensor.zero_()
+        self.first_bad.fill_(-1)
+        return loss_sum, correct, [None if b < 0 else b for b in bad]
