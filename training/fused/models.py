@@ -24,7 +24,6 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 Index = Union[int, slice, Tuple[()]]
