@@ -188,6 +188,10 @@ class TrainStep:
             images = images.contiguous(memory_format=torch.channels_last)
         self.lr.fill_(lr)
         self.reg_lambda.fill_(reg_lambda)
+        return self._run(images, labels)
+
+    def _run(self, images: torch.Tensor, labels: torch.Tensor) -> bool:
+        """The step body: eager, or a replay of its CUDA graph (captured on the first call)."""
         if not self.use_graph:
             self._zero_grads()
             return self._body(images, labels)

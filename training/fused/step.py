@@ -139,15 +139,7 @@ class FusedTrainStep(TrainStep):
         """One step of every cell; lr and reg_lambda are N floats (copied to the device, no sync)."""
         self.lr.copy_(self._per_cell(lr, "lr"), non_blocking=True)
         self.reg_lambda.copy_(self._per_cell(reg_lambda, "reg_lambda"), non_blocking=True)
-        if not self.use_graph:
-            self._zero_grads()
-            return self._body(images, labels)
-        if self.graph is None:
-            self._capture(images, labels)
-        self.static_images.copy_(images)
-        self.static_labels.copy_(labels)
-        self.graph.replay()
-        return True
+        return self._run(images, labels)
 
     def running_loss_sum(self) -> List[float]:
         """Per cell: the loss summed over this epoch's images so far (one host sync)."""
