@@ -35,11 +35,11 @@ def test_the_start_line_names_the_round_epoch_and_step_it_goes_on_from(begin, br
 
 def test_a_branch_under_other_runtime_settings_warns_in_one_line(capsys):
     saved = dict(runtime_settings(), threads=torch.get_num_threads() + 3)
-    _warn_runtime({"rng": {"runtime": saved}}, "--resume_from: the branch", "the parent's round")
-    assert capsys.readouterr().err == (f"warning: --resume_from: the branch runs with torch threads {saved['threads']} "
-                                       f"when saved, {torch.get_num_threads()} now, so it is not bit-identical to "
-                                       f"the parent's round\n")
-    _warn_runtime({"rng": {"runtime": runtime_settings()}}, "x", "y")
+    _warn_runtime({"rng": {"runtime": saved}}, "--resume_from", "the branch", "its parent's round")
+    assert capsys.readouterr().err == (f"warning: --resume_from: torch threads {saved['threads']} when saved, "
+                                       f"{torch.get_num_threads()} now, so the branch is not bit-identical to its "
+                                       f"parent's round\n")
+    _warn_runtime({"rng": {"runtime": runtime_settings()}}, "x", "y", "z")
     assert capsys.readouterr().err == ""
 
 

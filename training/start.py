@@ -80,20 +80,19 @@ def _resume(session: Session, path: str, payload: dict) -> Start:
     _check_same_experiment(path, payload, session.config)
     if payload.get("rewind"):
         verify_rewind(paths.rewind_weights(session.directory), payload["rewind"], f"--resume from {path}")
-    _warn_runtime(payload, "--resume: the resumed run", "an uninterrupted one")
+    _warn_runtime(payload, "--resume", "the resumed run", "an uninterrupted one")
     progress = session.restore(payload)
     return Start(progress=progress, round_complete=payload["kind"] == "round",
                  optimizer_state=payload.get("optimizer"), rewind=payload.get("rewind"), source=path, payload=payload,
                  resumed=True)
 
 
-def _warn_runtime(payload: dict, subject: str, reference: str) -> None:
+def _warn_runtime(payload: dict, flag: str, subject: str, reference: str) -> None:
     """One warning line per runtime setting (torch threads, deterministic kernels) that differs from the
     checkpoint's: floating-point reductions then run in another order, so results differ in the last bits
     and grow apart from there."""
     for difference in runtime_differences(payload["rng"]):
-        print(f"warning: {subject} runs with {difference}, so it is not bit-identical to {reference}",
-              file=sys.stderr)
+        print(f"warning: {flag}: {difference}, so {subject} is not bit-identical to {reference}", file=sys.stderr)
 
 
 # Flags that define what a parent's weights are: a branch must use its parent's values (arch and dataset
@@ -149,7 +148,7 @@ def _branch(session: Session, path: str) -> Start:
     session.adopt_shapes(payload["model"])
     checkpoint.check_compatible(path, payload, session.model.state_dict(), session.config.to_dict())
     _check_branch_flags(path, payload, session)
-    _warn_runtime(payload, "--resume_from: the branch", "the parent's round")
+    _warn_runtime(payload, "--resume_from", "the branch", "its parent's round")
     progress = session.restore(payload)
     progress.parent, progress.parent_sha256 = os.path.abspath(path), checkpoint.sha256_of(path)
     rewind, rewind_source, kind = None, None, session.config.branch
