@@ -14,18 +14,19 @@ import os
 import shutil
 import subprocess
 import sys
+from abc import ABC, abstractmethod
 from typing import Dict, List
 
 from sweeps import record
-from utils import paths
 from sweeps.executors import EXECUTORS, REPO, runner_argv
 from sweeps.plan import Cell, Sweep
+from utils import paths
 from utils.errors import UsageError
 
 STOP_MARGIN_S = 15  # checkpoint() must let the runner save well before the job is killed
 
 
-class SubmititExecutor:
+class SubmititExecutor(ABC):
     forward_sigterm = False
     cluster = ""
 
@@ -64,8 +65,9 @@ class SubmititExecutor:
                              f"{options.timeout_min} (minutes)")
         self.options, self.waits = options, options.wait
 
+    @abstractmethod
     def make_executor(self, folder: str):
-        raise NotImplementedError
+        """The submitit executor that writes its logs and pickles under `folder`."""
 
     def job_folder(self, log_dir: str) -> str:
         """submitit's folder template: one subfolder per job (`%j` is the job id)."""

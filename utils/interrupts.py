@@ -11,6 +11,7 @@ falls through to the default behaviour (immediate exit).
 """
 import signal
 import threading
+from abc import ABC, abstractmethod
 from typing import Optional
 
 
@@ -24,7 +25,7 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
-class SignalHandlers:
+class SignalHandlers(ABC):
     """Context manager base: `self._handle(signum, frame)` handles SIGTERM and SIGINT inside the `with`
     (installed from the main thread only, where Python delivers signals); the previous handlers come back
     on exit."""
@@ -34,8 +35,9 @@ class SignalHandlers:
     def __init__(self):
         self._previous = {}
 
+    @abstractmethod
     def _handle(self, signum, frame) -> None:
-        raise NotImplementedError
+        """Called in the main thread when a signal arrives: record it, nothing more (no I/O)."""
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -20,6 +20,7 @@ a view shaped exactly as the cell's tensor; `fused.view(N, -1)[i]` is the same n
 BatchNorm's `num_batches_tracked` is one shared counter (index ()): cells step in lockstep.
 """
 import copy
+from abc import ABC, abstractmethod
 from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
@@ -88,7 +89,7 @@ def grouped_unsupported(model: nn.Module) -> List[str]:
             if _holds_tensors(m) and type(m) not in GROUPED_LAYERS]
 
 
-class FusedModel(nn.Module):
+class FusedModel(nn.Module, ABC):
     """N cells of one architecture in one module; see the module docstring for the layout.
 
     `fused_params` / `fused_state`: cell name -> (fused tensor, [index of cell 0..N-1]).
@@ -103,9 +104,9 @@ class FusedModel(nn.Module):
         self.cell_shapes = {name: tensor.shape for name, tensor in state.items()}
         self.param_names = [name for name, p in models[0].named_parameters() if p.requires_grad]
 
+    @abstractmethod
     def _fused_tensors(self) -> Dict[str, torch.Tensor]:
         """Cell state name -> the fused tensor holding it (parameters as the Parameters themselves)."""
-        raise NotImplementedError
 
     @property
     def fused_state(self) -> Dict[str, Tuple[torch.Tensor, List[Index]]]:
