@@ -37,13 +37,17 @@ def child_env(extra: dict) -> dict:
     return env
 
 
+def write_log_header(log: IO[bytes], what: str) -> None:
+    """A cell log's start line: `=== <time> <host> <what>` (each start or requeue of the cell adds one)."""
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    log.write(f"=== {stamp} {socket.gethostname()} {what}\n".encode())
+    log.flush()
+
+
 def open_log(sweep: Sweep, cell: Cell, how: str) -> IO[bytes]:
     """The cell's log file, opened for appending, after a header line saying when, where and how it starts."""
     path = sweep.log_file(cell)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     log = open(path, "ab")
-    stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    log.write(f"=== {stamp} {socket.gethostname()} sweep {sweep.name}, {how}: "
-              f"{shlex.join(cell.command)}\n".encode())
-    log.flush()
+    write_log_header(log, f"sweep {sweep.name}, {how}: {shlex.join(cell.command)}")
     return log

@@ -14,16 +14,16 @@ Signals reach the runner exactly once (a second SIGTERM would make it stop at on
   submitit's local executor only the job process gets it, so it is forwarded;
 - `checkpoint()` sends SIGTERM unless the runner already got one.
 """
-import datetime
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
 from typing import List, Optional
 
 import submitit
+
+from sweeps.executors import child_env, write_log_header
 
 POLL_S = 0.2
 
@@ -67,14 +67,11 @@ class CellJob(submitit.helpers.Checkpointable):
         spec = self.spec
         os.makedirs(os.path.dirname(spec["log"]), exist_ok=True)
         with open(spec["log"], "ab") as log:
-            stamp = datetime.datetime.now().isoformat(timespec="seconds")
-            log.write(f"=== {stamp} {socket.gethostname()} submitit job {_job_id()}: {' '.join(spec['argv'])}\n"
-                      .encode())
-            log.flush()
+            write_log_header(log, f"submitit job {_job_id()}: {' '.join(spec['argv'])}")
             signal.signal(signal.SIGTERM, self._on_sigterm)  # replaces submitit's "bypass" handler
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
             self._process = subprocess.Popen(spec["argv"], cwd=spec["cwd"], stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=env, preexec_fn=_ignore_preemption_signal)
+                                             stdin=subprocess.DEVNULL, env=child_env({}),
+                                             preexec_fn=_ignore_preemption_signal)
             # a thread reaps the child, so a signal handler in this (main) thread never waits on a lock
             threading.Thread(target=self._process.wait, daemon=True).start()
             while self._process.returncode is None:
