@@ -45,7 +45,10 @@ def run_cli(work: Callable[[], Any], report: Optional[Callable[[Any], None]] = N
         for kind, outcome in ((UsageError, error_line(2)), *expected):
             if isinstance(exc, kind):
                 message, code = outcome(exc)
-                print(message, file=sys.stderr)
+                # one write of the whole line: processes sharing stderr (torchrun ranks, a sweep's cells)
+                # then never splice their lines (print may write the text and the newline in two calls)
+                sys.stderr.write(message + "\n")
+                sys.stderr.flush()
                 return code
         raise
     if report is not None:
