@@ -1,8 +1,8 @@
 """What a model costs: parameters, FLOPs per image, latency at batch 1 and throughput at a large batch.
 
-FLOPs come from torch.utils.flop_counter (pruners.reshaping.flops_per_image: a multiply-add is 2 FLOPs).
-timm's fused attention (scaled_dot_product_attention) is counted on CUDA but not on the CPU, so the
-count runs with timm's `fused_attn` off: the same q @ k^T and attn @ v matmuls, counted everywhere.
+FLOPs come from utils.flops.flops_per_image (torch.utils.flop_counter, a multiply-add is 2 FLOPs, run
+with timm's `fused_attn` off so the attention matmuls count on the CPU as on CUDA), the same counter as
+the --struct lowrank / merge round records.
 Timing: utils.timing.time_ms (CUDA events on a GPU, perf_counter on the CPU), warm-up excluded;
 we report the median and the 25th / 75th percentiles of the runs.
 """
@@ -13,22 +13,13 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from pruners.reshaping import flops_per_image
+from utils.flops import flops_per_image
 from utils.timing import time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def count_flops(model: nn.Module, input_shape: Tuple[int, ...]) -> int:
-    """FLOPs of one eval-mode forward of one image of `input_shape`, attention matmuls included."""
-    fused = [(module, module.fused_attn) for module in model.modules() if hasattr(module, "fused_attn")]
-    try:
-        for module, _ in fused:
-            module.fused_attn = False
-        return flops_per_image(model, input_shape)
-    finally:
-        for module, value in fused:
-            module.fused_attn = value
+count_flops = flops_per_image  # compact's name for the runner's one FLOP counter (callers and tests use it)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -6,16 +6,16 @@ rebuilds the prunable-weight dict and the training step (`Session.layers_changed
 checkpoint is checked and loaded the mode gives the fresh model that checkpoint's layers
 (`shape_model`): checkpoints hold the changed shapes and resume bit-identically.
 
-Per round these modes report the model's parameters, FLOPs per image (torch.utils.flop_counter, which
-counts a multiply-add as 2 FLOPs) and the eval-mode images/s measured over the round's validation and
-test passes (synchronised on CUDA; the first `WARMUP_CALLS` forwards of a round are not counted).
+Per round these modes report the model's parameters, FLOPs per image (utils.flops.flops_per_image:
+torch.utils.flop_counter, a multiply-add is 2 FLOPs, timm's attention matmuls counted on every device)
+and the eval-mode images/s measured over the round's validation and test passes (synchronised on CUDA;
+the first `WARMUP_CALLS` forwards of a round are not counted).
 """
 from abc import ABC, abstractmethod
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from pruners.base import StructMode
 from pruners.masks import Masks, remaining_fraction
@@ -23,6 +23,7 @@ from tokens.backends import Target
 from tokens.stats import EncoderStats
 from utils.config import RunConfig
 from utils.errors import UsageError
+from utils.flops import flops_per_image
 
 
 class ShapeChangingMode(StructMode, ABC):
@@ -96,18 +97,3 @@ class ShapeChangingMode(StructMode, ABC):
             self.log(f"round {self.round_index}: --struct {self.config.struct} model: {', '.join(shown)}")
         return metrics
 
-
-@torch.no_grad()
-def flops_per_image(model: nn.Module, image_shape: Tuple[int, ...]) -> int:
-    """FLOPs of one eval-mode forward of one image of `image_shape` (e.g. (3, 32, 32)), counted by
-    torch.utils.flop_counter (a multiply-add is 2 FLOPs). The model's train/eval mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        parameter = next(model.parameters())
-        counter = FlopCounterMode(display=False)
-        with counter:
-            model(torch.zeros((1, *image_shape), device=parameter.device, dtype=parameter.dtype))
-        return int(counter.get_total_flops())
-    finally:
-        model.train(was_training)

@@ -6,7 +6,7 @@ import torch
 from vlm.layer_pruner import LayerSpecificPruner
 from vlm.llava import build_llava, tiny_llava_config
 from vlm.merger import LearnableTokenMerger
-from vlm.pruned_forward import equivalent_token_budget, pruned_forward, pruned_generate
+from vlm.pruned_forward import equivalent_token_budget, generate_counted, pruned_forward, pruned_generate
 
 VOCAB, IMAGE, PAD, N = 64, 63, 0, 576
 
@@ -189,6 +189,11 @@ def test_vision_tokens_per_layer_and_equivalent_budget(model):
     assert output.vision_tokens_per_layer == [576.0] * 4 + [0.0] * 28
     assert equivalent_token_budget(output.vision_tokens_per_layer) == 72.0
     assert output.keep[8].shape == (1, 0) and output.logits.shape[1] == 2 + 2 + 2
+    for use_cache in (True, False):  # generation counts its own prefill: the same numbers, no second forward
+        tokens, counts = generate_counted(model, make_batch([2, 3]), "hard", decider=decider, max_new_tokens=2,
+                                          use_cache=use_cache)
+        assert tokens.shape == (2, 2) and counts == [576.0] * 10 + [144.0] * 22
+    assert generate_counted(model, make_batch([2]), "origin", max_new_tokens=1)[1] == [576.0] * 32
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Origin / soft / hard evaluation of a vision-token pruned LLaVA, and of baselines at the same token budget
 (issue 11 items 5 and 6).
 
-Per mode: VQA soft accuracy and exact match of greedy answers (`pruned_generate`, scored by vlm.data's
+Per mode: VQA soft accuracy and exact match of greedy answers (`generate_counted`, scored by vlm.data's
 metrics), the mean vision tokens entering each decoder layer over the evaluated samples and the equivalent
 token budget T̄ = Σ_l n_l / L (from `pruned_forward`'s `vision_tokens_per_layer` on each prompt batch), and
 on the first batch: counted FLOPs of the prefill, its measured latency (median, warm-up excluded) and the
@@ -18,7 +18,7 @@ from utils.timing import median_ms
 from vlm.baselines import FastVDrop, RandomDrop, keep_counts_for_budget
 from vlm.cost import count_flops, kv_cache_bytes
 from vlm.data import batch_to, exact_match, vqa_accuracy, vqa_loader
-from vlm.pruned_forward import equivalent_token_budget, pruned_forward, pruned_generate
+from vlm.pruned_forward import equivalent_token_budget, generate_counted, pruned_forward
 from vlm.tokenizer import WordTokenizer
 
 MODES = ("origin", "soft", "hard")
@@ -64,10 +64,8 @@ def mode_accuracy(model, batches: Sequence[dict], tokenizer, mode: str, decider=
     with torch.no_grad():
         for batch in batches:
             size = batch["input_ids"].shape[0]
-            counts = pruned_forward(model, batch, mode, decider=decider, merger=merger,
-                                    temperature=temperature).vision_tokens_per_layer
-            generated = pruned_generate(model, batch, mode, decider=decider, merger=merger,
-                                        max_new_tokens=max_new_tokens, temperature=temperature)
+            generated, counts = generate_counted(model, batch, mode, decider=decider, merger=merger,
+                                                 max_new_tokens=max_new_tokens, temperature=temperature)
             answers = decode_answers(tokenizer, _new_tokens(generated, batch["input_ids"]))
             accuracy += sum(vqa_accuracy(a, refs) for a, refs in zip(answers, batch["answers"]))
             exact += sum(exact_match(a, refs) for a, refs in zip(answers, batch["answers"]))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -189,7 +189,16 @@ def _decode_step(model, tokens: torch.Tensor, state: DecodeState, cache) -> torc
 @torch.no_grad()
 def pruned_generate(model, batch: dict, mode: str, decider=None, merger=None, max_new_tokens: int = 8,
                     use_cache: bool = True, temperature: float = 1.0) -> torch.Tensor:
-    """Greedy decoding of `max_new_tokens` tokens per sample -> long [B, max_new_tokens] (no early stop).
+    """Greedy decoding of `max_new_tokens` tokens per sample -> long [B, max_new_tokens] (no early stop);
+    `generate_counted` also returns the prompt's vision tokens per layer. See `generate_counted`."""
+    return generate_counted(model, batch, mode, decider, merger, max_new_tokens, use_cache, temperature)[0]
+
+
+@torch.no_grad()
+def generate_counted(model, batch: dict, mode: str, decider=None, merger=None, max_new_tokens: int = 8,
+                     use_cache: bool = True, temperature: float = 1.0) -> Tuple[torch.Tensor, List[float]]:
+    """(long [B, max_new_tokens] greedy tokens, the L floats of `PrunedOutput.vision_tokens_per_layer` of the
+    prompt's prefill): one prefill gives both, so an evaluation needs no second forward for the counts.
     temperature: the merger's / decider's τ (the merger's soft assignment uses it also at eval: pass the
     value training ended at, as for `pruned_forward`).
 
@@ -217,9 +226,9 @@ def pruned_generate(model, batch: dict, mode: str, decider=None, merger=None, ma
                                   output.past_key_values)
             token, positions = logits.argmax(dim=-1, keepdim=True), positions + 1
             generated.append(token)
-        return torch.cat(generated, dim=1)
+        return torch.cat(generated, dim=1), output.vision_tokens_per_layer
     ids, attention = batch["input_ids"], batch["attention_mask"]
-    generated = ids.new_zeros(ids.shape[0], 0)
+    generated, counts = ids.new_zeros(ids.shape[0], 0), None
     for _ in range(max_new_tokens):
         step = dict(batch, input_ids=torch.cat([ids, generated], dim=1),
                     attention_mask=torch.cat([attention, torch.ones_like(generated)], dim=1))
@@ -228,4 +237,5 @@ def pruned_generate(model, batch: dict, mode: str, decider=None, merger=None, ma
         output, _ = _prefill(model, _prompt(model, step, merger, temperature, step_question), mode, decider,
                              temperature, False, False)
         generated = torch.cat([generated, output.logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
-    return generated
+        counts = output.vision_tokens_per_layer if counts is None else counts
+    return generated, counts
