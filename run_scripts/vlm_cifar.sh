@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 11 item 6 end to end on the CIFAR-10 VQA set: train a tiny LLaVA (random init, 576 vision tokens at
+# 336 px / patch 14), then the merger + pruner heads at T̄ = 75 / 50 / 25 % of the vision tokens, then the
+# origin / soft / hard evaluation next to random-drop and FastV at the learned T̄. Outputs under $OUT:
+# tiny_llava/ (tiny_llava.json), t75/ t50/ t25/ (checkpoints), eval_t75.json eval_t50.json eval_t25.json.
+#   DATA=data OUT=runs/vlm_cifar MINUTES=4 bash run_scripts/vlm_cifar.sh          # ~9 min on one H200
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-python}
+DATA=${DATA:-data}; OUT=${OUT:-runs/vlm_cifar}; MINUTES=${MINUTES:-4}; IMAGE_SIZE=${IMAGE_SIZE:-336}
+HIDDEN=${HIDDEN:-128}; LAYERS=${LAYERS:-12}; VISION_LAYERS=${VISION_LAYERS:-4}; BATCH=${BATCH:-64}
+WORKERS=${WORKERS:-8}; PRUNE_STEPS=${PRUNE_STEPS:-400}; PRUNE_BATCH=${PRUNE_BATCH:-32}
+LIMIT=${LIMIT:-1000}; EVAL_BATCH=${EVAL_BATCH:-100}; TRAIN_IMAGES=${TRAIN_IMAGES:-45000}
+LAYERS_PRUNED=${LAYERS_PRUNED:-[2,5,8]}
+
+"$PYTHON" train_tiny_llava.py --data "$DATA" --out "$OUT/tiny_llava" --minutes "$MINUTES" --steps 100000 \
+    --batch_size "$BATCH" --lr 2e-3 --warmup 200 --hidden_size "$HIDDEN" --num_layers "$LAYERS" \
+    --vision_hidden_size "$HIDDEN" --vision_layers "$VISION_LAYERS" --image_size "$IMAGE_SIZE" \
+    --train_images "$TRAIN_IMAGES" --eval_every 100000 --eval_images "$LIMIT" --val_images 1000 \
+    --workers "$WORKERS" --no_progress
+
+# name, merge ratio, extra keys: T̄ = M (2 + 3r + 3r² + 4r³) / 12 for layers [2, 5, 8] of 12 and head keep ratio r
+for run in "t75 0.75" "t50 0.75 pruner_keep_ratio=0.78 pruner_sparsity_weight=100 lr_pruner=5e-3" \
+           "t25 0.75 pruner_keep_ratio=0.41 pruner_sparsity_weight=100 lr_pruner=5e-3"; do
+    set -- $run
+    name=$1; ratio=$2; shift 2
+    "$PYTHON" train_vlm_pruning.py --config configs/vision_token_pruning.yaml \
+        --base_checkpoint "$OUT/tiny_llava/tiny_llava.pt" data="$DATA" train_images=5000 steps="$PRUNE_STEPS" \
+        batch_size="$PRUNE_BATCH" merge_ratio="$ratio" "pruning_layers=$LAYERS_PRUNED" pruner_d_internal="$HIDDEN" \
+        discriminator_d_internal="$HIDDEN" lr_merger=1e-3 lr_pruner=1e-3 save_every="$PRUNE_STEPS" no_wandb=true \
+        progress=false workers=4 save_dir="$OUT/$name" "$@"
+    "$PYTHON" eval_vlm_pruning.py --checkpoint "$(ls "$OUT/$name"/checkpoint_*.pt | tail -1)" --cifar_vqa "$DATA" \
+        --modes origin soft hard --baselines random fastv --limit "$LIMIT" --batch_size "$EVAL_BATCH" \
+        --max_new_tokens 3 --no_progress --output "$OUT/eval_$name.json"
+done
