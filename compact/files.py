@@ -4,7 +4,6 @@
 `shrink`, and loads the tensors with safetensors: nothing is unpickled, so a compact export is safe to
 load from anywhere. Every problem is one UsageError line naming the file.
 """
-import json
 import os
 from typing import Dict
 
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save
 from compact.families import family_named
 from models import create_model, is_known_arch
 from utils.errors import UsageError
+from utils.jsonfile import read_json
 
 FORMAT = "imp-runner-compact/1"
 ARCH_FILE, WEIGHTS_FILE, REPORT_FILE = "arch.json", "model.safetensors", "report.json"
@@ -27,14 +27,9 @@ def weights_bytes(model: nn.Module) -> bytes:
 
 
 def _read_arch(path: str) -> dict:
-    try:
-        with open(path) as f:
-            arch = json.load(f)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file (not a compact export directory)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: unreadable arch file ({type(exc).__name__}: {exc})") from None
-    if not isinstance(arch, dict) or arch.get("format") != FORMAT:
+    """arch.json of a compact export, its schema checked; UsageError naming `path` otherwise."""
+    arch = read_json(path, "compact arch file", UsageError)
+    if arch.get("format") != FORMAT:
         raise UsageError(f"{path}: not a compact arch file (format is not {FORMAT!r})")
     for key, kind in (("arch", str), ("num_classes", int), ("family", str), ("plan", dict), ("input_shape", list)):
         if not isinstance(arch.get(key), kind):

@@ -13,6 +13,7 @@ from typing import Optional
 from reports.lineage import CONTROL_KINDS, branch_points, compact_rounds, norm_path, walk_tree
 from utils import paths
 from utils.errors import UsageError
+from utils.jsonfile import read_json
 
 THROUGHPUT_VARIANTS = ("compact", "masked")  # the model one would deploy: compact if exported, else masked
 
@@ -128,17 +129,16 @@ def read_metrics(path: str) -> tuple:
     return records, skipped
 
 
-def read_json(path: str, warnings: list) -> dict:
-    """A JSON object from `path`; {} when absent, and {} plus a warning when unreadable or not an object."""
+def read_json_or_warn(path: str, what: str, warnings: list) -> dict:
+    """The JSON object in `path` (a `what`, for utils.jsonfile.read_json); {} when absent, and {} plus the
+    reader's one line (`..., ignored`) in `warnings` when it is unreadable or not an object."""
+    if not os.path.exists(path):
+        return {}
     try:
-        with open(path) as f:
-            value = json.load(f)
-    except FileNotFoundError:
+        return read_json(path, what, UsageError)
+    except UsageError as exc:
+        warnings.append(f"{exc}, ignored")
         return {}
-    except (OSError, ValueError) as exc:
-        warnings.append(f"{path}: unreadable ({type(exc).__name__}), ignored")
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _optional(value, kind):
@@ -163,7 +163,7 @@ def read_throughput(directory: str, round_index: int, warnings: list) -> Optiona
     """The deployable variant's batch-256 throughput from compact/round_<k>.json, or None (not exported);
     with the export's dtype and compile setting and, beside a compact variant, the masked one's median."""
     path = paths.compact_round_report(directory, round_index)
-    export = read_json(path, warnings)
+    export = read_json_or_warn(path, "compact round report", warnings)
     variants = export.get("variants")
     for variant in THROUGHPUT_VARIANTS:
         try:
@@ -196,8 +196,8 @@ def run_label(config: dict, fallback: str) -> str:
 def read_run(directory: str, warnings: list) -> Run:
     """One run dir as a Run (rounds may be empty); problems with its files are appended to `warnings`."""
     directory = os.path.abspath(directory)
-    lineage = read_json(paths.lineage_file(directory), warnings)
-    config = read_json(paths.config_file(directory), warnings).get("config") or {}
+    lineage = read_json_or_warn(paths.lineage_file(directory), "lineage file", warnings)
+    config = read_json_or_warn(paths.config_file(directory), "config file", warnings).get("config") or {}
     records, skipped = read_metrics(paths.metrics_file(directory))
     if skipped:
         warnings.append(f"{paths.metrics_file(directory)}: skipped {skipped} unreadable line(s)")

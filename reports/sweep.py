@@ -8,11 +8,12 @@ the order of the cells; its seeds are aggregated (reports.series.stat), and colu
 import os
 from dataclasses import dataclass
 
-from reports.runs import is_run_dir, read_json
+from reports.runs import is_run_dir
 from reports.series import make_series
 from reports.tables import pivot_table
 from utils import paths
 from utils.errors import UsageError
+from utils.jsonfile import read_json
 
 
 @dataclass
@@ -30,16 +31,15 @@ def is_seed_key(key: str) -> bool:
 def read_sweep(folder: str) -> Sweep:
     """The sweep recorded in `folder`/sweep.json. Raises UsageError naming the file when it is unreadable
     or lacks the keys report needs (grid: an object; cells: a list of {values: object, run_dir: str})."""
-    path, problems = paths.sweep_file(folder), []
-    record = read_json(path, problems)
+    path = paths.sweep_file(folder)
+    record = read_json(path, "sweep record", UsageError)
     grid, cells = record.get("grid"), record.get("cells")
-    valid = (not problems and isinstance(grid, dict) and isinstance(cells, list) and
+    valid = (isinstance(grid, dict) and isinstance(cells, list) and
              all(isinstance(c, dict) and isinstance(c.get("values"), dict) and isinstance(c.get("run_dir"), str)
                  for c in cells))
     if not valid:
-        reason = (problems[0].split(": ")[-1] if problems
-                  else "needs a 'grid' object and 'cells' with values and run_dir")
-        raise UsageError(f"{path}: not a sweep.json sweep.py wrote ({reason})")
+        raise UsageError(f"{path}: not a sweep.json sweep.py wrote (needs a 'grid' object and 'cells' with values "
+                         f"and run_dir)")
     return Sweep(os.path.abspath(folder), str(record.get("name") or os.path.basename(os.path.abspath(folder))),
                  list(grid), [(c["values"], os.path.abspath(os.path.join(folder, c["run_dir"]))) for c in cells])
 

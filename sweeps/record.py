@@ -19,21 +19,20 @@ from sweeps import grid as grids
 from sweeps.plan import Sweep
 from utils import paths
 from utils.errors import UsageError
+from utils.jsonfile import read_json
 
 ALLOWED = "extending a key's values is allowed, but the grid keys and runner flags must match"
 
 
-def _read(path: str) -> Optional[dict]:
+def _read(path: str, what: str) -> Optional[dict]:
+    """The JSON object in `path` (sweep.json or jobs.json: a `what`), None when there is none yet; UsageError
+    naming the file when it is unreadable or not an object."""
     if not os.path.exists(path):
         return None
     try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: unreadable ({type(exc).__name__}); move it away or use another --name") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{path}: not a sweep record; move it away or use another --name")
-    return value
+        return read_json(path, what, UsageError)
+    except UsageError as exc:
+        raise UsageError(f"{exc}; move it away or use another --name") from None
 
 
 def read_existing(folder: str) -> Optional[dict]:
@@ -41,7 +40,7 @@ def read_existing(folder: str) -> Optional[dict]:
     when it is unreadable, or naming the folder when that is a file."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UsageError(f"{folder}: exists and is not a folder; choose another --root or --name")
-    return _read(paths.sweep_file(folder))
+    return _read(paths.sweep_file(folder), "sweep record")
 
 
 def _stored_cells(stored: Optional[dict]) -> List[dict]:
@@ -139,7 +138,7 @@ def add_jobs(folder: str, executor: str, log_folder: str, jobs: List[dict]) -> N
     jobs.json; earlier submissions are kept (a requeued or re-submitted cell keeps its history)."""
     from utils.checkpoint import atomic_write_text
     path = paths.jobs_file(folder)
-    record = _read(path) or {"submissions": []}
+    record = _read(path, "job record") or {"submissions": []}
     record.setdefault("submissions", []).append({
         "executor": executor, "submitted": datetime.datetime.now().isoformat(timespec="seconds"),
         "log_folder": log_folder, "jobs": jobs})
@@ -149,7 +148,7 @@ def add_jobs(folder: str, executor: str, log_folder: str, jobs: List[dict]) -> N
 def latest_jobs(folder: str) -> Dict[str, str]:
     """{cell name: job id of its latest submission} from jobs.json ({} when there is none)."""
     latest: Dict[str, str] = {}
-    for submission in (_read(paths.jobs_file(folder)) or {}).get("submissions", []):
+    for submission in (_read(paths.jobs_file(folder), "job record") or {}).get("submissions", []):
         for job in submission.get("jobs", []):
             latest[job["cell"]] = str(job["job_id"])
     return latest

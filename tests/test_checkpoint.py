@@ -180,5 +180,5 @@ def test_bad_lineage_file_is_named(tmp_path, content, needle):
 def test_bad_feature_cache_index_is_a_value_error(tmp_path):
     from lowrank.cache import read_index
     (tmp_path / "index.json").write_text('["shards"]')
-    with pytest.raises(ValueError, match=r"index.json: not a feature-cache index \(no list of shards\)$"):
+    with pytest.raises(ValueError, match=r"index.json: not a feature-cache index \(a JSON array, not an object\)$"):
         read_index(str(tmp_path))

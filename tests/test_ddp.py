@@ -15,7 +15,7 @@ import torch
 from conftest import FAST, ROOT, read_jsonl, run_main
 from data import load
 from data.loader import TensorLoader, shard_bounds
-from training.distributed import AgreedStopRequest, RankMismatch, compare_ranks, masks_checksum
+from training.rank_agreement import AgreedStopRequest, RankMismatch, compare_ranks, masks_checksum
 from utils import checkpoint, paths
 from utils.lock import RunLock
 

@@ -107,8 +107,9 @@ def test_summary_names_a_ticket_ticket_and_traces_each_row_to_its_run_dir(tmp_pa
 
 
 @pytest.mark.parametrize("content,reason", [
-    ("{not json", "JSONDecodeError"),
-    ('{"grid": {"rate": ["0.2"]}, "cells": [{"values": {"rate": "0.2"}}]}', "needs a 'grid' object and 'cells'"),
+    ("{not json", "unreadable sweep record (JSONDecodeError: "),
+    ('{"grid": {"rate": ["0.2"]}, "cells": [{"values": {"rate": "0.2"}}]}',
+     "not a sweep.json sweep.py wrote (needs a 'grid' object and 'cells'"),
 ])
 def test_a_broken_sweep_json_is_refused_before_writing(sweep_folder, tmp_path, capsys, content, reason):
     with open(os.path.join(sweep_folder, "sweep.json"), "w") as f:
@@ -116,7 +117,7 @@ def test_a_broken_sweep_json_is_refused_before_writing(sweep_folder, tmp_path, c
     out = tmp_path / "out"
     assert report_runs.main([sweep_folder, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {sweep_folder}/sweep.json: not a sweep.json sweep.py wrote (") and reason in err
+    assert err.startswith(f"error: {sweep_folder}/sweep.json: {reason}")
     assert err.count("\n") == 1 and not out.exists()
 
 

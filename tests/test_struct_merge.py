@@ -129,7 +129,7 @@ def test_cli_rounds_merge_tokens_and_save_the_merger(tmp_path):
     result = run_main(*MERGE_VIT, "--pruning_times", "3", "--epochs", "1", "--save_dir", directory)
     assert "patch tokens after merging per round: 4, 3, 2" in result.stdout
     assert "round 2: --struct merge runs 1 prefix + 2 patch tokens (4 patch tokens merged into 2" in result.stdout
-    assert "round 2: --struct merge model: 317,451 parameters, 2.15 MFLOPs per image, eval " in result.stdout
+    assert "round 2: --struct merge model: 317,451 parameters, 2.168 MFLOPs per image, eval " in result.stdout
     rounds = [r for r in read_jsonl(paths.metrics_file(directory)) if r["type"] == "round"]
     assert [r["tokens_kept"] for r in rounds] == [5, 4, 3]
     assert [r["mean_tokens_per_block"] for r in rounds] == [5.0, 4.17, 3.33]  # block 0 sees all 5

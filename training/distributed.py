@@ -11,61 +11,27 @@ DistributedDataParallel does (Li et al. 2020, "PyTorch Distributed", VLDB; docs/
 - BatchNorm: SyncBatchNorm on CUDA (statistics of the global batch, as one process has); torch's
   SyncBatchNorm refuses CPU tensors, so on the CPU (gloo) each rank normalises with its own batch
   and rank 0's running statistics are broadcast after every epoch.
-- masks: every rank computes the round's masks from identical weights; rank 0's are broadcast and
-  the sha256 of the masks and weights of every rank are compared at every round's start (logged by
-  rank 0; a difference stops the run, `RankMismatch`, exit 3).
+- agreement: rank 0's masks are broadcast and every rank's masks and weights compared at each round's
+  start, start / stop positions compared, SIGTERM / SIGINT agreed at step boundaries so every rank stops
+  after the same step (training/rank_agreement.py; a difference stops the run, `RankMismatch`, exit 3).
 - files: rank 0 alone takes the run lock and writes checkpoints, lineage, metrics, log, config and
   wandb; the other ranks read (resume) and write nothing.
-- stops: SIGTERM / SIGINT are agreed at step boundaries (a max all-reduce of the signal number on a
-  CPU group), so every rank stops after the same step and rank 0 saves.
 
 Without torchrun `SINGLE` stands in: every method is a no-op and the 1-process path is unchanged.
 """
 import contextlib
 import os
-import signal
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from utils.checkpoint import content_digest
-from utils.errors import NumericalError, UsageError
+from training import rank_agreement
+from training.rank_agreement import AgreedStopRequest
+from utils.errors import UsageError
 from utils.interrupts import StopRequest
 from utils.lock import RunLock
-
-CHECKSUM_CHARS = 16  # of a sha256 hex digest, in log lines
-REPEAT_WINDOW_S = 2.0  # a second signal this soon after the first is the same stop (torchrun forwards its own)
-
-
-class RankMismatch(NumericalError):
-    """Ranks that must hold identical state (masks, weights, start point, stop step) do not."""
-
-
-def checksum(tensors: Dict[str, torch.Tensor]) -> str:
-    """First CHECKSUM_CHARS hex digits of the sha256 of named tensors (dtype, shape and bytes, any device)."""
-    return content_digest(dict(tensors))[:CHECKSUM_CHARS]
-
-
-def masks_checksum(mask_sets: Sequence[Dict[str, torch.Tensor]]) -> str:
-    """The checksum of a round's mask sets (train, final[, penalty]) as `agree_on_round` logs it."""
-    return checksum({f"{i}/{name}": mask for i, masks in enumerate(mask_sets) for name, mask in masks.items()})
-
-
-def compare_ranks(what: str, values: Sequence) -> Optional[str]:
-    """None when every rank's value equals rank 0's, else one line naming the ranks that differ."""
-    differing = [rank for rank, value in enumerate(values) if value != values[0]]
-    if not differing:
-        return None
-    shown = ", ".join(f"rank {rank} {values[rank]}" for rank in differing[:3])
-    return f"{what} differ between ranks: rank 0 {values[0]}, {shown}"
-
-
-def rank_line(what: str, values: Sequence[str]) -> str:
-    """`masks sha256 rank0=... rank1=...`: every rank's checksum on one log line."""
-    return f"{what} " + " ".join(f"rank{rank}={value}" for rank, value in enumerate(values))
 
 
 class Distributed:
@@ -170,14 +136,8 @@ class Distributed:
             self.broadcast_tensors([b for b in model.buffers() if b.is_floating_point()])
 
     def check_same(self, what: str, value, log: Optional[Callable[[str], None]] = None) -> list:
-        """Gather `value` from every rank; RankMismatch (every rank) when they differ, else `log` them."""
-        values = self.gather(value)
-        problem = compare_ranks(what, values)
-        if problem:
-            raise RankMismatch(problem)
-        if self.enabled and log is not None:
-            log(f"{what} agree on all {self.world_size} ranks: {values[0]}")
-        return values
+        """rank_agreement.check_same on this group: every rank's `value`, RankMismatch when they differ."""
+        return rank_agreement.check_same(self, what, value, log)
 
     def on_rank_zero(self, work: Callable[[], object]):
         """work() on rank 0 only, its UsageError shared: every rank raises it (one line each) instead of the
@@ -205,31 +165,8 @@ class Distributed:
     # ---- rounds -------------------------------------------------------------------------------
     def agree_on_round(self, round_index: int, plan, weights: Dict[str, torch.Tensor], model: nn.Module,
                        log: Callable[[str], None]) -> None:
-        """At a round's start: rank 0's masks to every rank (in place, applied to the weights), then every
-        rank's checksums of the masks it computed itself, of the broadcast ones and of its weights; rank 0
-        logs them all. RankMismatch when the broadcast masks or the weights differ; a rank whose own masks
-        differed (a nondeterministic criterion) is reported and trains with rank 0's."""
-        if not self.enabled:
-            return
-        mask_sets = [m for m in (plan.train_masks, plan.final_masks, plan.penalty_masks) if m is not None]
-        own = masks_checksum(mask_sets)
-        self.broadcast_tensors([masks[name] for masks in mask_sets for name in sorted(masks)])
-        with torch.no_grad():
-            for name, mask in plan.train_masks.items():
-                weights[name].mul_(mask)
-        shared = masks_checksum(mask_sets)
-        state = checksum(model.state_dict())
-        values = self.gather((own, shared, state))
-        owns, shareds, states = (list(column) for column in zip(*values))
-        log(f"round {round_index} on {self.world_size} ranks: {rank_line('masks sha256', owns)}; "
-            f"{rank_line('weights sha256', states)}")
-        problem = compare_ranks(f"round {round_index}: masks after the broadcast", shareds) or \
-            compare_ranks(f"round {round_index}: weights (sha256)", states)
-        if problem:
-            raise RankMismatch(f"{problem}; the ranks no longer train one model")
-        if compare_ranks("", owns):
-            log(f"round {round_index}: ranks computed different masks ({rank_line('sha256', owns)}); "
-                f"all train with rank 0's")
+        """rank_agreement.agree_on_round on this group: rank 0's masks everywhere, checksums compared."""
+        rank_agreement.agree_on_round(self, round_index, plan, weights, model, log)
 
     def stop_request(self, log: Callable[[str], None] = print) -> StopRequest:
         return AgreedStopRequest(self, log) if self.enabled else StopRequest(log=log)
@@ -242,32 +179,6 @@ class Distributed:
 
 
 SINGLE = Distributed()
-
-
-class AgreedStopRequest(StopRequest):
-    """A StopRequest that every rank answers alike: a signal is only recorded by the handler, and becomes
-    `requested` on every rank at the same step boundary (`at_step_boundary`, one CPU all-reduce per step).
-    torchrun forwards a SIGTERM / SIGINT it receives to its workers, which may have received it already
-    (Slurm and Ctrl-C signal the whole process group): a repeat within REPEAT_WINDOW_S is the same stop."""
-
-    def __init__(self, group: Distributed, log: Callable[[str], None] = print):
-        super().__init__(log=log)
-        self.group = group
-        self.received: Optional[int] = None
-        self.received_at = 0.0
-
-    def _handle(self, signum, _frame):
-        if self.received is not None:
-            if time.monotonic() - self.received_at < REPEAT_WINDOW_S:
-                return
-            signal.signal(signum, signal.SIG_DFL)  # asked again later: stop now
-            signal.raise_signal(signum)
-        self.received, self.received_at = signum, time.monotonic()
-
-    def at_step_boundary(self) -> bool:
-        if self.signum is None:
-            self.signum = self.group.agree_on_signal(self.received)
-        return self.requested
 
 
 # ---- process group lifetime ---------------------------------------------------------------------

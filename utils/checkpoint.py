@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import subprocess
 import tempfile
 import warnings
@@ -20,7 +19,8 @@ from typing import Iterable, Optional, Type
 import torch
 
 from utils import paths
-from utils.errors import CheckpointError
+from utils.errors import CheckpointError, first_sentence
+from utils.jsonfile import read_json
 
 FORMAT = "imp-runner/1"
 _UMASK = os.umask(0)
@@ -99,13 +99,6 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
-def _first_sentence(exc: Exception) -> str:
-    """The first sentence of an exception's message, whole (torch appends long advice to its errors)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    sentence = re.split(r"(?<=[a-z)])\. ", text, maxsplit=1)[0].rstrip(".")
-    return sentence if len(sentence) <= 160 else f"{type(exc).__name__}, a {len(text)}-character message"
-
-
 def load_file(path: str) -> dict:
     """Load any of our .pth.tar files safely and check its content digest.
 
@@ -123,7 +116,7 @@ def load_file(path: str) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated/foreign/unsafe files
         raise CheckpointError(f"{path}: not a loadable checkpoint, truncated or damaged "
-                              f"({_first_sentence(exc)})") from None
+                              f"({first_sentence(exc)})") from None
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(payload).__name__})")
     if "digest" in payload:
@@ -232,14 +225,11 @@ def lineage_entry(payload: dict, sha: str) -> dict:
 
 
 def read_json_listing(path: str, list_key: str, kind: str, error: Type[Exception] = CheckpointError) -> dict:
-    """The JSON object in `path` that holds a list under `list_key`. Raises `error` naming `path` and `kind` (what
-    the file should be) when the file is unreadable or not such an object."""
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{path}: unreadable {kind} ({type(exc).__name__}: {_first_sentence(exc)})") from None
-    if not isinstance(value, dict) or not isinstance(value.get(list_key), list):
+    """The JSON object in `path` that holds a list under `list_key` (read_json, then that check). Raises
+    `error` naming `path` and `kind` (what the file should be) when the file is missing, unreadable or not
+    such an object."""
+    value = read_json(path, kind, error)
+    if not isinstance(value.get(list_key), list):
         raise error(f"{path}: not a {kind} (no list of {list_key})")
     return value
 

@@ -1,4 +1,5 @@
 """Errors a user can act on: printed as one line, exit code 2, before work starts."""
+import re
 import sys
 from typing import Any, Callable, Optional, Sequence, Tuple, Type
 
@@ -16,6 +17,14 @@ class CheckpointError(UsageError):
 
 class NumericalError(Exception):
     """The loss stopped being finite; the message names round, epoch and step."""
+
+
+def first_sentence(exc: BaseException) -> str:
+    """The first sentence of an exception's message, whole, for a one-line error (torch appends long advice to
+    its errors); `TypeName, a N-character message` when that sentence is over 160 characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    sentence = re.split(r"(?<=[a-z)])\. ", text, maxsplit=1)[0].rstrip(".")
+    return sentence if len(sentence) <= 160 else f"{type(exc).__name__}, a {len(text)}-character message"
 
 
 def error_line(code: int) -> Outcome:
