@@ -1,5 +1,5 @@
 """Which compaction code serves a model (a registry of families), masks -> compact model, and
-`structured_flops` for the round loop.
+`structured_cost` for the round loop.
 
 A family turns a masked model (weights zero outside their masks) into a JSON-able plan of kept
 channels / heads / neurons (`plan`), rebuilds a model's modules to a plan in place (`shrink`, also
@@ -99,16 +99,19 @@ def compact_copy(masked: nn.Module, family: Family, input_shape: Tuple[int, ...]
     return family.shrink(masked if in_place else copy.deepcopy(masked), layout).eval(), layout
 
 
-def structured_flops(model: nn.Module, masks: Masks, input_shape: Tuple[int, ...]) -> int:
-    """FLOPs per image (torch.utils.flop_counter: a multiply-add is 2; attention matmuls counted on every
-    device) of `model` with the channels / heads / neurons its `masks` leave provably removable taken out.
+def structured_cost(model: nn.Module, masks: Masks, input_shape: Tuple[int, ...]) -> Dict[str, int]:
+    """{"flops_per_image": FLOPs per image (torch.utils.flop_counter: a multiply-add is 2; attention matmuls
+    counted on every device), "parameters": parameter count} of `model` with the channels / heads / neurons
+    its `masks` leave provably removable taken out: the model as it would run after export_compact.py.
 
     model: any nn.Module (unchanged); masks {param name: 0/1 tensor}; input_shape one image, e.g. (3, 32, 32).
-    Equals the dense FLOPs for element-wise masks (unless a whole row happens to be pruned) and for
-    models no family compacts. About 0.04 s for vit_tiny on 2 CPU cores (0.4 s when they are busy).
+    Both equal the dense counts for element-wise masks (unless a whole row happens to be pruned: their
+    sparsity is remaining_pct's business) and for models no family compacts. About 0.04 s for vit_tiny
+    on 2 CPU cores (0.4 s when they are busy).
     """
     masked = apply_masks_copy(model, masks)
     family = family_of(masked)
     if family is not None:
         masked, _ = compact_copy(masked, family, tuple(input_shape), in_place=True)
-    return count_flops(masked, tuple(input_shape))
+    return {"flops_per_image": count_flops(masked, tuple(input_shape)),
+            "parameters": sum(p.numel() for p in masked.parameters())}

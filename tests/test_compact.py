@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from compact import load_compact, structured_flops
+from compact import load_compact, structured_cost
 from compact.families import FAMILIES, apply_masks_copy, compact_copy
 from compact.measure import count_flops, parameter_count
 from compact.source import load_source, max_logit_difference, verification_images
@@ -198,7 +198,7 @@ def test_vit_constant_heads_and_neurons_fold_into_biases():
     assert max_logit_difference(masked, unfolded, images) > 1e-3
 
 
-def test_structured_flops_counts_removed_heads_and_neurons():
+def test_structured_cost_counts_removed_heads_and_neurons():
     model = create_model("vit_tiny", 10)
     masks = {name: torch.ones_like(p) for name, p in model.named_parameters() if name.endswith("weight")}
     for block in range(9):  # drop head 2 (qkv rows + proj columns) and neurons 0-127 in every block
@@ -210,9 +210,13 @@ def test_structured_flops_counts_removed_heads_and_neurons():
     tokens, dim = 65, 192
     per_head = 2 * tokens * dim * 64 * 4 + 2 * tokens * tokens * 64 * 2  # qkv + proj, q @ k^T + attn @ v
     per_block = per_head + 128 * 2 * tokens * dim * 2
-    assert structured_flops(model, masks, (3, 32, 32)) == dense - 9 * per_block
+    cost = structured_cost(model, masks, (3, 32, 32))
+    assert cost["flops_per_image"] == dense - 9 * per_block
+    params = sum(p.numel() for p in model.parameters())  # a head: 3 x 64 qkv rows (+ bias), 64 proj columns
+    per_block_params = (3 * 64 * 192 + 3 * 64) + 64 * 192 + 128 * (192 + 1) + 128 * 192
+    assert cost["parameters"] == params - 9 * per_block_params
     element = {name: (torch.rand_like(m) < 0.5).float() for name, m in masks.items()}
-    assert structured_flops(model, element, (3, 32, 32)) == dense
+    assert structured_cost(model, element, (3, 32, 32)) == {"flops_per_image": dense, "parameters": params}
 
 
 def test_elementwise_checkpoint_says_no_speedup(tmp_path, capsys):

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 import data
-from compact import structured_flops
+from compact import structured_cost
 from models import create_model
 from pruners import create_struct
 from pruners.base import PruneContext, RoundPlan
@@ -239,15 +239,15 @@ class RoundRunner(EpochTraining):
         return plan
 
     def flops_metrics(self, masks) -> dict:
-        """{"flops_per_image": FLOPs of the model with the heads / channels / neurons its masks remove taken
-        out (compact.structured_flops; the dense count for element-wise masks)} for the modes that mask
+        """{"flops_per_image", "parameters"} of the model with the heads / channels / neurons its masks remove
+        taken out (compact.structured_cost; the dense counts for element-wise masks) for the modes that mask
         weights; {} for the others (they report their own) or when counting fails: a round is never lost
         to a metric, the failure is logged instead."""
         if not self.struct.masks_weights:
             return {}
         image_shape = tuple(self.session.splits.test.images.shape[1:])
         try:
-            return {"flops_per_image": structured_flops(self.session.model, masks, image_shape)}
+            return structured_cost(self.session.model, masks, image_shape)
         except Exception as exc:  # noqa: BLE001 - any failure of the counter: log it, keep the round
             self.tracker.warn(f"round FLOPs not counted ({type(exc).__name__}: {exc})")
             return {}
@@ -324,16 +324,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(config) -> str:
+def run(config, runner_class=None) -> str:
     """Run (or resume, or branch) an experiment; returns its run directory. Under torchrun every rank calls it
-    (training/distributed.py): rank 0 takes the lock and writes, the others only read."""
+    (training/distributed.py): rank 0 takes the lock and writes, the others only read. `runner_class`: a
+    callable with RoundRunner's signature (default RoundRunner; training/fused/runner.py passes one whose
+    epochs the fused group trains)."""
     directory = paths.run_dir(config)
     # one run per run dir, taken (by rank 0, the only writer) before anything reads or writes it
     with distributed.process_group(config) as ranks, distributed.writer_lock(ranks, directory):
-        return _run_locked(config, directory, ranks)
+        return _run_locked(config, directory, ranks, runner_class or RoundRunner)
 
 
-def _run_locked(config, directory: str, ranks: distributed.Distributed = distributed.SINGLE) -> str:
+def _run_locked(config, directory: str, ranks: distributed.Distributed = distributed.SINGLE,
+                runner_class=None) -> str:
     starting.check_run_dir(config, directory)
     if ranks.is_writer:
         checkpoint.remove_partial_writes(directory)
@@ -364,7 +367,7 @@ def _run_locked(config, directory: str, ranks: distributed.Distributed = distrib
                      f"rate {config.rate}, {config.pruning_times} rounds x {config.epochs} epochs, device {device}")
         if begin.source:
             tracker.info(starting.describe(begin, config))
-        runner = RoundRunner(session, struct, tracker, begin.rewind, stop)
+        runner = (runner_class or RoundRunner)(session, struct, tracker, begin.rewind, stop)
         if begin.new_rewind is not None:  # a random_reinit control: its fresh init is its rewind point
             runner.save_rewind(0, begin.new_rewind)
         if begin.resumed and begin.round_complete:
