@@ -7,16 +7,16 @@ reconstruction is A @ B. All three predict a basis from the sample and code the 
     B = S^T x / (N rms(x)),  S = h W_S^T  [batch, r, D]  a basis: r learned weightings of the tokens
     A = code(x, B) + h W_A                [batch, N, r]  coefficients plus a learned correction
 
-ResMLP / MLP code by least squares, code = x B^T (B B^T + eps I)^-1, so A B starts as (and stays near)
-the orthogonal projection of x onto span(B) whatever B's scale; the orthogonality loss (B B^T -> I,
+ResMLP / MLP code by least squares, code = x B^T (B B^T + eps I)^-1 (solved by QR, not through the
+Gram matrix), so A B starts as (and stays near) the orthogonal projection of x onto span(B) whatever B's scale; the orthogonality loss (B B^T -> I,
 lowrank/losses.py) keeps that well conditioned. Eckart-Young: the best span is the top-r right
 singular subspace of x, the one truncated SVD uses, so the learned error is never below SVD's.
 
 `AdaLoRA` (Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", ICLR 2023)
 writes the product in SVD form P diag(E) Q with per-rank scales E, so that peft's RankAllocator can
 prune rank triplets. Q's rows are normalised to unit length (E carries the magnitudes, so λ_B is a
-constant there) and P is the least-squares code over the rows whose E is non-zero, so a masked
-triplet drops out exactly as if its row were deleted: truncation keeps the output. Its parameters
+constant there) and P is the least-squares code on the scaled rows diag(E) Q whose E is non-zero (the
+projection holds whatever the scales), so a masked triplet drops out exactly as if its row were deleted: truncation keeps the output. Its parameters
 carry peft's names: `lora_A.default` [r, H] (row i scores the tokens for basis row i),
 `lora_B.default` [H, r] (column i corrects code i), `lora_E.default` [r, 1]. It returns
 A = P diag(E) and B = Q.
@@ -96,18 +96,25 @@ class Factoriser(nn.Module):
 
 def least_squares_code(x: torch.Tensor, basis: torch.Tensor, keep: Optional[torch.Tensor] = None,
                        ridge: float = 1e-6) -> torch.Tensor:
-    """argmin_A ||A B - x||^2 for x [batch, N, D], B [batch, r, D]: x B^T (B B^T + eps I)^-1 [batch, N, r].
+    """argmin_A ||A B - x||^2 + eps ||A||^2 for x [batch, N, D], B [batch, r, D] -> A [batch, N, r]
+    (x B^T (B B^T + eps I)^-1 in exact arithmetic).
 
+    Solved through a QR factorisation of the ridge-augmented [B^T; sqrt(eps) I] [batch, D + r, r], not the
+    normal equations: the Gram matrix B B^T squares B's condition number, and with r near N (e.g. rank 64
+    of vit_tiny's 65 tokens) its fp32 solve returned codes large enough to make training diverge.
     `keep` (bool [r], optional) solves over the kept rows only; the others get code 0, so the result
-    equals the solve over B[:, keep] alone. eps = ridge * mean kept diagonal of B B^T (a rank-deficient
+    equals the solve over B[:, keep] alone. eps = ridge * mean kept squared row norm of B (a rank-deficient
     B stays solvable)."""
     if keep is not None:
         basis = basis * keep.to(basis.dtype).view(1, -1, 1)
-    gram = basis @ basis.transpose(1, 2)
-    kept = gram.shape[-1] if keep is None else keep.sum().clamp_min(1)  # a tensor: no host sync
-    eps = ridge * (gram.diagonal(dim1=1, dim2=2).sum(dim=1) / kept).clamp_min(1e-12)
-    gram = gram + eps.view(-1, 1, 1) * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram, basis @ x.transpose(1, 2)).transpose(1, 2)
+    rank, dim = basis.shape[1], basis.shape[2]
+    kept = rank if keep is None else keep.sum().clamp_min(1)  # a tensor: no host sync
+    eps = ridge * (basis.pow(2).sum(dim=(1, 2)) / kept).clamp_min(1e-12)
+    eye = torch.eye(rank, dtype=basis.dtype, device=basis.device)
+    augmented = torch.cat([basis.transpose(1, 2), eps.sqrt().view(-1, 1, 1) * eye], dim=1)
+    q, upper = torch.linalg.qr(augmented)                              # [batch, D + r, r], [batch, r, r]
+    rhs = q[:, :dim].transpose(1, 2) @ x.transpose(1, 2)               # the target [x^T; 0]: [batch, r, N]
+    return torch.linalg.solve_triangular(upper, rhs, upper=True).transpose(1, 2)
 
 
 class TokenFactoriser(Factoriser):
@@ -150,7 +157,10 @@ class AdaLoRAFactoriser(Factoriser):
         h, basis = self.factors(x, self.lora_A[ADAPTER])
         basis = basis / basis.norm(dim=2, keepdim=True).clamp_min(1e-12)
         scales = self.lora_E[ADAPTER].view(-1)
-        code = least_squares_code(x, basis, keep=scales.detach() != 0) + h @ self.lora_B[ADAPTER]
+        # the least-squares code on the scaled rows diag(E) Q, which the output P diag(E) Q multiplies out:
+        # the projection then holds for any non-zero E (a code fitted to Q alone is off by 1/E_i per rank)
+        scaled = basis * scales.view(1, -1, 1)
+        code = least_squares_code(x, scaled, keep=scales.detach() != 0) + h @ self.lora_B[ADAPTER]
         return code * scales.view(1, 1, -1), basis
 
     def kept_ranks(self) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from lowrank.cache import write_cache
 from lowrank.losses import factorisation_loss, orthogonality
-from lowrank.models import ARCHS, create_model, load_trained, save_trained
+from lowrank.models import ARCHS, create_model, least_squares_code, load_trained, save_trained
 from lowrank.rank_allocation import AllocatorSettings, RankAllocation
 from lowrank.train_cli import main
 from utils.errors import UsageError
@@ -114,6 +114,36 @@ def test_target_rank_must_be_below_initial_rank():
         RankAllocation(model, AllocatorSettings(2, 5, 1, 1.0), 20)
     with pytest.raises(UsageError, match="leave no budgeting phase in 20 training steps"):
         RankAllocation(model, AllocatorSettings(10, 10, 1, 0.5), 20)
+
+
+def test_least_squares_code_is_accurate_when_the_basis_is_ill_conditioned():
+    """r = 64 rows in the 65-dim row space of one vit_tiny-shaped sample, nearly collinear (condition ~1e4):
+    the fp32 code must match the float64 ridge solution. The normal equations (B B^T squares the condition
+    number) missed it by orders of magnitude and made AdaLoRA diverge on real vit_tiny features."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 65, 192, generator=generator, dtype=torch.float64)
+    left = torch.linalg.qr(torch.randn(64, 64, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(192, 64, generator=generator, dtype=torch.float64))[0]
+    basis = (left * torch.logspace(0, -4, 64, dtype=torch.float64)) @ right.T[None]  # singular values 1..1e-4
+    eps = 1e-6 * basis.pow(2).sum() / 64
+    expected = torch.linalg.solve(basis @ basis.transpose(1, 2) + eps * torch.eye(64, dtype=torch.float64),
+                                  basis @ x.transpose(1, 2)).transpose(1, 2)
+    got = least_squares_code(x.float(), basis.float()).double()
+    assert ((got @ basis - expected @ basis).norm() / (expected @ basis).norm()).item() < 1e-4
+
+
+def test_adalora_reconstruction_does_not_depend_on_the_scales():
+    """The code is fitted to the scaled rows diag(E) Q that the output multiplies out, so A B is the
+    projection of x onto span(Q) for any non-zero E (a code fitted to Q alone is off by 1/E_i)."""
+    torch.manual_seed(0)
+    model = create_model("AdaLoRA", D, N, 8).eval()
+    x = torch.randn(3, N, D)
+    with torch.no_grad():
+        model.lora_B["default"].zero_()  # the learned correction h W, which E does scale, left out
+        before = torch.matmul(*model(x))
+        model.lora_E["default"].copy_(torch.linspace(0.5, 2.0, 8).view(8, 1))
+        after = torch.matmul(*model(x))
+    assert torch.allclose(after, before, atol=1e-3)
 
 
 def test_truncation_keeps_output(tmp_path, one_thread):
