@@ -26,11 +26,9 @@ import torch.nn.functional as F
 try:
     from data import DATASETS, ImageSet, load
     from data.loader import TensorLoader
-    from models import create_model, dense_modules
-    from pruners.base import RoundPlan
-    from pruners.masks import prunable_weights
+    from benchmarks.train_steps import plain_step
+    from models import create_model
     from training.loop import evaluate, train_epoch
-    from training.step import TrainStep
     from utils.checkpoint import atomic_write_text
 except ImportError:
     sys.exit("run from the repository root: python -m benchmarks.epoch_speed --out FILE [--quick]")
@@ -74,24 +72,11 @@ def reference_epoch(arch, root, batch_size, device, max_steps=None):
 
 
 def our_step(arch, splits, batch_size, device, masked, compiled):
-    model = create_model(arch, 10).to(device)
-    weights = prunable_weights(model, exclude=dense_modules(model))
-    convnet = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d)) * 2 > \
-        sum(p.numel() for p in model.parameters())
-    if convnet and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    amp = "bf16" if device.type == "cuda" else "none"
-    step = TrainStep(model, weights if masked else {}, device, amp, 0.9, 1e-4, regularized=False,
-                     use_graph=True, channels_last=convnet and device.type == "cuda", compile_model=compiled)
-    if masked:
-        masks = {n: (torch.rand_like(w) > 0.8).float() for n, w in weights.items()}
-        step.start_round(RoundPlan(train_masks=masks, final_masks=masks))
-    else:
-        step.start_round(RoundPlan(train_masks={}, final_masks={}))
+    model, step, amp, nhwc = plain_step(arch, device, masked, compiled)
     spec = splits.spec
     loader = TensorLoader(splits.train, batch_size, spec.mean, spec.std, device, train=True, drop_last=True)
     val = TensorLoader(splits.val, 1024, spec.mean, spec.std, device, train=False)
-    return model, step, loader, val, amp, convnet and device.type == "cuda"
+    return model, step, loader, val, amp, nhwc
 
 
 def timed_epoch(model, step, loader, device, epoch):
@@ -106,11 +91,8 @@ def timed_epoch(model, step, loader, device, epoch):
 
 
 def flops_per_image(arch, device):
-    from torch.utils.flop_counter import FlopCounterMode
-    model = create_model(arch, 10).to(device).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.randn(1, 3, 32, 32, device=device))
-    return counter.get_total_flops()
+    from utils.flops import flops_per_image as count  # the runner's counter: attention counted on the CPU too
+    return count(create_model(arch, 10).to(device), (3, 32, 32))
 
 
 def measure(args, splits, device):

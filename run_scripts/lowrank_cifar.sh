@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
-DATA=${DATA:-data}; OUT=${OUT:-runs/lowrank_cifar}; DATASET=${DATASET:-cifar10}; EPOCHS=${EPOCHS:-20}
+DATA=${DATA:-data}; OUT=${OUT:-runs/lowrank_cifar}; DATASET=${DATASET:-cifar10}; EPOCHS=${EPOCHS:-15}
 ARCH=${ARCH:-vit_tiny}; IMAGES=${IMAGES:-10000}; LR_EPOCHS=${LR_EPOCHS:-30}; RANK=${RANK:-32}
 
 common=(--arch "$ARCH" --dataset "$DATASET" --data "$DATA" --rate 0.3 --pruning_times 5 --epochs "$EPOCHS"
@@ -18,12 +18,8 @@ common=(--arch "$ARCH" --dataset "$DATASET" --data "$DATA" --rate 0.3 --pruning_
 heads=$!
 "$PYTHON" main_imp_fillback.py "${common[@]}" --struct lowrank --save_dir "$OUT/lowrank" > "$OUT.lowrank.log" 2>&1 &
 lowrank=$!
-status=0
-wait $heads || status=$?
-wait $lowrank || status=$?
-tail -n 3 "$OUT.heads.log" "$OUT.lowrank.log"
-[ $status -eq 0 ] || exit $status
-
+# the feature work needs only the dense round 0 of the head-level run: it overlaps the later rounds
+until [ -f "$OUT/heads/0checkpoint.pth.tar" ] || ! kill -0 $heads 2>/dev/null; do sleep 2; done
 "$PYTHON" extract_features.py --encoder "runner:$OUT/heads/0checkpoint.pth.tar" --dataset "$DATASET" --data "$DATA" \
     --out "$OUT/cache" --limit "$IMAGES" --dtype float32 --no_progress
 for arch in ResMLP MLP; do
@@ -34,3 +30,8 @@ done
     --batch_size 64 --lr 1e-3 --use_rank_allocator --allocator_keep_ratio 0.5 --results_dir "$OUT/results"
 "$PYTHON" compare_svd_nn.py --features "$OUT/cache" --results_dir "$OUT/results" --ranks 8 16 32 64 \
     --device "${COMPARE_DEVICE:-cuda}" --out "$OUT/compare_svd_nn.json"
+status=0
+wait $heads || status=$?
+wait $lowrank || status=$?
+tail -n 3 "$OUT.heads.log" "$OUT.lowrank.log"
+exit $status

@@ -1,8 +1,8 @@
 """sweep.py's command line: grid -> validated cells -> sweep.json -> skip / resume / launch -> table.
 
     python sweep.py --grid criteria=remain,magnitude,l1 --grid rate=0.2,0.3 --grid seed=1,2 \\
-        [--name NAME] [--root runs] [--executor local|slurm|submitit_local] [--parallel N] [--dry_run] \\
-        -- <runner flags>
+        [--name NAME] [--root runs] [--executor local|fused|slurm|submitit_local] [--parallel N] [--fuse N] \\
+        [--dry_run] -- <runner flags>
 
 Exit codes: 0 every cell finished (or, for slurm / submitit_local without --wait, every job submitted),
 1 some cell did not finish, 2 bad input (one line naming the flag; nothing launched or written),
@@ -13,7 +13,7 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from sweeps import cells as cellstates, grid as grids, plan, record, summary
-from sweeps import local, slurm  # noqa: F401  (register the executors)
+from sweeps import fused, local, slurm  # noqa: F401  (register the executors)
 from sweeps.executors import EXECUTORS
 from utils.errors import UsageError, os_error_line, run_cli
 

@@ -8,7 +8,8 @@ An executor is a class registered under its `--executor` name with
                                    a job id (submitted, not waited for) or a failure}
     waits                          False when launch returns before the cells finish (then the sweep
                                    exits 0 once everything is submitted)
-Adding one (e.g. `fused`: several cells in one process) is one new module and one import in sweeps/cli.py.
+Adding one is one new module and one import in sweeps/cli.py (local.py, fused.py: several cells in one
+process, slurm.py).
 """
 import datetime
 import os

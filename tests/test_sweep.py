@@ -107,7 +107,7 @@ def test_malformed_grid_texts_are_refused(texts, message):
     (["--grid", "seed=1", "--", *RUNNER, "--epochs", "0"], "error: runner flags (cell seed-1): --epochs 0: must be"),
     (["--grid", "seed=1", "--name", "a/b", "--", *RUNNER], "error: --name 'a/b': use letters"),
     (["--grid", "seed=1", "--executor", "pbs", "--", *RUNNER], "error: --executor: unknown executor 'pbs'; choose "
-                                                               "from local, slurm, submitit_local"),
+                                                               "from fused, local, slurm, submitit_local"),
     (["--grid", "seed=1", "--parallel", "0", "--", *RUNNER], "error: --parallel 0: must be at least 1"),
     (["--", *RUNNER], "error: --grid: give at least one"),
     (["--grid", "rate=0.2,0.20", "--", *RUNNER], "error: --grid rate=0.2,0.20: rate=0.20 gives the same runner "

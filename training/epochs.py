@@ -39,15 +39,33 @@ class EpochTraining:
         """Train epoch `epoch` (0-based) -- from the saved batch when a stop interrupted it -- and return
         its result and the images trained in this process. A stop request ends it at the next step
         boundary: a mid-epoch checkpoint is saved and Interrupted raised."""
+        loader = self.session.loaders["train"]
+        first, carried = self.start_epoch(progress, epoch)
+        result = self.train_batches(progress, epoch, schedule, first, carried)
+        self.session.dist.broadcast_buffers(self.session.model)  # per-rank BatchNorm statistics (CPU): rank 0's
+        if result.stopped_at is not None:
+            self.save_mid_epoch(progress, epoch, result, len(loader))
+        return result, result.samples - carried[0]
+
+    def start_epoch(self, progress: RoundProgress, epoch: int) -> Tuple[int, Tuple[int, int]]:
+        """Seed the training loader's order for epoch `epoch` and, for an epoch a stop interrupted, put its
+        running sums back in the step; returns (first batch, (images trained, batches skipped) before it)."""
         session, config, step = self.session, self.config, self.session.step
-        loader = session.loaders["train"]
-        loader.set_epoch_seed(derived_seed(config.seed, STREAM_TRAIN, progress.round, epoch))
+        session.loaders["train"].set_epoch_seed(derived_seed(config.seed, STREAM_TRAIN, progress.round, epoch))
         first, carried = 0, (0, 0)
         if epoch == progress.epoch and progress.batch:
             first, sums = progress.batch, progress.epoch_sums
             step.load_counters(sums["counters"])
             carried = (sums["seen"], sums["skipped"])
         progress.batch, progress.epoch_sums = 0, None
+        return first, carried
+
+    def train_batches(self, progress: RoundProgress, epoch: int, schedule, first: int,
+                      carried: Tuple[int, int]) -> EpochResult:
+        """The epoch's batches from `first` on through this run's own step (training/fused/runner.py
+        overrides it: there the fused group trains them)."""
+        session, config, step = self.session, self.config, self.session.step
+        loader = session.loaders["train"]
         steps, started = len(loader), time.time()
         remaining = itertools.islice(loader, first, None)  # the skipped batches are drawn, so the order holds
         batches = progress_bar(remaining, steps - first, f"round {progress.round} epoch {epoch + 1}/{config.epochs}",
@@ -58,13 +76,9 @@ class EpochTraining:
             self.tracker.info(step_line(progress.round, epoch + 1, config.epochs, done, steps,
                                         step.running_loss_sum() / max(seen, 1), rate))
 
-        result = train_epoch(session.model, step, batches, schedule, first, carried,
-                             stop=self.stop.at_step_boundary, report=report,
-                             report_every=config.print_freq if batches is remaining else 0)
-        session.dist.broadcast_buffers(session.model)  # per-rank BatchNorm statistics (CPU): rank 0's for all
-        if result.stopped_at is not None:
-            self.save_mid_epoch(progress, epoch, result, steps)
-        return result, result.samples - carried[0]
+        return train_epoch(session.model, step, batches, schedule, first, carried,
+                           stop=self.stop.at_step_boundary, report=report,
+                           report_every=config.print_freq if batches is remaining else 0)
 
     def save_mid_epoch(self, progress: RoundProgress, epoch: int, result: EpochResult, steps: int) -> None:
         """Save the stopped epoch's position and running sums to latest.pth.tar, then raise Interrupted

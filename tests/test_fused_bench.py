@@ -1,0 +1,125 @@
+"""benchmarks/fused_speed.py on the CPU: flags, the sweep estimate, the N-process protocol, a tiny run."""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from benchmarks import concurrent
+from benchmarks.fused_speed import main
+from benchmarks.fused_sweep import sweep_hours
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--cells", "1,x", "error: --cells '1,x': expected comma-separated positive integers"),
+    ("--cells", "0,2", "error: --cells '0,2': every value must be between 1 and 256"),
+    ("--batch_sizes", "", "error: --batch_sizes '': expected comma-separated positive integers"),
+    ("--archs", "res20s,nope_net", "error: --archs: unknown architecture nope_net"),
+    ("--warmup", "0", "error: --warmup 0: must be at least 1"),
+])
+def test_bad_flag_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, flag, value, message):
+    out = tmp_path / "r" / "f.json"
+    assert main(["--out", str(out), "--device", "cpu", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_sweep_hours_numbers():
+    # 3600 images per cell; one run at 100 img/s: 6 cells x 36 s = 0.06 h
+    hours = sweep_hours(100.0, {2: 150.0, 4: 400.0}, cells=6, rounds=2, epochs_per_round=3, images_per_epoch=600)
+    assert hours["one_at_a_time_hours"] == pytest.approx(0.06)
+    # N=2: 3 groups x (3600 images per cell at 75 img/s per cell = 48 s); N=4: 2 groups x 36 s (a group of 2 is
+    # charged a full group's time)
+    assert hours["grouped_hours"] == pytest.approx({2: 3 * 48 / 3600, 4: 2 * 36 / 3600})
+    with pytest.raises(ValueError, match="positive"):
+        sweep_hours(100.0, {2: 0.0}, cells=6, rounds=1, epochs_per_round=1, images_per_epoch=1)
+
+
+def test_aggregate_uses_the_union_window():
+    records = [{"images": 100, "start": 10.0, "end": 11.0}, {"images": 100, "start": 10.5, "end": 12.0}]
+    result = concurrent.aggregate(records)
+    assert result["img_s"] == pytest.approx(200 / 2.0)
+    assert result["sum_img_s"] == pytest.approx(100 + 100 / 1.5)
+    assert result["start_spread_s"] == pytest.approx(0.5)
+    assert concurrent.aggregate(records + [{"error": "OutOfMemoryError: x"}]) == {"error": "OutOfMemoryError: x"}
+
+
+def test_barrier_waits_for_every_rank(tmp_path):
+    arrived = []
+    threads = [threading.Thread(target=lambda r=r: (concurrent.barrier(str(tmp_path), "ready0", r, 3, timeout=20),
+                                                     arrived.append(r))) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    threads[0].join(0.3)
+    assert arrived == []  # two of three ranks: still waiting
+    concurrent.barrier(str(tmp_path), "ready0", 2, 3, timeout=20)
+    for thread in threads:
+        thread.join(20)
+    assert sorted(arrived) == [0, 1]
+    with pytest.raises(TimeoutError, match="barrier done0"):
+        concurrent.barrier(str(tmp_path), "done0", 0, 2, timeout=0.05)
+
+
+WORKER = """
+import os, sys, time
+from benchmarks.concurrent import worker_config, ENV_RANK
+rank = int(os.environ[ENV_RANK])
+def build():
+    if rank == 1:
+        raise MemoryError("cell too big")
+    return lambda k: None
+worker_config(0, lambda: (lambda k: None), lambda s: None, lambda s: (time.time(), time.time() + 0.5), 64, str)
+worker_config(1, build, lambda s: None, lambda s: (time.time(), time.time() + 0.5), 64, repr)
+if rank == 2:
+    sys.exit("worker gave up")
+worker_config(2, lambda: (lambda k: None), lambda s: None, lambda s: (time.time(), time.time() + 0.5), 64, str)
+"""
+
+
+def test_run_group_collects_rates_and_errors():
+    results = concurrent.run_group(3, [sys.executable, "-c", WORKER], configs=3, timeout=60)
+    assert 3 * 64 / 0.6 < results[0]["img_s"] <= 3 * 64 / 0.5
+    assert results[0]["sum_img_s"] == pytest.approx(3 * 64 / 0.5)
+    assert results[1] == {"error": "MemoryError('cell too big')"}
+    # rank 2 exited after config 1: the parent tells ranks 0 and 1 to leave config 2's barrier at once
+    assert results[2]["error"].startswith("worker 0 exited with code 1: RuntimeError: barrier ready2: a peer")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_tiny_run_writes_rows_and_estimate(tmp_path, capsys):
+    out = tmp_path / "fused.json"
+    assert main(["--out", str(out), "--device", "cpu", "--steps", "2", "--warmup", "1", "--cells", "1,2",
+                 "--batch_sizes", "4", "--archs", "res20s", "--max_processes", "1", "--sweep_estimate",
+                 "--rounds", "2", "--epochs_per_round", "3"]) == 0
+    record = json.loads(out.read_text())
+    assert record["device"] == "cpu" and record["flags"]["cells"] == [1, 2]
+    rows = record["rows"]
+    assert [(r["arch"], r["batch_size"], r["cells"]) for r in rows] == [("res20s", 4, 1), ("res20s", 4, 2)]
+    for r in rows:
+        assert r["fused_img_s"] > 0 and r["one_run_img_s"] > 0
+        assert r["fused_speedup"] == pytest.approx(r["fused_img_s"] / r["one_run_img_s"])
+    assert rows[0]["processes_img_s"] == rows[0]["one_run_img_s"] and "processes_img_s" not in rows[1]
+    estimate = record["sweep_estimate"]["estimates"][0]
+    one = rows[0]["one_run_img_s"]
+    assert estimate["one_at_a_time_hours"] == pytest.approx(6 * 2 * 3 * 45000 / one / 3600)
+    assert set(estimate["fused_hours_by_group"]) == {"1", "2"}  # JSON keys
+    assert "sweep estimate, res20s batch 4" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_documented_cpu_run(tmp_path):
+    """The brief's CPU command, N processes included (about a minute on 2 busy cores)."""
+    out = tmp_path / "f.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.fused_speed", "--out", str(out), "--device", "cpu",
+                    "--steps", "3", "--warmup", "1", "--cells", "1,2", "--batch_sizes", "8", "--archs",
+                    "res20s,test_vit"], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["arch"], r["cells"]) for r in rows] == [("res20s", 1), ("res20s", 2), ("test_vit", 1), ("test_vit", 2)]
+    for r in rows:
+        assert r["fused_img_s"] > 0 and r["one_run_img_s"] > 0 and r["processes_img_s"] > 0, r
+    assert rows[1]["processes_sum_img_s"] > 0 and rows[1]["processes_start_spread_s"] < 1.0

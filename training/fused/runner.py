@@ -1,0 +1,283 @@
+"""The lockstep driver: several runs, each an ordinary RoundRunner, whose epochs train as one fused model.
+
+Every cell runs the plain runner's own code (`utils.cli.main` -> `training.rounds.run`): its run dir,
+lock, checkpoints, lineage, metrics, struct mode, rewinding, pruning at each round's end, validation and
+error handling are those of a separate run. Only the batches of an epoch are handed over: the cell's
+`train_batches` posts an `EpochRequest` (its round, epoch, first batch, lr / lambda schedule) and waits.
+When every cell waits, the driver takes the requests at the earliest position (round, epoch, first batch)
+with one fusion key (training/fused/cells.py), copies those cells' weights, masks, momentum and running
+sums into a FusedTrainStep (training/fused/step.py), trains the epoch with each cell's own loader (its
+seed's order and augmentation) and schedule, and copies everything back: the cells stay the source of
+truth, so a checkpoint is exactly what a separate run would save, and `--resume` of one cell alone works.
+
+Cells run in threads that take turns (one at a time, in cell order; the fused epoch runs in the main
+thread), so the process-wide RNG, `seed_everything` and the printed lines follow one deterministic
+order. A cell that fails (non-finite loss: exit 3) or finishes leaves; the next epoch fuses the remaining
+cells anew (its weights never reach the others: grouped convolutions, wide BatchNorms and batched
+matmuls keep cells apart). Cells at different positions (a resume after a kill between two cells'
+saves) train apart until they meet. SIGTERM / Ctrl-C stop every cell at the same step; each saves its
+mid-epoch checkpoint. HFTA (Wang et al., MLSys 2021) is the method; docs/fused.md the user's guide.
+"""
+import functools
+import itertools
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from pruners.base import RoundPlan
+from training.fused.cells import fusion_key
+from training.fused.models import fuse_models
+from training.fused.step import FusedTrainStep
+from training.loop import EpochResult, step_line
+from training.rounds import RoundRunner
+from utils.interrupts import StopRequest
+from utils.tracking import progress as progress_bar
+
+
+@dataclass
+class EpochRequest:
+    """One cell's epoch, posted by its thread: batches `first`.. of its training loader, `schedule(i)` ->
+    (lr, lambda) of batch i, `carried` (images, skipped batches) before `first`; the driver fills `result`
+    (or `error`, raised in the cell's thread)."""
+    cell: int
+    runner: "FusedCellRunner"
+    position: Tuple[int, int, int]  # round, epoch (0-based), first batch
+    schedule: Callable[[int], Tuple[float, float]]
+    carried: Tuple[int, int]
+    result: Optional[EpochResult] = None
+    error: Optional[BaseException] = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.position, fusion_key(self.runner.config))
+
+
+class FusedCellRunner(RoundRunner):
+    """A RoundRunner whose epochs the driver trains; everything else is the plain runner's. The stop
+    request is the driver's (signals reach the main thread only)."""
+
+    def __init__(self, session, struct, tracker, rewind, stop, driver: "LockstepDriver", cell: int):
+        super().__init__(session, struct, tracker, rewind, driver.stop)
+        self.driver, self.cell = driver, cell
+
+    def train_batches(self, progress, epoch, schedule, first, carried) -> EpochResult:
+        return self.driver.train(EpochRequest(self.cell, self, (progress.round, epoch, first), schedule, carried))
+
+
+class CellStream:
+    """sys.stdout / sys.stderr for the cells' threads: each line a cell writes starts with `[label] `."""
+
+    def __init__(self, stream, labels: Dict[int, str]):
+        self.stream, self.labels, self.at_line_start = stream, labels, True
+
+    def write(self, text: str) -> int:
+        label = self.labels.get(threading.get_ident())
+        if label is not None and text:
+            lines = text.split("\n")
+            text = "\n".join(f"[{label}] {line}" if line and (k or self.at_line_start) else line
+                             for k, line in enumerate(lines))
+        if text:
+            self.at_line_start = text.endswith("\n")
+        return self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class LockstepDriver:
+    """Runs the cells `argvs` (each a main_imp_fillback.py argument list) together; `run()` returns their
+    exit codes, as main_imp_fillback.py would have exited with each (0 done, 2 bad input, 3 non-finite
+    loss, 128 + signal when stopped). `labels`: names for the printed lines (default: run dir names)."""
+
+    def __init__(self, argvs: Sequence[Sequence[str]], labels: Optional[Sequence[str]] = None):
+        self.argvs = [list(a) for a in argvs]
+        self.labels = list(labels) if labels else [f"cell {i}" for i in range(len(argvs))]
+        self.stop = StopRequest()
+        self.codes: List[Optional[int]] = [None] * len(argvs)
+        self.requests: Dict[int, EpochRequest] = {}
+        self.turn = [threading.Event() for _ in argvs]
+        self.back = threading.Event()
+        self.fused: Dict[Tuple[int, ...], Tuple[object, FusedTrainStep]] = {}
+
+    # ---- the cells' side ------------------------------------------------------------------
+    def train(self, request: EpochRequest) -> EpochResult:
+        """Called in a cell's thread: post the epoch, hand the turn back, wait for the result."""
+        self.requests[request.cell] = request
+        self._wait_for_turn(request.cell, hand_back=True)
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    def _wait_for_turn(self, cell: int, hand_back: bool) -> None:
+        if hand_back:
+            self.back.set()
+        self.turn[cell].wait()
+        self.turn[cell].clear()
+
+    def _cell_main(self, cell: int) -> None:
+        from training import rounds
+        from utils.cli import main as runner_main
+        self._wait_for_turn(cell, hand_back=False)
+        runner_class = functools.partial(FusedCellRunner, driver=self, cell=cell)
+        try:
+            self.codes[cell] = runner_main(self.argvs[cell], run=lambda config: rounds.run(config, runner_class))
+        except BaseException:  # noqa: BLE001 - an unexpected failure ends this cell only
+            traceback.print_exc()
+            self.codes[cell] = 1
+        finally:
+            self.requests.pop(cell, None)
+            self.back.set()
+
+    def _give_turn(self, cell: int) -> None:
+        """Let cell `cell` run until it posts its next epoch or ends."""
+        self.back.clear()
+        self.turn[cell].set()
+        self.back.wait()
+
+    # ---- the driver's side ----------------------------------------------------------------------
+    def run(self) -> List[int]:
+        # every cell its own wandb run in this one process (wandb >= 0.19.10; an older wandb refuses the value,
+        # and each Tracker then warns and logs to metrics.jsonl only)
+        set_here = "WANDB_REINIT" not in os.environ
+        os.environ.setdefault("WANDB_REINIT", "create_new")
+        threads = [threading.Thread(target=self._cell_main, args=(i,), name=f"cell-{i}", daemon=True)
+                   for i in range(len(self.argvs))]
+        saved = sys.stdout, sys.stderr
+        idents: Dict[int, str] = {}
+        sys.stdout, sys.stderr = CellStream(saved[0], idents), CellStream(saved[1], idents)
+        try:
+            with self.stop:
+                for cell, thread in enumerate(threads):
+                    thread.start()
+                    idents[thread.ident] = self.labels[cell]
+                    self._give_turn(cell)
+                while self.requests:
+                    group = self._next_group()
+                    self._train_group(group)
+                    for request in group:
+                        del self.requests[request.cell]
+                        self._give_turn(request.cell)
+        finally:
+            sys.stdout, sys.stderr = saved
+            if set_here:
+                os.environ.pop("WANDB_REINIT", None)
+        for thread in threads:
+            thread.join()
+        return [1 if code is None else code for code in self.codes]
+
+    def _next_group(self) -> List[EpochRequest]:
+        """The waiting requests of the earliest position that share the lowest waiting cell's fusion key."""
+        ordered = sorted(self.requests.values(), key=lambda r: (r.position, r.cell))
+        key = ordered[0].key
+        return [r for r in ordered if r.key == key]
+
+    def _train_group(self, group: List[EpochRequest]) -> None:
+        try:
+            fused, step = self._fused_for(group)
+            self._load(fused, step, group)
+            stopped, seen = self._train_epoch(fused, step, group)
+            self._store(fused, step, group, stopped, seen)
+        except Exception as exc:  # noqa: BLE001 - raised in each cell's thread: every cell exits with its line
+            for request in group:
+                request.error = exc
+
+    def _fused_for(self, group: List[EpochRequest]) -> Tuple[object, FusedTrainStep]:
+        """The fused model and step of these cells (kept while the same cells train together: the step's
+        CUDA graph is captured once)."""
+        cells = tuple(r.cell for r in group)
+        for key in [k for k in self.fused if k != cells and set(k) & set(cells)]:
+            del self.fused[key]  # a cell left or joined: fuse anew
+        if cells not in self.fused:
+            sessions = [r.runner.session for r in group]
+            first, config = sessions[0], sessions[0].config
+            fused = fuse_models([s.model for s in sessions])
+            step = FusedTrainStep(fused, first.step.masked_names, first.device, first.amp, config.momentum,
+                                  [s.config.weight_decay for s in sessions], first.step.regularized,
+                                  use_graph=config.cuda_graph, compile_model=first.step.forward is not first.model)
+            step.log = group[0].runner.tracker.info
+            self.fused[cells] = (fused, step)
+        return self.fused[cells]
+
+    @torch.no_grad()
+    def _load(self, fused, step: FusedTrainStep, group: List[EpochRequest]) -> None:
+        """The cells' weights, masks, momentum and running sums into the fused tensors (in place)."""
+        steps = [r.runner.session.step for r in group]
+        fused.load_cells([r.runner.session.model.state_dict() for r in group])
+        step.start_round([RoundPlan(train_masks=dict(zip(s.masked_names, s.masks)),
+                                    final_masks=dict(zip(s.masked_names, s.masks)),
+                                    penalty_masks=dict(zip(s.masked_names, s.penalty_masks)) if s.penalty_masks
+                                    else None) for s in steps])
+        for i, cell_step in enumerate(steps):
+            step.load_cell_state_dict(i, cell_step.state_dict())
+            for name in ("loss_sum", "correct", "first_bad"):
+                getattr(step, name)[i].copy_(getattr(cell_step, name))
+        step.step_index.copy_(steps[0].step_index)
+
+    def _train_epoch(self, fused, step: FusedTrainStep, group: List[EpochRequest]) -> Tuple[Optional[int], int]:
+        """The group's batches from the shared first one on; returns (batches done when a stop ended the
+        epoch, or None; images each cell trained)."""
+        first_request, (round_index, epoch, first) = group[0], group[0].position
+        config = first_request.runner.config
+        loaders = [r.runner.session.loaders["train"] for r in group]
+        steps = len(loaders[0])
+        batches = zip(*(itertools.islice(loader, first, None) for loader in loaders))  # skipped ones drawn too
+        shown = progress_bar(batches, steps - first, f"fused x{len(group)} round {round_index} epoch "
+                             f"{epoch + 1}/{config.epochs}", config.progress)
+        fused.train()
+        seen, started = 0, time.time()
+        for index, cell_batches in enumerate(shown, first):
+            images = torch.stack([b[0] for b in cell_batches])
+            labels = torch.stack([b[1] for b in cell_batches])
+            rates, lambdas = zip(*(r.schedule(index) for r in group))
+            step(images, labels, rates, lambdas)
+            seen += labels.shape[1]
+            if shown is batches and config.print_freq and (index + 1) % config.print_freq == 0:
+                self._report(step, group, index + 1, steps, seen, time.time() - started)
+            if self.stop.at_step_boundary():
+                return index + 1, seen
+        return None, seen
+
+    def _report(self, step: FusedTrainStep, group: List[EpochRequest], done: int, steps: int, seen: int,
+                seconds: float) -> None:
+        for request, loss_sum in zip(group, step.running_loss_sum()):
+            round_index, epoch, _ = request.position
+            runner = request.runner
+            total = request.carried[0] + seen
+            runner.tracker.info(step_line(round_index, epoch + 1, runner.config.epochs, done, steps,
+                                          loss_sum / max(total, 1), seen / max(seconds, 1e-9)))
+
+    @torch.no_grad()
+    def _store(self, fused, step: FusedTrainStep, group: List[EpochRequest], stopped: Optional[int],
+               seen: int) -> None:
+        """Weights, momentum and running sums back into each cell; each request's EpochResult."""
+        shared = [name for name, (_, index) in fused.fused_state.items() if index[0] == ()]
+        before = [{name: r.runner.session.model.state_dict()[name].clone() for name in shared} for r in group]
+        for i, (request, state) in enumerate(zip(group, fused.unfuse())):
+            session = request.runner.session
+            for name in shared:  # one counter for the group, which started at cell 0's value
+                state[name] = before[i][name] + (state[name] - before[0][name])
+            session.model.load_state_dict(state)
+            session.step.load_state_dict(step.cell_state_dict(i))
+            for name in ("loss_sum", "correct", "first_bad"):
+                getattr(session.step, name).copy_(getattr(step, name)[i])
+            session.step.step_index.copy_(step.step_index)
+            samples, skipped = request.carried[0] + seen, request.carried[1]
+            if stopped is not None:
+                request.result = EpochResult(loss=math.nan, accuracy=math.nan, samples=samples, skipped=skipped,
+                                             stopped_at=stopped)
+                continue
+            loss_sum, correct, bad = session.step.read_epoch()
+            request.result = EpochResult(loss=loss_sum / max(samples, 1), accuracy=100.0 * correct / max(samples, 1),
+                                         samples=samples, bad_step=bad, skipped=skipped)
+
+
+def run_cells(argvs: Sequence[Sequence[str]], labels: Optional[Sequence[str]] = None) -> List[int]:
+    """Train the runs `argvs` (main_imp_fillback.py argument lists) fused; their exit codes, in order."""
+    return LockstepDriver(argvs, labels).run()
