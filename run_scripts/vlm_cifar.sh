@@ -3,7 +3,7 @@
 # 336 px / patch 14), then the merger + pruner heads at T̄ = 75 / 50 / 25 % of the vision tokens, then the
 # origin / soft / hard evaluation next to random-drop and FastV at the learned T̄. Outputs under $OUT:
 # tiny_llava/ (tiny_llava.json), t75/ t50/ t25/ (checkpoints), eval_t75.json eval_t50.json eval_t25.json.
-#   DATA=data OUT=runs/vlm_cifar MINUTES=4 bash run_scripts/vlm_cifar.sh          # ~9 min on one H200
+#   DATA=data OUT=runs/vlm_cifar MINUTES=4 bash run_scripts/vlm_cifar.sh          # 6 min 18 s on one H200
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
