@@ -3,13 +3,13 @@
 # 336 px / patch 14), then the merger + pruner heads at T̄ = 75 / 50 / 25 % of the vision tokens, then the
 # origin / soft / hard evaluation next to random-drop and FastV at the learned T̄. Outputs under $OUT:
 # tiny_llava/ (tiny_llava.json), t75/ t50/ t25/ (checkpoints), eval_t75.json eval_t50.json eval_t25.json.
-#   DATA=data OUT=runs/vlm_cifar MINUTES=4 bash run_scripts/vlm_cifar.sh          # 6 min 18 s on one H200
+#   DATA=data OUT=runs/vlm_cifar bash run_scripts/vlm_cifar.sh          # 6 min 18 s on one H200
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
-DATA=${DATA:-data}; OUT=${OUT:-runs/vlm_cifar}; MINUTES=${MINUTES:-4}; IMAGE_SIZE=${IMAGE_SIZE:-336}
+DATA=${DATA:-data}; OUT=${OUT:-runs/vlm_cifar}; MINUTES=${MINUTES:-3.8}; IMAGE_SIZE=${IMAGE_SIZE:-336}
 HIDDEN=${HIDDEN:-128}; LAYERS=${LAYERS:-12}; VISION_LAYERS=${VISION_LAYERS:-4}; BATCH=${BATCH:-64}
-WORKERS=${WORKERS:-8}; PRUNE_STEPS=${PRUNE_STEPS:-400}; PRUNE_BATCH=${PRUNE_BATCH:-32}
+WORKERS=${WORKERS:-8}; PRUNE_STEPS=${PRUNE_STEPS:-300}; PRUNE_BATCH=${PRUNE_BATCH:-32}
 LIMIT=${LIMIT:-1000}; EVAL_BATCH=${EVAL_BATCH:-100}; TRAIN_IMAGES=${TRAIN_IMAGES:-45000}
 LAYERS_PRUNED=${LAYERS_PRUNED:-[2,5,8]}
 
