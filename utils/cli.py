@@ -7,6 +7,7 @@ import argparse
 import difflib
 import math
 import os
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -182,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_cuda_graph", action="store_true", help="run the training step eagerly on CUDA")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume on CPU)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g.add_argument("--fused_grid", action="append", default=None, metavar="KEY=V1,V2",
+                   help="train the cells of a grid of these flags (as sweep.py --grid; repeat for a cartesian "
+                   "product) as one fused model in this process, in <--save_dir or the default run dir>/<cell> "
+                   "(docs/fused.md)")
     g = p.add_argument_group("tracking")
     g.add_argument("--no_wandb", action="store_true")
     g.add_argument("--wandb_project", default=d.wandb_project)
@@ -255,6 +260,8 @@ def validate(args: argparse.Namespace, given: Optional[set] = None) -> RunConfig
     _check(args.branch not in CONTROLS or STRUCTS[args.struct].masks_weights,
            f"--branch {args.branch}: --struct {args.struct} has no weight masks to control; use a mode that "
            f"prunes weights (none, refill, regroup, rsst)")
+    _check(not args.fused_grid, "--fused_grid: not a flag of one run (a sweep.py runner flag, a grid value or "
+           "a fused cell); give it on main_imp_fillback.py's own command line")
     _check_used(args, given or set())
     return RunConfig(
         arch=args.arch, dataset=args.dataset, data=args.data, val_size=args.val_size, struct=args.struct,
@@ -295,6 +302,10 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> RunConfig:
 
 def main(argv: Optional[Sequence[str]] = None, run=None) -> int:
     """CLI entry: 0 done, 2 bad input, 3 non-finite loss, 1 OS error, 128 + signal when stopped by one."""
+    from training.fused.grid_flag import main as fused_grid_main, wants_fused_grid
+    if run is None and wants_fused_grid(sys.argv[1:] if argv is None else argv):
+        return fused_grid_main(argv)
+
     def work() -> None:
         config = parse_config(argv)
         if run is None:

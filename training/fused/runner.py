@@ -197,6 +197,8 @@ class LockstepDriver:
         if cells not in self.fused:
             sessions = [r.runner.session for r in group]
             first, config = sessions[0], sessions[0].config
+            for session in sessions:  # train mode, as train_epoch sets it (cells that met mid-run may differ)
+                session.model.train()
             fused = fuse_models([s.model for s in sessions])
             step = FusedTrainStep(fused, first.step.masked_names, first.device, first.amp, config.momentum,
                                   [s.config.weight_decay for s in sessions], first.step.regularized,
