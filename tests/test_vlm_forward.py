@@ -208,6 +208,27 @@ def test_merge_shrinks_the_image_span_and_keeps_labels_aligned(model):
     assert torch.equal(hard.labels[hard.labels != -100], batch["labels"][batch["labels"] != -100])
 
 
+@torch.no_grad()
+def test_merged_prompt_positions_recount_or_original(model):
+    """recount (the seed's): 0.. over the shorter prompt; original: centre j at span start + its token
+    index, every text token at its own position (left padding included)."""
+    from vlm.hard_drop import padding_positions
+    from vlm.pruned_forward import _prompt
+    batch = make_batch([3, 5])
+    recount = _prompt(model, batch, LearnableTokenMerger(32, N, merge_ratio=0.5, d_internal=16).eval(), 0.1)
+    assert recount.positions is None  # _prefill counts 0.. over the valid tokens
+    merger = LearnableTokenMerger(32, N, merge_ratio=0.5, d_internal=16, positions="original").eval()
+    prompt = _prompt(model, batch, merger, 0.1)
+    original = padding_positions(batch["attention_mask"].bool())
+    for b in range(2):
+        start = int(original[b][batch["input_ids"][b] == IMAGE][0])
+        assert prompt.positions[b][prompt.vision[b]].tolist() == (start + prompt.merge.centres[b]).tolist()
+        text_after = prompt.positions[b][prompt.valid[b] & ~prompt.vision[b]][-2:]  # the last two text tokens
+        assert text_after.tolist() == original[b][-2:].tolist()
+    with pytest.raises(ValueError, match="positions='middle'"):
+        LearnableTokenMerger(32, N, positions="middle")
+
+
 def test_train_mode_gradients_reach_the_pruner_heads(model):
     torch.manual_seed(0)
     batch = make_batch([3, 4])

@@ -4,23 +4,25 @@ additive attention bias. Pure tensor functions, no per-sample Python loop, no mo
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 NEG_INF = float("-inf")
 
 
-def left_pack(keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def left_pack(keep: torch.Tensor, width: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Indices that move each row's kept positions to the right end, order preserved, padding on the left.
 
-    keep: bool [B, S]. Returns (index long [B, S'], valid bool [B, S']) with S' = the largest kept count;
-    `index[b, j]` is the source position of slot j of row b (0 on the padding slots, where valid is False).
-    One host sync (S' is a shape).
+    keep: bool [B, S]. Returns (index long [B, S'], valid bool [B, S']) with S' = `width` if given, else the
+    largest kept count; `index[b, j]` is the source position of slot j of row b (0 on the padding slots,
+    where valid is False). Without `width` one host sync (S' is a shape); with it none: the caller
+    guarantees no row keeps more than `width` (the static-count prefill, where every row keeps exactly that).
     """
     batch, length = keep.shape
     count = keep.sum(dim=1)
-    width = int(count.max()) if batch else 0
+    if width is None:
+        width = int(count.max()) if batch else 0
     target = width - count[:, None] + keep.long().cumsum(dim=1) - 1
     target = torch.where(keep, target, torch.full_like(target, width))  # dropped -> a dump column
     source = torch.arange(length, device=keep.device).expand(batch, length)

@@ -20,10 +20,46 @@ from vlm.hard_drop import NEG_INF, attention_bias, gather_tokens, left_pack, sca
 TRAIN_LOG_EPS = 1e-6  # train mode's key bias is log(keep + eps): finite, with a gradient at keep = 0
 
 
+class _Route:
+    """The persistent pre-hooks of `routed_hooks`: each forwards to the hook `layer_hooks` set for this forward."""
+
+    def __init__(self):
+        self.hook: Optional[Callable] = None
+
+    def __call__(self, index: int, module, args, kwargs):
+        return (args, kwargs) if self.hook is None else self.hook(index, module, args, kwargs)
+
+
+@contextmanager
+def routed_hooks(language_model) -> Iterator[None]:
+    """Attach persistent forward-pre-hooks to every decoder layer, for as long as the context lasts; inside it
+    `layer_hooks` only points them at its hook instead of registering hooks. torch.compile cannot trace a hook
+    registration (a graph break), so a compiled pruned forward runs inside this context. Removed on exit."""
+    route = _Route()
+    handles = [layer.register_forward_pre_hook(partial(route, index), with_kwargs=True)
+               for index, layer in enumerate(language_model.layers)]
+    language_model._pruning_route = route
+    try:
+        yield
+    finally:
+        del language_model._pruning_route
+        for handle in handles:
+            handle.remove()
+
+
 @contextmanager
 def layer_hooks(language_model, hook: Callable) -> Iterator[None]:
     """Attach `hook(layer_index, module, args, kwargs) -> (args, kwargs)` as a forward-pre-hook (with kwargs)
-    to every decoder layer of `language_model.layers`; all are removed on exit, also on an exception."""
+    to every decoder layer of `language_model.layers`; all are removed on exit, also on an exception. Inside
+    `routed_hooks` the hooks already attached are pointed at `hook` instead (and back at nothing on exit)."""
+    route = getattr(language_model, "_pruning_route", None)
+    if route is not None:
+        route.hook = hook
+        try:
+            yield
+        finally:
+            route.hook = None
+        return
     handles = []
     try:
         for index, layer in enumerate(language_model.layers):
@@ -60,10 +96,16 @@ class PrefillState:
     Tensors [B, S_cur]: valid (real token), vision (vision token still kept), question, positions, labels
     (or None), key_bias (float32, for soft/train also carrying the drops), live (valid and not dropped).
     Records per layer: key_bias (for decoding), vision counts, inputs and live masks when asked.
+
+    plan: a `vlm.static_plan.StaticPlan` (hard mode only) or None. With a plan every sample keeps the plan's
+    counts, so the packed widths, the masks' presence and the vision counts come from it and the prefill
+    makes no host sync (the decider must keep exactly those counts; `static_plan` checks that it says so).
+    always_mask: give every layer a mask even without padding or drops (eager attention applies no causal
+    mask of its own; SDPA without a mask runs causal).
     """
 
     def __init__(self, mode: str, decider, temperature: float, rotary, valid, vision, question, positions,
-                 labels, record_hidden: bool):
+                 labels, record_hidden: bool, plan=None, always_mask: bool = False):
         self.mode, self.decider, self.temperature, self.rotary = mode, decider, temperature, rotary
         self.valid, self.vision, self.question, self.positions, self.labels = (valid, vision, question,
                                                                                positions, labels)
@@ -72,6 +114,8 @@ class PrefillState:
         self.key_bias = torch.where(valid, 0.0, NEG_INF)
         self.pruning_layers = {int(layer) for layer in decider.layers} if decider is not None else set()
         self.record_hidden = record_hidden
+        self.plan, self.always_mask = plan, always_mask
+        self.static_tokens = plan.llm_tokens if plan is not None else None  # vision tokens per sample now
         self.keep: dict = {}
         self.keep_valid: dict = {}  # layer -> bool [B, n]: the vision tokens the decision was over
         self.vision_counts: List[torch.Tensor] = []
@@ -88,9 +132,11 @@ class PrefillState:
         if layer in self.pruning_layers:
             hidden = self._prune(layer, hidden)
         if self._stale:
-            self._mask = layer_mask(self.key_bias, hidden.shape[1], hidden.dtype)
+            masked = True if self.always_mask else self.plan.masked if self.plan is not None else None
+            self._mask = layer_mask(self.key_bias, hidden.shape[1], hidden.dtype, masked)
             self._embeddings = self.rotary(hidden, self.positions)
-            self._count = self.vision.sum(dim=1).float().mean()
+            self._count = (self.vision.sum(dim=1).float().mean() if self.plan is None
+                           else float(self.static_tokens))
             self._stale = False
         kwargs["attention_mask"] = self._mask
         kwargs["position_embeddings"] = self._embeddings
@@ -103,7 +149,7 @@ class PrefillState:
         return _with_hidden(args, kwargs, hidden)
 
     def _prune(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        index, index_valid = left_pack(self.vision)
+        index, index_valid = left_pack(self.vision, self.static_tokens)
         if index.shape[1] == 0:  # no vision token left in any sample: nothing to decide
             self.keep[layer] = hidden.new_zeros(index.shape)
             self.keep_valid[layer] = index_valid
@@ -118,7 +164,11 @@ class PrefillState:
         kept = token_keep > 0.5
         self._stale = True
         if self.mode == "hard":
-            return self._drop(hidden, kept)
+            width = None
+            if self.plan is not None:  # every sample drops the same number of vision tokens
+                width = hidden.shape[1] - self.static_tokens + self.plan.keep[layer]
+                self.static_tokens = self.plan.keep[layer]
+            return self._drop(hidden, kept, width)
         self.vision = self.vision & kept
         self.live = self.live & kept
         self.cumulative_keep = self.cumulative_keep * token_keep.float()
@@ -129,9 +179,10 @@ class PrefillState:
         self.key_bias = torch.where(self.valid, bias, NEG_INF)
         return hidden
 
-    def _drop(self, hidden: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """Remove the dropped tokens: pack the survivors right, re-pad left; keep original positions."""
-        index, slot_valid = left_pack(kept)
+    def _drop(self, hidden: torch.Tensor, kept: torch.Tensor, width: Optional[int] = None) -> torch.Tensor:
+        """Remove the dropped tokens: pack the survivors right, re-pad left; keep original positions.
+        width: the packed length when known (static plan), else read from `kept` (one host sync)."""
+        index, slot_valid = left_pack(kept, width)
         self.valid = gather_tokens(self.valid, index) & slot_valid
         self.vision = gather_tokens(self.vision, index) & slot_valid
         self.question = gather_tokens(self.question, index) & slot_valid
@@ -143,10 +194,14 @@ class PrefillState:
         return gather_tokens(hidden, index)
 
 
-def layer_mask(key_bias: torch.Tensor, query_length: int, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def layer_mask(key_bias: torch.Tensor, query_length: int, dtype: torch.dtype,
+               masked: Optional[bool] = None) -> Optional[torch.Tensor]:
     """The layer's additive mask (see `attention_bias`), or None when no key is masked or biased (no
-    padding, no drop): SDPA then runs causal without a mask and may pick its flash kernel."""
-    if not bool((key_bias != 0).any()):
+    padding, no drop): SDPA then runs causal without a mask and may pick its flash kernel. masked: whether
+    a key is masked, when the caller knows (no host sync); None reads it from key_bias (one sync)."""
+    if masked is None:
+        masked = bool((key_bias != 0).any())
+    if not masked:
         return None
     return attention_bias(key_bias, query_length, dtype)
 

@@ -66,6 +66,14 @@ class LayerSpecificPruner(nn.Module):
         vision = gather_tokens(hidden, vision_index)
         return self.heads[str(layer)](vision, question_hidden, question_mask, vision_valid)
 
+    def static_keep_count(self, layer: int, num_tokens: int) -> Optional[int]:
+        """Vision tokens per sample kept at `layer` when n = `num_tokens` enter it at eval: max(1, round(keep_ratio
+        · n)) as `decide` computes it (float32 product, half to even; at most n), or None without `keep_ratio`
+        (the logit threshold keeps a data-dependent count). Used by vlm.static_plan (captured prefill)."""
+        if self.keep_ratio is None or layer not in self.layers:
+            return None
+        return min(num_tokens, int((torch.tensor([num_tokens]) * self.keep_ratio).round().clamp(min=1)[0]))
+
     def decide(self, layer: int, hidden: torch.Tensor, vision_index: torch.Tensor, vision_valid: torch.Tensor,
                question_hidden: torch.Tensor, question_mask: torch.Tensor, training: bool,
                temperature: float) -> torch.Tensor:

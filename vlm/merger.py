@@ -63,7 +63,9 @@ class LearnableTokenMerger(nn.Module):
     Args: dim — feature size D (the LLM's hidden size: features after the projector); num_tokens — N
     (576 for CLIP ViT-L/14 at 336 px); merge_ratio / target_merge_tokens — M (see `merge_centres`;
     ValueError when M >= N); question_aware — V2 scorer; d_internal — width of the scorer and of the
-    assignment projections; num_heads — heads of the V2 cross-attention.
+    assignment projections; num_heads — heads of the V2 cross-attention; positions — the RoPE positions the
+    LLM gives the merged prompt (vlm/pruned_forward.py): "recount" (0.. over the shorter prompt, the seed's)
+    or "original" (each centre at its token's position, the text after the image at its own).
     forward(vision [B, N, D], temperature τ > 0, question [B, Q, D] | None, question_mask bool [B, Q] |
     None (True = question token; None = all)) -> MergeOutput. Raises ValueError for a wrong vision
     shape, τ <= 0, or a question-aware merger called without a question.
@@ -71,8 +73,11 @@ class LearnableTokenMerger(nn.Module):
 
     def __init__(self, dim: int, num_tokens: int, merge_ratio: float = 0.5,
                  target_merge_tokens: int | None = None, question_aware: bool = False,
-                 d_internal: int = 512, num_heads: int = 4):
+                 d_internal: int = 512, num_heads: int = 4, positions: str = "recount"):
         super().__init__()
+        if positions not in ("recount", "original"):
+            raise ValueError(f"positions={positions!r}: choose recount or original")
+        self.positions = positions
         self.dim, self.num_tokens, self.question_aware = dim, num_tokens, question_aware
         self.num_centres = merge_centres(num_tokens, merge_ratio, target_merge_tokens)
         self.scorer = (VisionPrunerHead(dim, d_internal, num_heads, keep_bias=0.0) if question_aware

@@ -7,7 +7,12 @@ soft:   binary keep masks as a -inf key bias on the dropped vision tokens from t
 hard:   dropped tokens removed from the sequence at the pruning layer (later layers run fewer tokens);
         original RoPE positions kept; under a KV cache each layer holds a cache of its own length.
 Merging (any mode but origin, when a merger is given) shrinks each sample's image span from N to M
-placeholders before the LLM; positions are then re-counted over the merged prompt.
+placeholders before the LLM; positions are then re-counted over the merged prompt (the merger's
+`positions="recount"`, the seed's behaviour) or each centre keeps its token's original RoPE position and
+the text after the image keeps its own (`positions="original"`).
+static_keep (hard mode): when every sample keeps fixed counts (M centres, a decider with `static_keep_count`),
+        `static_prefill` runs the same computation with every shape taken from a `StaticPlan` and no host
+        sync, so it can be captured in a CUDA graph (vlm/static_plan.py, vlm/graphed_prefill.py).
 Not supported: flash-attention / flex (the layers need 4-D additive masks: sdpa or eager), gradient
 checkpointing of the decoder (recomputation would re-run the pruning hooks), Hugging Face `generate`
 (use `pruned_generate`: greedy), more than one image per sample.
@@ -20,9 +25,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from vlm.hard_drop import gather_tokens, padding_positions
+from vlm.hard_drop import gather_tokens, left_pack, padding_positions
 from vlm.layer_hooks import DecodeState, PrefillState, layer_hooks
 from vlm.llava import image_features, llava_parts, question_mask, vision_positions
+from vlm.static_plan import StaticPlan, static_plan
 
 MODES = ("origin", "train", "soft", "hard")
 ATTENTION = ("sdpa", "eager")  # implementations that take the per-layer 4-D additive mask
@@ -50,13 +56,15 @@ class PrunedOutput:
 
 @dataclass
 class _Prompt:
-    """The LLM input after merging: embeds [B, S, D], valid / vision / question bool [B, S], labels."""
+    """The LLM input after merging: embeds [B, S, D], valid / vision / question bool [B, S], labels, and
+    positions long [B, S] (RoPE position ids; None = re-counted over the valid tokens)."""
     embeds: torch.Tensor
     valid: torch.Tensor
     vision: torch.Tensor
     question: torch.Tensor
     labels: Optional[torch.Tensor]
     merge: object
+    positions: Optional[torch.Tensor] = None
 
 
 def equivalent_token_budget(vision_tokens_per_layer: Sequence[float]) -> float:
@@ -67,10 +75,14 @@ def equivalent_token_budget(vision_tokens_per_layer: Sequence[float]) -> float:
     return float(sum(vision_tokens_per_layer)) / len(vision_tokens_per_layer)
 
 
+def _attention(model) -> str:
+    return getattr(model.config.text_config, "_attn_implementation", None) or "sdpa"
+
+
 def _check(model, mode: str, decider) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {list(MODES)}")
-    attention = getattr(model.config.text_config, "_attn_implementation", None) or "sdpa"
+    attention = _attention(model)
     if mode != "origin" and attention not in ATTENTION:
         raise ValueError(f"attn_implementation={attention!r}: pruning needs one of {list(ATTENTION)} "
                          f"(each layer gets its own 4-D additive mask)")
@@ -91,44 +103,56 @@ def _cache_of(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def _prompt(model, batch: dict, merger, temperature: float, question: Optional[torch.Tensor] = None) -> _Prompt:
+def _prompt(model, batch: dict, merger, temperature: float, question: Optional[torch.Tensor] = None,
+            static: bool = False) -> _Prompt:
     """Embed the batch, merge the N image features into M (each sample's image span shrinks from N to M
     placeholders, dropping the span's last N - M slots; every row loses the same count, so left padding
     stays aligned) and scatter the (merged) image features into the placeholders.
 
-    question: bool [B, S] overriding the derived question mask. Raises ValueError naming `input_ids` when a
-    sample does not hold exactly N image placeholders."""
+    question: bool [B, S] overriding the derived question mask; static: the batch was checked by `static_plan`
+    (no host sync here). Raises ValueError naming `input_ids` when a sample does not hold exactly N image
+    placeholders (checked only when not static)."""
     image_token_id = model.config.image_token_id
     ids, valid, labels = batch["input_ids"], batch["attention_mask"].bool(), batch.get("labels")
     vision = vision_positions(ids, image_token_id)
     features = image_features(model, batch["pixel_values"])
     counts = vision.sum(dim=1)
-    if bool((counts != features.shape[1]).any()):
+    if not static and bool((counts != features.shape[1]).any()):
         raise ValueError(f"input_ids: each sample needs {features.shape[1]} image_token_id ({image_token_id}) "
                          f"placeholders, got {counts.tolist()}")
     question = question_mask(batch, image_token_id) if question is None else question
     embeds = llava_parts(model).language_model.embed_tokens(ids)
-    merge = None
+    merge = positions = None
     if merger is not None:
         merge = merger(features, temperature, question=embeds, question_mask=question)
         surplus = vision & (vision.long().cumsum(dim=1) > merge.num_centres)
-        index = (~surplus).nonzero()[:, 1].view(ids.shape[0], -1)
+        if static:  # every row keeps S - (N - M) slots
+            index = left_pack(~surplus, ids.shape[1] - features.shape[1] + merge.num_centres)[0]
+        else:
+            index = (~surplus).nonzero()[:, 1].view(ids.shape[0], -1)
+        if getattr(merger, "positions", "recount") == "original":  # each token keeps its own RoPE position
+            original = padding_positions(valid)
+            span_start = original.masked_fill(~vision, original.shape[1]).min(dim=1, keepdim=True).values
+            positions = gather_tokens(original, index)
         embeds, valid, vision, question = (gather_tokens(t, index) for t in (embeds, valid, vision, question))
         labels = None if labels is None else gather_tokens(labels, index)
         features = merge.merged
+        if positions is not None:  # centre j sits where its token did: span start + its index in the image
+            positions = positions.masked_scatter(vision, (span_start + merge.centres).to(positions.dtype))
     embeds = embeds.masked_scatter(vision[..., None], features.to(embeds.dtype))
-    return _Prompt(embeds, valid, vision, question, labels, merge)
+    return _Prompt(embeds, valid, vision, question, labels, merge, positions)
 
 
 def _prefill(model, prompt: _Prompt, mode: str, decider, temperature: float, output_hidden_states: bool,
-             use_cache: bool):
-    """Run the decoder under the pruning hooks. Returns (PrunedOutput, PrefillState)."""
+             use_cache: bool, plan: Optional[StaticPlan] = None, last_only: bool = False):
+    """Run the decoder under the pruning hooks (static shapes from `plan` when given; logits of the last
+    position only with `last_only`). Returns (PrunedOutput, PrefillState)."""
     parts = llava_parts(model)
     language_model = parts.language_model
-    positions = padding_positions(prompt.valid)
+    positions = padding_positions(prompt.valid) if prompt.positions is None else prompt.positions
     state = PrefillState(mode if mode != "origin" else "hard", decider, temperature, language_model.rotary_emb,
                          prompt.valid, prompt.vision, prompt.question, positions, prompt.labels,
-                         output_hidden_states)
+                         output_hidden_states, plan, always_mask=_attention(model) == "eager")
     with layer_hooks(language_model, state.hook):
         output = language_model(inputs_embeds=prompt.embeds, attention_mask=None, position_ids=positions,
                                 use_cache=use_cache)
@@ -136,8 +160,9 @@ def _prefill(model, prompt: _Prompt, mode: str, decider, temperature: float, out
     hidden = masks = None
     if output_hidden_states:
         hidden, masks = tuple(state.hidden_inputs) + (final,), list(state.hidden_masks) + [state.live]
-    counts = torch.stack(state.vision_counts).tolist()
-    result = PrunedOutput(logits=parts.lm_head(final), labels=state.labels, hidden_states=hidden,
+    counts = plan.tokens_per_layer() if plan is not None else torch.stack(state.vision_counts).tolist()
+    logits = parts.lm_head(final[:, -1:] if last_only else final)
+    result = PrunedOutput(logits=logits, labels=state.labels, hidden_states=hidden,
                           hidden_masks=masks, merge=prompt.merge, keep=state.keep, keep_valid=state.keep_valid,
                           vision_tokens_per_layer=counts,
                           past_key_values=_cache_of(output) if use_cache else None, token_mask=state.valid)
@@ -160,19 +185,41 @@ def _origin_forward(model, batch: dict, output_hidden_states: bool, use_cache: b
 
 
 def pruned_forward(model, batch: dict, mode: str, decider=None, merger=None, temperature: float = 1.0,
-                   output_hidden_states: bool = False, use_cache: bool = False) -> PrunedOutput:
+                   output_hidden_states: bool = False, use_cache: bool = False,
+                   static_keep: bool = False) -> PrunedOutput:
     """One forward of a LLaVA model in `mode` (see the module docstring) over a collated, left-padded batch.
 
     decider: a keep decider (`layers`, `decide(...)`) or None (no layer pruning); merger: a
     LearnableTokenMerger or None. Both are ignored in `origin`. Gradients are not disabled here.
     Raises ValueError for an unknown mode, a decider layer outside the model's depth (naming
     `pruning_layers`), an attention implementation other than sdpa / eager (naming `attn_implementation`),
-    or a sample without exactly N image placeholders (naming `input_ids`)."""
+    or a sample without exactly N image placeholders (naming `input_ids`).
+    static_keep (hard mode only): check the batch and the decider's fixed counts once (`static_plan`, one host
+    sync; ValueError when the counts are not fixed) and run `static_prefill` with that plan."""
     _check(model, mode, decider)
+    if static_keep:
+        if mode != "hard":
+            raise ValueError(f"static_keep needs mode='hard', got mode={mode!r}")
+        plan = static_plan(model, batch, decider, merger)
+        return static_prefill(model, batch, plan, decider, merger, temperature, output_hidden_states, use_cache)
     if mode == "origin":
         return _origin_forward(model, batch, output_hidden_states, use_cache)
     prompt = _prompt(model, batch, merger, temperature)
     return _prefill(model, prompt, mode, decider, temperature, output_hidden_states, use_cache)[0]
+
+
+def static_prefill(model, batch: dict, plan: StaticPlan, decider=None, merger=None, temperature: float = 1.0,
+                   output_hidden_states: bool = False, use_cache: bool = False,
+                   last_only: bool = False) -> PrunedOutput:
+    """The hard-mode `pruned_forward` with every shape taken from `plan` (from `static_plan` on a batch of the
+    same layout): no host sync, no data-dependent shape, so it can be captured in a CUDA graph or compiled
+    with fullgraph=True. Equals the dynamic hard path when the decider keeps the plan's counts (it must: a
+    decider keeping other counts gives wrong shapes or garbage, unchecked here). last_only: logits of the
+    last position only, [B, 1, V]. With decider = merger = None it is the origin model's prefill through the
+    same hooks (no mask without padding: SDPA causal)."""
+    prompt = _prompt(model, batch, merger, temperature, static=True)
+    return _prefill(model, prompt, "hard", decider, temperature, output_hidden_states, use_cache, plan,
+                    last_only)[0]
 
 
 def _decode_step(model, tokens: torch.Tensor, state: DecodeState, cache) -> torch.Tensor:
