@@ -4,6 +4,10 @@
 # origin / soft / hard evaluation next to random-drop and FastV at the learned T̄. Outputs under $OUT:
 # tiny_llava/ (tiny_llava.json), t75/ t50/ t25/ (checkpoints), eval_t75.json eval_t50.json eval_t25.json.
 #   DATA=data OUT=runs/vlm_cifar bash run_scripts/vlm_cifar.sh          # 6 min 18 s on one H200
+# A CPU smoke run (67 s on 2 cores; IMAGE_SIZE=112 gives 64 vision tokens instead of 576):
+#   OMP_NUM_THREADS=1 DATA=data OUT=/tmp/vlm_small MINUTES=0.5 IMAGE_SIZE=112 HIDDEN=32 VISION_LAYERS=2 BATCH=8 \
+#     WORKERS=0 PRUNE_WORKERS=0 PRUNE_STEPS=5 PRUNE_BATCH=4 PRUNE_IMAGES=500 LIMIT=16 EVAL_BATCH=8 \
+#     TRAIN_IMAGES=500 bash run_scripts/vlm_cifar.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
@@ -11,7 +15,7 @@ DATA=${DATA:-data}; OUT=${OUT:-runs/vlm_cifar}; MINUTES=${MINUTES:-3.8}; IMAGE_S
 HIDDEN=${HIDDEN:-128}; LAYERS=${LAYERS:-12}; VISION_LAYERS=${VISION_LAYERS:-4}; BATCH=${BATCH:-64}
 WORKERS=${WORKERS:-8}; PRUNE_STEPS=${PRUNE_STEPS:-300}; PRUNE_BATCH=${PRUNE_BATCH:-32}
 LIMIT=${LIMIT:-1000}; EVAL_BATCH=${EVAL_BATCH:-100}; TRAIN_IMAGES=${TRAIN_IMAGES:-45000}
-LAYERS_PRUNED=${LAYERS_PRUNED:-[2,5,8]}
+LAYERS_PRUNED=${LAYERS_PRUNED:-[2,5,8]}; PRUNE_WORKERS=${PRUNE_WORKERS:-4}; PRUNE_IMAGES=${PRUNE_IMAGES:-5000}
 
 "$PYTHON" train_tiny_llava.py --data "$DATA" --out "$OUT/tiny_llava" --minutes "$MINUTES" --steps 100000 \
     --batch_size "$BATCH" --lr 2e-3 --warmup 200 --hidden_size "$HIDDEN" --num_layers "$LAYERS" \
@@ -25,10 +29,10 @@ for run in "t75 0.75" "t50 0.75 pruner_keep_ratio=0.78 pruner_sparsity_weight=10
     set -- $run
     name=$1; ratio=$2; shift 2
     "$PYTHON" train_vlm_pruning.py --config configs/vision_token_pruning.yaml \
-        --base_checkpoint "$OUT/tiny_llava/tiny_llava.pt" data="$DATA" train_images=5000 steps="$PRUNE_STEPS" \
+        --base_checkpoint "$OUT/tiny_llava/tiny_llava.pt" data="$DATA" train_images="$PRUNE_IMAGES" steps="$PRUNE_STEPS" \
         batch_size="$PRUNE_BATCH" merge_ratio="$ratio" "pruning_layers=$LAYERS_PRUNED" pruner_d_internal="$HIDDEN" \
         discriminator_d_internal="$HIDDEN" lr_merger=1e-3 lr_pruner=1e-3 save_every="$PRUNE_STEPS" no_wandb=true \
-        progress=false workers=4 save_dir="$OUT/$name" "$@"
+        progress=false workers="$PRUNE_WORKERS" save_dir="$OUT/$name" "$@"
     "$PYTHON" eval_vlm_pruning.py --checkpoint "$(ls "$OUT/$name"/checkpoint_*.pt | tail -1)" --cifar_vqa "$DATA" \
         --modes origin soft hard --baselines random fastv --limit "$LIMIT" --batch_size "$EVAL_BATCH" \
         --max_new_tokens 3 --no_progress --output "$OUT/eval_$name.json"
