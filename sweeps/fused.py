@@ -24,8 +24,8 @@ DEFAULT_FUSE = 8
 
 
 def group_name(members: List[Cell]) -> str:
-    """`fused-<first cell>+<others>`: a group's log and cells file name."""
-    return f"fused-{members[0].name}+{len(members) - 1}"
+    """`fused-<first cell>-and-<k>-more` (k = the group's other cells): its log and cells file name."""
+    return f"fused-{members[0].name}-and-{len(members) - 1}-more"
 
 
 @EXECUTORS.register("fused")

@@ -217,7 +217,7 @@ def test_fused_executor_plans_groups_and_runs_unfusable_cells_alone(tmp_path):
     groups = [[cell.name for cell in group] for group in pool.plan_groups(sweep.cells)]
     assert groups == [["seed-1_struct-rsst"], ["seed-2_struct-rsst", "seed-3_struct-rsst"],
                       ["seed-1_struct-lowrank"], ["seed-2_struct-lowrank"], ["seed-3_struct-lowrank"]]
-    assert group_name(pool.plan_groups(sweep.cells)[1]) == "fused-seed-2_struct-rsst+1"
+    assert group_name(pool.plan_groups(sweep.cells)[1]) == "fused-seed-2_struct-rsst-and-1-more"
     assert not os.path.exists(tmp_path / "g")
 
 
@@ -234,15 +234,15 @@ def test_sweep_fused_executor_runs_compatible_cells_together(tmp_path):
     first = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
     assert first.returncode == 0, first.stdout + first.stderr
     starts = [line for line in first.stdout.splitlines() if line.startswith("start ")]
-    assert [line.split(" (")[0] for line in starts] == ["start fused-seed-1_batch_size-32+1",
-                                                        "start fused-seed-1_batch_size-64+1"]
+    assert [line.split(" (")[0] for line in starts] == ["start fused-seed-1_batch_size-32-and-1-more",
+                                                        "start fused-seed-1_batch_size-64-and-1-more"]
     assert "seed-1_batch_size-32, seed-2_batch_size-32" in starts[0]
     for name in ("seed-1_batch_size-32", "seed-2_batch_size-32", "seed-1_batch_size-64", "seed-2_batch_size-64"):
         assert (tmp_path / "f" / name / "0checkpoint.pth.tar").is_file()
         assert "fused group fused-seed-1_batch_size-" in (tmp_path / "f" / "logs" / f"{name}.log").read_text()
     rows = [line.split() for line in first.stdout.splitlines() if line.startswith("seed-")]
     assert [r[1:4] for r in rows] == [["new", "0", "1/1"]] * 4
-    log = (tmp_path / "f" / "logs" / "fused-seed-1_batch_size-32+1.log").read_text()
+    log = (tmp_path / "f" / "logs" / "fused-seed-1_batch_size-32-and-1-more.log").read_text()
     assert "[seed-2_batch_size-32] round 0 epoch 1/1" in log
     again = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
     assert again.returncode == 0 and "start " not in again.stdout and "4 finished" in again.stdout
