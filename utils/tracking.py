@@ -1,7 +1,7 @@
 """Where a run reports: console, a human log.txt, metrics.jsonl and wandb.
 
-wandb is optional: `--no_wandb` or a missing package disables it with one
-warning; it runs offline unless `--wandb_mode` says otherwise, and secrets come
+wandb is optional: a missing package disables it with one warning, `--no_wandb` (or the
+disabled mode) silently; it runs offline unless `--wandb_mode` says otherwise, and secrets come
 from the environment only (WANDB_API_KEY), never from code.
 
 metrics.jsonl is the record of truth; wandb mirrors it exactly once, in one run:
