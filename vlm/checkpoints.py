@@ -15,7 +15,8 @@ import torch
 from utils import checkpoint
 from utils.errors import CheckpointError, UsageError
 from vlm.config import VLMPruningConfig, config_from_dict
-from vlm.pretrain import load_tiny_llava, model_fingerprint, num_image_tokens
+from vlm.llava import num_image_tokens
+from vlm.pretrain import load_tiny_llava, model_fingerprint
 
 FORMAT = "vlm-pruning/1"
 MODULES = ("merger", "pruner", "discriminator")

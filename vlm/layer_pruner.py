@@ -72,7 +72,12 @@ class LayerSpecificPruner(nn.Module):
         (the logit threshold keeps a data-dependent count). Used by vlm.static_plan (captured prefill)."""
         if self.keep_ratio is None or layer not in self.layers:
             return None
-        return min(num_tokens, int((torch.tensor([num_tokens]) * self.keep_ratio).round().clamp(min=1)[0]))
+        return min(num_tokens, int(self.keep_counts(torch.tensor([num_tokens]))[0]))
+
+    def keep_counts(self, num_tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens kept per sample at eval with `keep_ratio`: max(1, round(keep_ratio · n)) for n = num_tokens
+        (long tensor of any shape; float32 product, half to even)."""
+        return (num_tokens * self.keep_ratio).round().clamp(min=1).long()
 
     def decide(self, layer: int, hidden: torch.Tensor, vision_index: torch.Tensor, vision_valid: torch.Tensor,
                question_hidden: torch.Tensor, question_mask: torch.Tensor, training: bool,
@@ -84,6 +89,6 @@ class LayerSpecificPruner(nn.Module):
         round(keep_ratio · n) logits per sample when `keep_ratio` is set."""
         logits = self.keep_logits(layer, hidden, vision_index, vision_valid, question_hidden, question_mask)
         if not training and self.keep_ratio is not None:
-            counts = (vision_valid.sum(dim=1, keepdim=True) * self.keep_ratio).round().clamp(min=1).long()
+            counts = self.keep_counts(vision_valid.sum(dim=1, keepdim=True))
             return top_k_keep(logits, vision_valid, counts).to(logits.dtype)
         return keep_mask(logits, temperature, training) * vision_valid.to(logits.dtype)

@@ -57,6 +57,14 @@ def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int, n
                        projector_hidden_act="gelu", pad_token_id=pad_token_id)
 
 
+def num_image_tokens(config) -> int:
+    """Image-token ids per sample of a LlavaConfig: patches of the tower (plus CLS under the "full" select
+    strategy)."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
 def build_llava(config: LlavaConfig, dtype: torch.dtype = torch.float32,
                 attn_implementation: str = "sdpa") -> LlavaForConditionalGeneration:
     """A `LlavaForConditionalGeneration` with random weights from `config`, in `dtype`, eval mode."""

@@ -19,17 +19,10 @@ from utils.errors import CheckpointError, UsageError, run_cli
 from utils.tracking import progress
 from vlm.data import (VQACollator, batch_to, cifar10_vqa_splits, cifar10_vqa_tokenizer,
                       exact_match, vqa_accuracy, vqa_loader)
-from vlm.llava import build_llava, tiny_llava_config
+from vlm.llava import build_llava, num_image_tokens, tiny_llava_config
 from vlm.tokenizer import WordTokenizer
 
 FORMAT = "vlm-tiny-llava/1"
-
-
-def num_image_tokens(config) -> int:
-    """Image-token ids per sample: patches of the tower (plus CLS under the "full" select strategy)."""
-    vision = config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return patches + (1 if config.vision_feature_select_strategy == "full" else 0)
 
 
 def model_fingerprint(model) -> dict:

@@ -126,10 +126,7 @@ def _prompt(model, batch: dict, merger, temperature: float, question: Optional[t
     if merger is not None:
         merge = merger(features, temperature, question=embeds, question_mask=question)
         surplus = vision & (vision.long().cumsum(dim=1) > merge.num_centres)
-        if static:  # every row keeps S - (N - M) slots
-            index = left_pack(~surplus, ids.shape[1] - features.shape[1] + merge.num_centres)[0]
-        else:
-            index = (~surplus).nonzero()[:, 1].view(ids.shape[0], -1)
+        index = left_pack(~surplus, ids.shape[1] - features.shape[1] + merge.num_centres)[0]  # S - (N - M) each
         if getattr(merger, "positions", "recount") == "original":  # each token keeps its own RoPE position
             original = padding_positions(valid)
             span_start = original.masked_fill(~vision, original.shape[1]).min(dim=1, keepdim=True).values

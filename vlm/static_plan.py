@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import torch
 
-from vlm.llava import llava_parts, vision_positions
+from vlm.llava import llava_parts, num_image_tokens, vision_positions
 
 
 @dataclass(frozen=True)
@@ -45,20 +45,13 @@ class StaticPlan:
         return counts
 
 
-def image_token_count(model) -> int:
-    """N: the projected image features per image ((image_size / patch_size)², + 1 with the "full" strategy)."""
-    config = model.config
-    vision = config.vision_config
-    return (vision.image_size // vision.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
-
-
 def static_plan(model, batch: dict, decider=None, merger=None) -> StaticPlan:
     """The StaticPlan of a hard prefill of `batch` with `merger` and `decider`; one host sync (the batch check).
 
     Raises ValueError naming `input_ids` when a sample does not hold exactly N image placeholders, naming the
     decider when it has no fixed count at a layer (no `static_keep_count`, or it returns None: for
     `LayerSpecificPruner` set `pruner_keep_ratio`), or when a count is outside 0..tokens entering."""
-    image_tokens = image_token_count(model)
+    image_tokens = num_image_tokens(model.config)
     counts = vision_positions(batch["input_ids"], model.config.image_token_id).sum(dim=1)
     low, high, padded = torch.stack([counts.min(), counts.max(),
                                      (~batch["attention_mask"].bool()).any().long()]).tolist()
