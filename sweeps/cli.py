@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from sweeps import cells as cellstates, grid as grids, plan, record, summary
 from sweeps import fused, local, slurm  # noqa: F401  (register the executors)
 from sweeps.executors import EXECUTORS
-from utils.errors import UsageError, os_error_line, run_cli
+from utils.errors import UsageError, os_error_line, run_cli_code
 
 LAUNCHED = (cellstates.NEW, cellstates.INTERRUPTED)
 
@@ -107,11 +107,5 @@ def sweep_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    outcome = {}
-
-    def work() -> None:
-        outcome["code"] = sweep_main(sys.argv[1:] if argv is None else argv)
-
-    code = run_cli(work, expected=[(OSError, os_error_line()),
-                                   (KeyboardInterrupt, lambda exc: ("interrupted", 130))])
-    return outcome.get("code", code) if code == 0 else code
+    return run_cli_code(lambda: sweep_main(sys.argv[1:] if argv is None else argv),
+                        expected=[(OSError, os_error_line()), (KeyboardInterrupt, lambda exc: ("interrupted", 130))])

@@ -63,3 +63,15 @@ def run_cli(work: Callable[[], Any], report: Optional[Callable[[Any], None]] = N
     if report is not None:
         report(result)
     return 0
+
+
+def run_cli_code(work: Callable[[], int], expected: Sequence[Tuple[Type[BaseException], Outcome]] = ()) -> int:
+    """`run_cli` for a `work` that returns its own exit code (a sweep, a fused group): that code when `work`
+    ends normally, else the code `run_cli` gives its exception."""
+    outcome = {}
+
+    def coded() -> None:
+        outcome["code"] = work()
+
+    code = run_cli(coded, expected=expected)
+    return outcome.get("code", code) if code == 0 else code

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 from sweeps import cells as cellstates, grid as grids, plan
 from utils import paths
 from utils.config import RunConfig
-from utils.errors import UsageError, os_error_line, run_cli
+from utils.errors import UsageError, os_error_line, run_cli_code
 
 FLAG = "--fused_grid"
 NOT_CELL_VALUES = ("save_dir", "resume")  # the grid's parent folder; applies to every cell
@@ -183,10 +183,5 @@ def run_grid(grid: FusedGrid) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The runner's entry when `--fused_grid` is given: 0 every cell done, 2 bad input (nothing written), else
     the highest cell code."""
-    outcome = {}
-
-    def work() -> None:
-        outcome["code"] = run_grid(plan_cells(sys.argv[1:] if argv is None else argv))
-
-    code = run_cli(work, expected=[(OSError, os_error_line())])
-    return outcome.get("code", code) if code == 0 else code
+    return run_cli_code(lambda: run_grid(plan_cells(sys.argv[1:] if argv is None else argv)),
+                        expected=[(OSError, os_error_line())])

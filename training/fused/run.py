@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 from utils import paths
 from utils.checkpoint import atomic_write_text
 from utils.cli import OneLineParser
-from utils.errors import UsageError, os_error_line, run_cli
+from utils.errors import UsageError, os_error_line, run_cli_code
 
 
 def read_cells(path: str) -> List[List[str]]:
@@ -65,9 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      description="Train several main_imp_fillback.py runs as one fused model.")
     parser.add_argument("--cells", required=True, help="JSON file: {\"cells\": [[runner flags], ...]}")
     parser.add_argument("--results", default=None, help="JSON file to write {run dir: exit code} to")
-    outcome = {}
-
-    def work() -> None:
+    def work() -> int:
         from training.fused.runner import LockstepDriver
         options = parser.parse_args(argv)
         cells = read_cells(options.cells)
@@ -78,10 +76,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"cell {directory}: exit code {code}", flush=True)
         if options.results:
             atomic_write_text(options.results, json.dumps(dict(zip(directories, codes)), indent=1) + "\n")
-        outcome["code"] = exit_code(codes, driver.stop.signum)
+        return exit_code(codes, driver.stop.signum)
 
-    code = run_cli(work, expected=[(OSError, os_error_line())])
-    return outcome.get("code", code) if code == 0 else code
+    return run_cli_code(work, expected=[(OSError, os_error_line())])
 
 
 if __name__ == "__main__":
