@@ -10,11 +10,10 @@ A group's output goes to logs/<group>.log; each member's own log gets a line nam
 """
 import json
 import os
-import subprocess
 import sys
 from typing import Dict, List, Optional
 
-from sweeps.executors import EXECUTORS, REPO, child_env, open_log
+from sweeps.executors import EXECUTORS, REPO, open_log
 from sweeps.local import LocalPool
 from sweeps.plan import Cell, Sweep
 from utils.checkpoint import atomic_write_text
@@ -102,14 +101,8 @@ class FusedPool(LocalPool):
         members: Optional[List[Cell]] = self.groups.get(cell.name)
         if members is None:
             return super().start(sweep, cell, slot, state)
-        extra = self.slot_env(slot)
-        where = f" on GPU {extra['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in extra else ""
         for member in members:
             open_log(sweep, member, f"fused group {cell.name}: log {sweep.log_file(cell)}").close()
-        log = open_log(sweep, cell, f"fused, {state}{where}, {len(members)} cells")
-        extra["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-        process = subprocess.Popen(cell.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   env=child_env(extra), start_new_session=True)
-        print(f"start {cell.name} ({state}{where}): {', '.join(m.name for m in members)}; "
-              f"log {sweep.log_file(cell)}", flush=True)
-        return process, log
+        path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+        return self.spawn(sweep, cell, slot, cell.command, "fused", state, details=f", {len(members)} cells",
+                          listing=f"{', '.join(m.name for m in members)}; ", env={"PYTHONPATH": path})

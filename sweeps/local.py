@@ -78,12 +78,19 @@ class LocalPool:
         return {}
 
     def start(self, sweep: Sweep, cell: Cell, slot: int, state: str):
-        extra = self.slot_env(slot)
+        return self.spawn(sweep, cell, slot, runner_argv(cell), "local", state)
+
+    def spawn(self, sweep: Sweep, cell: Cell, slot: int, argv: List[str], kind: str, state: str,
+              details: str = "", listing: str = "", env: Optional[Dict[str, str]] = None):
+        """Start `argv` for `cell` in its own session on `slot`'s GPU, output to the cell's log (headed
+        `<kind>, <state><where><details>`); prints `start <cell> (<state><where>): <listing>log <file>`.
+        Returns (process, log file)."""
+        extra = {**self.slot_env(slot), **(env or {})}
         where = f" on GPU {extra['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in extra else ""
-        log = open_log(sweep, cell, f"local, {state}{where}")
-        process = subprocess.Popen(runner_argv(cell), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        log = open_log(sweep, cell, f"{kind}, {state}{where}{details}")
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=child_env(extra), start_new_session=True)
-        print(f"start {cell.name} ({state}{where}): log {sweep.log_file(cell)}", flush=True)
+        print(f"start {cell.name} ({state}{where}): {listing}log {sweep.log_file(cell)}", flush=True)
         return process, log
 
     def launch(self, sweep: Sweep, todo: List[Cell], states: Dict[str, str]) -> Dict[str, Optional[int]]:
