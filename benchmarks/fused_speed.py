@@ -24,12 +24,13 @@ import torch
 
 from benchmarks import concurrent
 from benchmarks.fused_sweep import sweep_estimates
-from benchmarks.train_steps import MOMENTUM, WEIGHT_DECAY, amp_for, plain_step, random_masks
+from benchmarks.train_steps import MOMENTUM, WEIGHT_DECAY, plain_step, random_masks
 from data import DATASETS
 from models import create_model, dense_modules, is_known_arch
 from pruners.base import RoundPlan
 from pruners.masks import prunable_weights
 from training.fused import FusedTrainStep, fuse_models
+from training.step import resolve_amp
 from utils.checkpoint import atomic_write_text
 from utils.errors import UsageError, run_cli
 
@@ -77,7 +78,7 @@ def fused_step(arch: str, cells: int, device: torch.device, compiled: bool, chan
     nhwc = channels_last and fused.route == "grouped" and device.type == "cuda"
     if nhwc:
         fused.to(memory_format=torch.channels_last)
-    step = FusedTrainStep(fused, list(plans[0].train_masks), device, amp_for(device), MOMENTUM,
+    step = FusedTrainStep(fused, list(plans[0].train_masks), device, resolve_amp("auto", device), MOMENTUM,
                           [WEIGHT_DECAY] * cells, regularized=False, use_graph=True, compile_model=compiled)
     step.start_round(plans)
     return step, nhwc

@@ -12,7 +12,8 @@ import torch
 from models import create_model, dense_modules
 from pruners.base import RoundPlan
 from pruners.masks import prunable_weights
-from training.step import TrainStep
+from training.rounds import wants_channels_last
+from training.step import TrainStep, resolve_amp
 
 MASKED_SHARE = 0.8  # fraction of the prunable weights a masked benchmark step masks out
 MOMENTUM, WEIGHT_DECAY = 0.9, 1e-4
@@ -25,21 +26,10 @@ class PlainStep(NamedTuple):
     channels_last: bool  # the step feeds the model channels_last images (convnets on CUDA)
 
 
-def is_convnet(model: torch.nn.Module) -> bool:
-    """True when convolution weights hold more than half the parameters (res20s yes, vit_tiny no)."""
-    conv = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    return conv * 2 > sum(p.numel() for p in model.parameters())
-
-
 def random_masks(weights: dict, generator: torch.Generator = None) -> dict:
     """0/1 float masks shaped as `weights` (name -> tensor), each entry kept with probability 1 - MASKED_SHARE."""
     return {name: (torch.rand(w.shape, generator=generator, device=w.device) >= MASKED_SHARE).float()
             for name, w in weights.items()}
-
-
-def amp_for(device: torch.device) -> str:
-    """The step's autocast mode on `device`: bf16 on CUDA (training/step.py's `auto`), fp32 elsewhere."""
-    return "bf16" if device.type == "cuda" else "none"
 
 
 def plain_step(arch: str, device: torch.device, masked: bool, compiled: bool) -> PlainStep:
@@ -51,10 +41,10 @@ def plain_step(arch: str, device: torch.device, masked: bool, compiled: bool) ->
     """
     model = create_model(arch, 10).to(device)
     weights = prunable_weights(model, exclude=dense_modules(model))
-    nhwc = is_convnet(model) and device.type == "cuda"
+    nhwc = wants_channels_last("auto", model, device)  # the runner's rule: convnets on CUDA
     if nhwc:
         model.to(memory_format=torch.channels_last)
-    amp = amp_for(device)
+    amp = resolve_amp("auto", device)
     step = TrainStep(model, weights if masked else {}, device, amp, MOMENTUM, WEIGHT_DECAY, regularized=False,
                      use_graph=True, channels_last=nhwc, compile_model=compiled)
     masks = random_masks(weights) if masked else {}
