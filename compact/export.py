@@ -18,11 +18,12 @@ import torch
 
 from compact import files
 from compact.families import compact_copy, family_of
-from compact.measure import DTYPES, count_flops, format_table, parameter_count, time_variant, timed_model
+from compact.measure import DTYPES, format_table, parameter_count, time_variant, timed_model
 from compact.source import load_source, max_logit_difference, verification_images
 from pruners.masks import remaining_fraction
 from utils import checkpoint, paths
 from utils.errors import UsageError
+from utils.flops import flops_per_image
 
 TOLERANCE = 1e-4
 NO_SPEEDUP = ("element-wise masks: no speedup expected from element-wise sparsity (the tensors keep their dense "
@@ -66,7 +67,7 @@ def check_options(options: Options) -> torch.device:
 
 
 def _variant(model, input_shape, options: Options, device, nonzero: Optional[int] = None) -> dict:
-    out = {"params": parameter_count(model), "flops_per_image": count_flops(model, input_shape)}
+    out = {"params": parameter_count(model), "flops_per_image": flops_per_image(model, input_shape)}
     if nonzero is not None:
         out["nonzero_params"] = nonzero
     runner = timed_model(model, device, DTYPES[options.dtype], options.compile)

@@ -15,10 +15,10 @@ import torch.nn as nn
 import torchvision
 
 from compact import resnet, vit
-from compact.measure import count_flops
 from models.resnet_cifar import CifarResNet
 from pruners.masks import Masks
 from utils.errors import UsageError
+from utils.flops import flops_per_image
 
 
 @dataclass(frozen=True)
@@ -113,5 +113,5 @@ def structured_cost(model: nn.Module, masks: Masks, input_shape: Tuple[int, ...]
     family = family_of(masked)
     if family is not None:
         masked, _ = compact_copy(masked, family, tuple(input_shape), in_place=True)
-    return {"flops_per_image": count_flops(masked, tuple(input_shape)),
+    return {"flops_per_image": flops_per_image(masked, tuple(input_shape)),
             "parameters": sum(p.numel() for p in masked.parameters())}

@@ -1,8 +1,8 @@
-"""What a model costs: parameters, FLOPs per image, latency at batch 1 and throughput at a large batch.
+"""What a model costs: parameters, latency at batch 1 and throughput at a large batch.
 
-FLOPs come from utils.flops.flops_per_image (torch.utils.flop_counter, a multiply-add is 2 FLOPs, run
-with timm's `fused_attn` off so the attention matmuls count on the CPU as on CUDA), the same counter as
-the --struct lowrank / merge round records.
+FLOPs per image are utils.flops.flops_per_image's (torch.utils.flop_counter, a multiply-add is 2 FLOPs, run
+with timm's `fused_attn` off so the attention matmuls count on the CPU as on CUDA), the one counter the
+export and every round record use.
 Timing: utils.timing.time_ms (CUDA events on a GPU, perf_counter on the CPU), warm-up excluded;
 we report the median and the 25th / 75th percentiles of the runs.
 """
@@ -13,13 +13,9 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from utils.flops import flops_per_image
 from utils.timing import time_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-count_flops = flops_per_image  # compact's name for the runner's one FLOP counter (callers and tests use it)
 
 
 def parameter_count(model: nn.Module) -> int:

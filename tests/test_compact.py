@@ -10,7 +10,8 @@ import torch
 
 from compact import load_compact, structured_cost
 from compact.families import FAMILIES, apply_masks_copy, compact_copy
-from compact.measure import count_flops, parameter_count
+from compact.measure import parameter_count
+from utils.flops import flops_per_image
 from compact.source import load_source, max_logit_difference, verification_images
 from conftest import run_main
 from export_compact import main as export_main
@@ -206,7 +207,7 @@ def test_structured_cost_counts_removed_heads_and_neurons():
         masks[f"blocks.{block}.attn.proj.weight"][:, 128:] = 0
         masks[f"blocks.{block}.mlp.fc1.weight"][:128] = 0
         masks[f"blocks.{block}.mlp.fc2.weight"][:, :128] = 0
-    dense = count_flops(model, (3, 32, 32))
+    dense = flops_per_image(model, (3, 32, 32))
     tokens, dim = 65, 192
     per_head = 2 * tokens * dim * 64 * 4 + 2 * tokens * tokens * 64 * 2  # qkv + proj, q @ k^T + attn @ v
     per_block = per_head + 128 * 2 * tokens * dim * 2
