@@ -114,6 +114,30 @@ def test_refusals_name_the_problem():
         FusedTrainStep(fused, ["nope.weight"], CPU, "none", 0.9, [0, 0], regularized=False, use_graph=False)
 
 
+def held_tensors(step):
+    """Every tensor a step object keeps (its attributes, and lists / dicts of them)."""
+    for value in vars(step).values():
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        yield from (v for v in values if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("arch", ["res20s", "test_vit"])
+def test_steps_keep_no_autograd_history(arch):
+    """A kept tensor with a grad_fn (e.g. a view of a parameter made with grad enabled) holds the
+    parameter's AccumulateGrad node, bound to the stream it was made on: CUDA graph capture of the
+    backward then fails on the GPU. Neither the fused step nor the plain one may keep one."""
+    models = make_models(arch, [1, 2])
+    names = list(prunable_weights(models[0], exclude=dense_modules(models[0])))
+    fused = FusedTrainStep(fuse_models(models), names, CPU, "none", 0.9, [1e-4, 5e-4], regularized=True,
+                           use_graph=False)
+    masks = {n: torch.ones_like(w) for n, w in prunable_weights(models[0], exclude=dense_modules(models[0])).items()}
+    plain = TrainStep(models[0], masks, CPU, "none", 0.9, 1e-4, regularized=True, use_graph=False)
+    for step in (fused, plain):
+        kept = list(held_tensors(step))
+        assert len(kept) > 10
+        assert [t.shape for t in kept if t.grad_fn is not None] == []
+
+
 # cell i: seed, init seed, learning rate (times a per-step ramp), RSST lambda, weight decay, mask density
 CELLS = [dict(seed=11, lr=0.05, reg=0.3, wd=5e-4, density=0.5), dict(seed=22, lr=0.02, reg=1.0, wd=1e-3, density=0.3)]
 BATCH, STEPS = 32, 8

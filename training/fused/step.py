@@ -53,11 +53,15 @@ class FusedTrainStep(TrainStep):
         self.correct = torch.zeros(cells, device=device, dtype=torch.long)
         self.first_bad = torch.full((cells,), -1, device=device, dtype=torch.long)
         self.step_index = torch.zeros((), device=device, dtype=torch.long)
-        # [N, numel/N] views: per-cell scalars broadcast over each cell's row
-        self._rows = [p.view(cells, -1) for p in self.params]
-        self._buffer_rows = [b.view(cells, -1) for b in self.buffers]
-        self._masked_rows = [p.view(cells, -1) for p in self.masked_params]
-        self._penalty_rows = [m.view(cells, -1) for m in self.penalty_masks]
+        # [N, numel/N] views: per-cell scalars broadcast over each cell's row. Made without autograd
+        # history: a parameter view with a grad_fn would keep the parameter's AccumulateGrad node alive,
+        # tied to the stream it was made on (the default one), and CUDA graph capture of the backward
+        # then fails ("operation would make the legacy stream depend on a capturing blocking stream").
+        with torch.no_grad():
+            self._rows = [p.view(cells, -1) for p in self.params]
+            self._buffer_rows = [b.view(cells, -1) for b in self.buffers]
+            self._masked_rows = [p.view(cells, -1) for p in self.masked_params]
+            self._penalty_rows = [m.view(cells, -1) for m in self.penalty_masks]
 
     def _per_cell(self, values: Sequence[float], what: str) -> torch.Tensor:
         values = list(values)
