@@ -12,6 +12,7 @@ import torch
 
 from conftest import ROOT, assert_refused, read_jsonl
 from training.fused import grid_flag
+from training.fused.runner import LockstepDriver
 from utils import checkpoint, paths
 from utils.cli import main, parse_config
 from utils.errors import UsageError
@@ -90,9 +91,14 @@ def test_without_save_dir_the_default_run_dir_is_the_parent(tmp_path, monkeypatc
     assert os.listdir(tmp_path) == []
 
 
-def test_worst_code():
-    assert grid_flag.worst_code([0, 0]) == 0 and grid_flag.worst_code([0, 3, 2]) == 3
-    assert grid_flag.worst_code([143, 3]) == 143 and grid_flag.worst_code([]) == 0
+def test_group_exit_code():
+    """One policy for both entries (the fused group process and --fused_grid): 0 all done, 128 + signal when a
+    stop signal ended the group, else the highest cell code."""
+    driver = LockstepDriver([[], []])
+    assert driver.exit_code([0, 0]) == 0 and driver.exit_code([0, 3]) == 3 and driver.exit_code([2, 3, 1]) == 3
+    assert driver.exit_code([]) == 0
+    driver.stop.signum = 15
+    assert driver.exit_code([0, 0]) == 0 and driver.exit_code([143, 3]) == 143 and driver.exit_code([0, 1]) == 143
 
 
 @pytest.mark.parametrize("extra, message", [

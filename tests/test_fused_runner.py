@@ -203,7 +203,15 @@ def test_fused_entry_refuses_bad_cells_in_one_line(tmp_path, capsys):
     assert main(["--cells", str(bad)]) == 2
     assert capsys.readouterr().err.startswith("error: cell 1: the same run dir as cell 0")
     assert main(["--cells", str(tmp_path / "missing.json")]) == 2
-    assert capsys.readouterr().err.startswith(f"error: --cells {tmp_path / 'missing.json'}: not a readable")
+    assert capsys.readouterr().err.startswith(f"error: --cells {tmp_path / 'missing.json'}: no such file (expected a "
+                                              'fused cells file ({"cells": [[flags...], ...]})')
+    bad.write_text('{"cells": [["--seed", "1"]')
+    assert main(["--cells", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --cells {bad}: unreadable fused cells file (") and "(JSONDecodeError: " in err
+    bad.write_text('[["--seed", "1"]]')
+    assert main(["--cells", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --cells {bad}: not a fused cells file")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

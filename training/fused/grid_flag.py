@@ -156,12 +156,6 @@ def plan_cells(argv: Sequence[str]) -> FusedGrid:
     return FusedGrid(parent, cells, bool(resumes))
 
 
-def worst_code(codes: Sequence[int]) -> int:
-    """0 when every cell succeeded, else the highest exit code (128 + signal > 3 non-finite loss > 2 bad input
-    > 1 error)."""
-    return max(codes, default=0)
-
-
 def run_grid(grid: FusedGrid) -> int:
     """Train the cells (but those finished, with --resume) in one LockstepDriver; a summary line per cell;
     returns the exit code."""
@@ -169,7 +163,8 @@ def run_grid(grid: FusedGrid) -> int:
     todo = [cell for cell in grid.cells if not (grid.resume and cell.state.state == cellstates.FINISHED)]
     print(f"{FLAG}: {len(grid.cells)} cells under {grid.parent}, {len(todo)} to train fused in this process",
           flush=True)
-    codes = LockstepDriver([c.argv for c in todo], [c.name for c in todo]).run() if todo else []
+    driver = LockstepDriver([c.argv for c in todo], [c.name for c in todo])
+    codes = driver.run() if todo else []
     by_name = dict(zip((c.name for c in todo), codes))
     for cell in grid.cells:
         if cell.name in by_name:
@@ -177,7 +172,7 @@ def run_grid(grid: FusedGrid) -> int:
         else:
             print(f"cell {cell.name}: finished earlier ({len(cell.state.rounds)} rounds), skipped; "
                   f"run dir {cell.run_dir}", flush=True)
-    return worst_code(codes)
+    return driver.exit_code(codes)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

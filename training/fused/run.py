@@ -6,7 +6,7 @@ one, a run fused training cannot take (training/fused/cells.py `unfusable`) or t
 are refused with one line naming the cell (exit 2, nothing written). Then the runs train together
 (training/fused/runner.py). One line per cell at the end: `cell <run dir>: exit code N`; RESULTS.json
 (written atomically) maps each run dir to its exit code. Exit code: 0 when every cell finished, 128 +
-signal when a signal stopped them, else the first cell's non-zero code.
+signal when a signal stopped them, else the highest cell code (LockstepDriver.exit_code).
 """
 import json
 import os
@@ -17,15 +17,15 @@ from utils import paths
 from utils.checkpoint import atomic_write_text
 from utils.cli import OneLineParser
 from utils.errors import UsageError, os_error_line, run_cli_code
+from utils.jsonfile import read_json
 
 
 def read_cells(path: str) -> List[List[str]]:
     """The flag lists of CELLS.json; UsageError naming --cells for a missing or malformed file."""
     try:
-        with open(path) as f:
-            cells = json.load(f)["cells"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"--cells {path}: not a readable {{\"cells\": [[flags...], ...]}} file ({exc})") from None
+        cells = read_json(path, 'fused cells file ({"cells": [[flags...], ...]})', UsageError).get("cells")
+    except UsageError as exc:
+        raise UsageError(f"--cells {exc}") from None
     if not isinstance(cells, list) or not cells or not all(
             isinstance(c, list) and all(isinstance(a, str) for a in c) for c in cells):
         raise UsageError(f"--cells {path}: \"cells\" must be a non-empty list of flag lists (strings)")
@@ -52,14 +52,6 @@ def check_cells(cells: Sequence[Sequence[str]]) -> List[str]:
     return directories
 
 
-def exit_code(codes: Sequence[int], signum: Optional[int]) -> int:
-    if all(code == 0 for code in codes):
-        return 0
-    if signum is not None:
-        return 128 + signum
-    return next(code for code in codes if code != 0)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = OneLineParser(prog="python -m training.fused.run",
                                      description="Train several main_imp_fillback.py runs as one fused model.")
@@ -76,7 +68,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"cell {directory}: exit code {code}", flush=True)
         if options.results:
             atomic_write_text(options.results, json.dumps(dict(zip(directories, codes)), indent=1) + "\n")
-        return exit_code(codes, driver.stop.signum)
+        return driver.exit_code(codes)
 
     return run_cli_code(work, expected=[(OSError, os_error_line())])
 

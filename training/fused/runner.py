@@ -172,6 +172,15 @@ class LockstepDriver:
             thread.join()
         return [1 if code is None else code for code in self.codes]
 
+    def exit_code(self, codes: Sequence[int]) -> int:
+        """The group's exit code from `run()`'s codes: 0 when every cell succeeded; 128 + signal when a stop
+        signal ended it; else the highest cell code (3 non-finite loss > 2 bad input > 1 error)."""
+        if all(code == 0 for code in codes):
+            return 0
+        if self.stop.signum is not None:
+            return 128 + self.stop.signum
+        return max(codes)
+
     def _next_group(self) -> List[EpochRequest]:
         """The waiting requests of the earliest position that share the lowest waiting cell's fusion key."""
         ordered = sorted(self.requests.values(), key=lambda r: (r.position, r.cell))
