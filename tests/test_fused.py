@@ -138,6 +138,48 @@ def test_steps_keep_no_autograd_history(arch):
         assert [t.shape for t in kept if t.grad_fn is not None] == []
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fused_update_rule_per_cell_in_either_layout(layout):
+    """One step of a grouped model, contiguous or channels_last (as the GPU benchmark runs it), against the
+    update rule written out per cell from the same model's own gradients: d = g*mask + lambda_i*w*penalty +
+    wd_i*w, momentum = d, w' = (w - lr_i*d)*mask. The per-cell row views follow each parameter's memory
+    order; misaligned rows would put one element's lr, lambda or decay on another."""
+    import copy
+    generator = torch.Generator().manual_seed(3)
+    models = make_models("res20s", [1, 2])
+    names = list(prunable_weights(models[0], exclude=dense_modules(models[0])))
+    plans = []
+    for model in models:
+        masks = {n: (torch.rand(w.shape, generator=generator) > 0.5).float()
+                 for n, w in prunable_weights(model, exclude=dense_modules(model)).items()}
+        penalty = {n: m * (torch.rand(m.shape, generator=generator) > 0.5).float() for n, m in masks.items()}
+        plans.append(RoundPlan(train_masks=masks, final_masks=masks, penalty_masks=penalty))
+    images = torch.randn(2, 8, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 10, (2, 8), generator=generator)
+    lr, reg, wd = [0.05, 0.02], [0.5, 0.1], [1e-4, 5e-4]
+    fused = fuse_models(models).to(memory_format=layout)
+    reference = copy.deepcopy(fused)  # same layout, same kernels: its gradients are the step's
+    loss = torch.nn.functional.cross_entropy(reference(images).reshape(16, -1), labels.reshape(-1), reduction="none")
+    loss.view(2, 8).mean(1).sum().backward()
+    before = fused.unfuse()
+    step = FusedTrainStep(fused, names, CPU, "none", 0.9, wd, regularized=True, use_graph=False)
+    step.start_round(plans)
+    step(images, labels, lr=lr, reg_lambda=reg)
+    assert step.params[0].is_contiguous(memory_format=layout)
+    params = reference.fused_params
+    after = fused.unfuse()
+    for i, plan in enumerate(plans):
+        momentum = dict(zip(step.cell_names, step.cell_state_dict(i)["momentum_buffers"]))
+        for name in step.cell_names:
+            tensor, index = params[name]
+            w, g = before[i][name], tensor.grad[index[i]]
+            mask = plan.train_masks.get(name)
+            d = g + wd[i] * w if mask is None else g * mask + reg[i] * w * plan.penalty_masks[name] + wd[i] * w
+            expected = w - lr[i] * d if mask is None else (w - lr[i] * d) * mask
+            assert torch.allclose(momentum[name], d, rtol=1e-5, atol=1e-7), (i, name)
+            assert torch.allclose(after[i][name], expected, rtol=1e-5, atol=1e-7), (i, name)
+
+
 # cell i: seed, init seed, learning rate (times a per-step ramp), RSST lambda, weight decay, mask density
 CELLS = [dict(seed=11, lr=0.05, reg=0.3, wd=5e-4, density=0.5), dict(seed=22, lr=0.02, reg=1.0, wd=1e-3, density=0.3)]
 BATCH, STEPS = 32, 8

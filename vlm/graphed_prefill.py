@@ -19,7 +19,7 @@ from typing import Tuple
 import torch
 
 from tokens.graphed import capture as capture_graph
-from vlm.pruned_forward import _check, static_prefill
+from vlm.pruned_forward import _attention, _check, static_prefill
 from vlm.static_plan import static_plan
 
 INPUTS = ("input_ids", "attention_mask", "pixel_values")
@@ -50,8 +50,9 @@ class GraphedPrefill:
     side stream before the capture. capture=False: no graph, each call runs the same static prefill eagerly
     (on any device: the CPU smoke run, or the uncaptured reference).
 
-    Raises ValueError (one line naming the cause) for a batch not on a CUDA device (capture=True), model
-    weights on another device, an attention implementation the hooks cannot mask (not sdpa / eager), a
+    Raises ValueError (one line naming the cause) for a batch not on a CUDA device or attention other than
+    sdpa (capture=True), model weights on another device, an attention implementation the hooks cannot mask
+    (not sdpa / eager), a
     decider whose keep counts depend on the data (no `static_keep_count`, e.g. LayerSpecificPruner without
     pruner_keep_ratio), or a batch without N image placeholders per sample; `__call__` for a batch it cannot
     replay (see `check`)."""
@@ -62,6 +63,10 @@ class GraphedPrefill:
         if missing:
             raise ValueError(f"batch: GraphedPrefill needs {list(INPUTS)}, missing {missing}")
         device = batch["input_ids"].device
+        if capture and _attention(model) != "sdpa":
+            raise ValueError(f"GraphedPrefill captures sdpa attention only, the model has "
+                             f"attn_implementation={_attention(model)!r}: Hugging Face builds the eager causal mask "
+                             f"with a host-to-device copy, which a CUDA graph cannot record (capture=False runs it)")
         if capture and device.type != "cuda":
             raise ValueError(f"GraphedPrefill captures CUDA graphs: the batch is on {device} (use pruned_forward "
                              f"with static_keep=True on the CPU)")

@@ -26,6 +26,7 @@ from typing import Dict, List, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Index = Union[int, slice, Tuple[()]]
 
@@ -206,7 +207,13 @@ class VmapFusedModel(FusedModel):
 
         def one_cell(cell_params, cell_buffers, cell_images):
             return functional_call(base, (cell_params, cell_buffers), (cell_images,))
-        return vmap(one_cell, randomness="different")(params, buffers, images)
+        if images.device.type != "cuda":
+            return vmap(one_cell, randomness="different")(params, buffers, images)
+        # CUDA: vmap folds the cell dim into SDPA's batch, and the fused kernels' backward then refuses the
+        # folded layout ("LSE is not correctly aligned (strideH)", torch 2.11, fp32 and bf16 alike); the math
+        # kernel is plain batched matmuls and softmax, cheap at a ViT-Tiny's 65 tokens
+        with sdpa_kernel(SDPBackend.MATH):
+            return vmap(one_cell, randomness="different")(params, buffers, images)
 
 
 ROUTES = {"grouped": GroupedFusedModel, "vmap": VmapFusedModel}

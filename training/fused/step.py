@@ -18,6 +18,21 @@ from training.fused.models import FusedModel
 from training.step import TrainStep, autocast
 
 
+def memory_order(tensor: torch.Tensor) -> List[int]:
+    """tensor's dims from outermost to innermost in memory (by stride; ties keep dim order): [0, 1, 2, 3] for a
+    contiguous 4-D tensor, [0, 2, 3, 1] for a channels_last one."""
+    return sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
+
+
+def cell_rows(tensor: torch.Tensor, cells: int, order: Sequence[int]) -> torch.Tensor:
+    """[cells, numel / cells] view of `tensor` (cells along dim 0) with its dims taken in `order`, the memory
+    order of the parameter it belongs with: the parameter, its gradient, momentum buffer and masks then share
+    one element order per row (AccumulateGrad, zeros_like and ones_like keep the parameter's layout), so
+    elementwise updates between rows line up whether the tensors are contiguous or channels_last. Raises
+    RuntimeError (from view) when `tensor` is not dense in that order."""
+    return tensor.permute(*order).view(cells, -1)
+
+
 class FusedTrainStep(TrainStep):
     """One step of N cells: images [N, B, C, H, W], labels [N, B], lr / reg_lambda: N floats.
 
@@ -57,11 +72,13 @@ class FusedTrainStep(TrainStep):
         # history: a parameter view with a grad_fn would keep the parameter's AccumulateGrad node alive,
         # tied to the stream it was made on (the default one), and CUDA graph capture of the backward
         # then fails ("operation would make the legacy stream depend on a capturing blocking stream").
+        self._orders = [memory_order(p) for p in self.params]
+        self._masked_orders = [memory_order(p) for p in self.masked_params]
         with torch.no_grad():
-            self._rows = [p.view(cells, -1) for p in self.params]
-            self._buffer_rows = [b.view(cells, -1) for b in self.buffers]
-            self._masked_rows = [p.view(cells, -1) for p in self.masked_params]
-            self._penalty_rows = [m.view(cells, -1) for m in self.penalty_masks]
+            self._rows = [cell_rows(p, cells, o) for p, o in zip(self.params, self._orders)]
+            self._buffer_rows = [cell_rows(b, cells, o) for b, o in zip(self.buffers, self._orders)]
+            self._masked_rows = [cell_rows(p, cells, o) for p, o in zip(self.masked_params, self._masked_orders)]
+            self._penalty_rows = [cell_rows(m, cells, o) for m, o in zip(self.penalty_masks, self._masked_orders)]
 
     def _per_cell(self, values: Sequence[float], what: str) -> torch.Tensor:
         values = list(values)
@@ -102,8 +119,8 @@ class FusedTrainStep(TrainStep):
         """Per cell: the L2 norm of the penalised weights (0 without regularisation)."""
         if not self.penalty_masks:
             return [0.0] * self.cells
-        squares = sum(((p * m).view(self.cells, -1) ** 2).sum(1)
-                      for p, m in zip(self.masked_params, self.penalty_masks))
+        squares = sum((cell_rows(p * m, self.cells, o) ** 2).sum(1)
+                      for p, m, o in zip(self.masked_params, self.penalty_masks, self._masked_orders))
         return torch.sqrt(squares).tolist()
 
     # ---- the step ----------------------------------------------------------------------------
@@ -115,14 +132,15 @@ class FusedTrainStep(TrainStep):
             cell_loss = per_sample.view(cells, batch).mean(1)
         cell_loss.sum().backward()
         with torch.no_grad():
-            grad_rows = [p.grad.view(cells, -1) for p in self.params]
+            grad_rows = [cell_rows(p.grad, cells, o) for p, o in zip(self.params, self._orders)]
             masked_grads = [p.grad for p in self.masked_params]
             if masked_grads:
                 torch._foreach_mul_(masked_grads, self.masks)
             if self.regularized and masked_grads:
                 pulled = torch._foreach_mul(self._masked_rows, self._penalty_rows)
                 torch._foreach_mul_(pulled, [self.reg_lambda[:, None]] * len(pulled))
-                torch._foreach_add_([g.view(cells, -1) for g in masked_grads], pulled)
+                torch._foreach_add_([cell_rows(g, cells, o) for g, o in zip(masked_grads, self._masked_orders)],
+                                    pulled)
             decay = torch._foreach_mul(self._rows, [self.weight_decay[:, None]] * len(grad_rows))
             torch._foreach_add_(grad_rows, decay)
             torch._foreach_mul_(self._buffer_rows, self.momentum)
