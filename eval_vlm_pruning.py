@@ -4,7 +4,6 @@ at the same token budget, and write one JSON file (vlm/evaluate.py; docs/vlm_eva
     python eval_vlm_pruning.py --tiny_random --modes origin soft hard --baselines random fastv --output r.json
     python eval_vlm_pruning.py --checkpoint runs/vlm_pruning/checkpoint_1000.pt --cifar_vqa data --output r.json
 """
-import json
 import os
 import sys
 from typing import Optional, Sequence
@@ -78,10 +77,10 @@ def parse_args(argv: Optional[Sequence[str]]):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     def work() -> str:
         args = parse_args(argv)
-        from utils.checkpoint import atomic_write_text
+        from utils.checkpoint import atomic_write_json
         from vlm.evaluate import evaluate_from_args, summary_table
         results = evaluate_from_args(args)
-        atomic_write_text(args.output, json.dumps(results, indent=2) + "\n")
+        atomic_write_json(args.output, results, indent=2)
         return summary_table(results), args.output
 
     return run_cli(work, lambda done: print(f"{done[0]}\nwrote {done[1]}"))

@@ -15,7 +15,6 @@ compact / masked ratios, and a table per case.
         --out benchmarks/results/compact_speed_cpu.json
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,7 +24,7 @@ import torch
 
 try:
     from compact.export import Options, export
-    from utils.checkpoint import atomic_write_text
+    from utils.checkpoint import atomic_write_json
 except ImportError:
     sys.exit("run from the repository root: python -m benchmarks.compact_speed CHECKPOINT ... --out FILE")
 
@@ -80,7 +79,7 @@ def main(argv=None) -> int:
               "cpu_count": os.cpu_count(), "load_average": list(os.getloadavg()), "torch": torch.__version__,
               "dtype": args.dtype, "compile": args.compile, "runs": args.runs, "batch": args.batch, "cases": cases}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    atomic_write_json(args.out, result, indent=1)
     print(f"wrote {args.out}")
     return 0
 

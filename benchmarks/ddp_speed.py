@@ -22,7 +22,7 @@ import tempfile
 import torch
 
 try:
-    from utils.checkpoint import atomic_write_text
+    from utils.checkpoint import atomic_write_json
 except ImportError:
     sys.exit("run from the repository root: python -m benchmarks.ddp_speed --out FILE [--quick]")
 
@@ -102,7 +102,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     record = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.quick else "cpu",
               "torch": torch.__version__, "dataset": args.dataset, "epochs": args.epochs, "rows": rows}
-    atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+    atomic_write_json(args.out, record, indent=2)
     print(table(rows))
 
 

@@ -29,7 +29,7 @@ try:
     from benchmarks.train_steps import plain_step
     from models import create_model
     from training.loop import evaluate, train_epoch
-    from utils.checkpoint import atomic_write_text
+    from utils.checkpoint import atomic_write_json
 except ImportError:
     sys.exit("run from the repository root: python -m benchmarks.epoch_speed --out FILE [--quick]")
 
@@ -177,7 +177,7 @@ def main():
               "torch": torch.__version__, "train_images": len(splits.train), "mfu_for_floor": args.mfu,
               "peak_flops": args.peak, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+    atomic_write_json(args.out, record, indent=2)
     print(table(rows))
 
 

@@ -31,7 +31,7 @@ from pruners.base import RoundPlan
 from pruners.masks import prunable_weights
 from training.fused import FusedTrainStep, fuse_models
 from training.step import resolve_amp
-from utils.checkpoint import atomic_write_text
+from utils.checkpoint import atomic_write_json
 from utils.errors import UsageError, run_cli
 
 POOL = 4  # distinct batches per cell, cycled
@@ -312,7 +312,7 @@ def run(argv=None) -> int:
               f"measured {got} ({'met' if t['met'] else 'NOT met'})")
     for line in record.get("sweep_estimate", {}).get("lines", []):
         print(line)
-    atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
+    atomic_write_json(args.out, record, indent=1)
     print(f"wrote {args.out}")
     return 0
 

@@ -10,7 +10,6 @@ not timed, CUDA is synchronised around the timed steps. Also the peak GPU memory
     python -m benchmarks.lowrank_speed --tiny --out /tmp/lowrank_speed.json              # CPU smoke run
 """
 import argparse
-import json
 import platform
 import sys
 import time
@@ -21,7 +20,7 @@ try:
     from lowrank.models import create_model
     from lowrank.rank_allocation import AllocatorSettings, RankAllocation
     from lowrank.trainer import training_step
-    from utils.checkpoint import atomic_write_text
+    from utils.checkpoint import atomic_write_json
 except ImportError:
     sys.exit("run from the repository root: python -m benchmarks.lowrank_speed --out FILE [--tiny]")
 
@@ -72,7 +71,7 @@ def main(argv=None) -> int:
               "dtype": "float32", "timed_steps": shape["steps"], "warmup_steps": shape["warmup"],
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "rows": rows}
-    atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
+    atomic_write_json(args.out, report, indent=1)
     print(f"features {report['features']}, rank {report['rank']}, fp32, {report['device']}")
     print(f"{'arch':<18}{'batch':>6}{'samples/s':>12}{'ms/step':>10}{'params':>12}{'peak MiB':>10}")
     for row in rows:

@@ -29,7 +29,6 @@ rows run the static prefill uncaptured (`captured: false`, `prefill: "static"`).
     python -m benchmarks.vlm_speed --tiny --graph --out /tmp/vlm_speed.json             # CPU smoke: tiny model
 """
 import argparse
-import json
 import sys
 import time
 from typing import List, Optional, Sequence
@@ -322,8 +321,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   args.iters if args.iters is not None else (1 if args.tiny else 10), args.graph,
                   args.settings)
     print_table(results)
-    from utils.checkpoint import atomic_write_text
-    atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+    from utils.checkpoint import atomic_write_json
+    atomic_write_json(args.out, results, indent=2)
     print(f"wrote {args.out}")
     return 0
 

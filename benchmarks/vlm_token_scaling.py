@@ -17,7 +17,6 @@ products of a few hundred rows against 4096-wide weights) does not reach.
     python -m benchmarks.vlm_token_scaling --tiny --out /tmp/scaling.json                          # CPU smoke
 """
 import argparse
-import json
 import sys
 from typing import List, Optional, Sequence
 
@@ -25,7 +24,7 @@ import torch
 
 from benchmarks.vlm_speed import QUESTION_TOKENS, build, prompt_batch
 from tokens.graphed import capture
-from utils.checkpoint import atomic_write_text
+from utils.checkpoint import atomic_write_json
 from utils.timing import median_ms
 from vlm.cost import count_flops
 from vlm.llava import image_features, llava_parts
@@ -122,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                "warmup": args.warmup, "iters": args.iters, "torch": torch.__version__,
                "transformers": transformers.__version__, "rows": rows, "ceilings": ceilings(rows)}
     print_table(results)
-    atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+    atomic_write_json(args.out, results, indent=2)
     print(f"wrote {args.out}")
     return 0
 

@@ -132,7 +132,7 @@ def export(options: Options, log=print) -> dict:
     if source.structured:
         path = paths.compact_round_report(os.path.dirname(os.path.abspath(options.checkpoint)), source.round)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        checkpoint.atomic_write_text(path, json.dumps(report, indent=1) + "\n")
+        checkpoint.atomic_write_json(path, report, indent=1)
         report["round_report"] = path
     log(f"wrote {options.out}/{{{files.ARCH_FILE}, {files.WEIGHTS_FILE}, {files.REPORT_FILE}}}"
         + (f" and {report['round_report']}" if source.structured else ""))

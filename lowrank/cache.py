@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from utils.checkpoint import atomic_write_bytes, atomic_write_text, read_json_listing
+from utils.checkpoint import atomic_write_bytes, atomic_write_json, read_json_listing
 
 INDEX = "index.json"
 KEY = "features"
@@ -106,7 +106,7 @@ def write_cache(out_dir: str, encoder: str, encoder_config: dict, features: Iter
         _write_shard(out_dir, index, number, pending)
     index["shards"] = [shard for shard in index["shards"] if shard["done"]]
     index["complete"] = True
-    atomic_write_text(os.path.join(out_dir, INDEX), json.dumps(index, indent=1) + "\n")
+    atomic_write_json(os.path.join(out_dir, INDEX), index, indent=1)
     return index
 
 
@@ -135,7 +135,7 @@ def _write_shard(out_dir: str, index: dict, number: int, samples: Sequence[torch
     shards = [shard for shard in index["shards"] if shard["file"] != name]
     index["shards"] = sorted(shards + [entry], key=lambda shard: shard["file"])
     index["count"] = sum(shard["count"] for shard in index["shards"] if shard["done"])
-    atomic_write_text(os.path.join(out_dir, INDEX), json.dumps(index, indent=1) + "\n")
+    atomic_write_json(os.path.join(out_dir, INDEX), index, indent=1)
 
 
 def split_indices(count: int, val_fraction: float = 0.1, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,6 @@ learned model beats the per-sample SVD at its rank on any sample (Eckart–Young
 impossible, so it is a bug: in the model's rank, its factors or this comparison).
 """
 import argparse
-import json
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -16,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lowrank import baselines
 from lowrank.cache import FeatureCache
 from lowrank.train_cli import SPLIT_SEED, VAL_FRACTION  # the trainer's split: validate on its held-out samples
-from utils.checkpoint import atomic_write_text
+from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.errors import UsageError, error_line, run_cli
 
 DEFAULT_RANKS = (16, 32, 64, 128)
@@ -238,7 +237,7 @@ def write_result(result: dict, args: argparse.Namespace) -> None:
     """`--out` (default RESULTS_DIR/compare_svd_nn.json) and the markdown table next to it, printed too."""
     out = args.out or os.path.join(args.results_dir, "compare_svd_nn.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
+    atomic_write_json(out, result, indent=1)
     markdown = to_markdown(result)
     atomic_write_text(os.path.splitext(out)[0] + ".md", markdown)
     print(markdown, end="")

@@ -11,7 +11,7 @@ import json
 import os
 from typing import List, Optional
 
-from utils.checkpoint import atomic_write_text
+from utils.checkpoint import atomic_write_json
 
 BEST_MODEL, HISTORY, PLOT = "best_model.pt", "history.json", "train_val_loss_comparison.png"
 
@@ -37,7 +37,7 @@ def read_history(directory: str) -> List[dict]:
 
 
 def write_history(directory: str, records: List[dict]) -> None:
-    atomic_write_text(os.path.join(directory, HISTORY), json.dumps(records, indent=1) + "\n")
+    atomic_write_json(os.path.join(directory, HISTORY), records, indent=1)
 
 
 def plot_losses(directory: str, records: List[dict]) -> str:
@@ -76,7 +76,7 @@ class RunLog:
             number += 1
             self.path = f"{base}_{number}"
         os.makedirs(self.path)
-        atomic_write_text(os.path.join(self.path, "config.json"), json.dumps(config, indent=1) + "\n")
+        atomic_write_json(os.path.join(self.path, "config.json"), config, indent=1)
         self._lines = open(os.path.join(self.path, "training.log"), "a")
         self._ranks: Optional[object] = None
 
@@ -92,7 +92,7 @@ class RunLog:
         self._ranks.write(json.dumps({"step": step, "effective_rank": rank}) + "\n")
 
     def summary(self, record: dict) -> None:
-        atomic_write_text(os.path.join(self.path, "summary.json"), json.dumps(record, indent=1) + "\n")
+        atomic_write_json(os.path.join(self.path, "summary.json"), record, indent=1)
 
     def close(self) -> None:
         for handle in (self._lines, self._ranks):

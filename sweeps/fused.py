@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 from sweeps.executors import EXECUTORS, REPO, open_log
 from sweeps.local import LocalPool
 from sweeps.plan import Cell, Sweep
-from utils.checkpoint import atomic_write_text
+from utils.checkpoint import atomic_write_json
 from utils.errors import UsageError
 
 DEFAULT_FUSE = 8
@@ -66,7 +66,7 @@ class FusedPool(LocalPool):
             folder = os.path.join(sweep.folder, "fused")
             os.makedirs(folder, exist_ok=True)
             cells_file, results_file = os.path.join(folder, f"{name}.json"), os.path.join(folder, f"{name}.results.json")
-            atomic_write_text(cells_file, json.dumps({"cells": [m.command[2:] for m in members]}, indent=1) + "\n")
+            atomic_write_json(cells_file, {"cells": [m.command[2:] for m in members]}, indent=1)
             if os.path.exists(results_file):
                 os.remove(results_file)  # an earlier launch's: never read as this one's
             command = [sys.executable, "-m", "training.fused.run", "--cells", cells_file, "--results", results_file]

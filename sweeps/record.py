@@ -11,7 +11,6 @@ one folder. Both files are written atomically.
 """
 import datetime
 import itertools
-import json
 import os
 from typing import Dict, List, Optional
 
@@ -125,24 +124,24 @@ def merged(sweep: Sweep, executor: str, stored: Optional[dict]) -> dict:
 
 def write(sweep: Sweep, executor: str, stored: Optional[dict]) -> None:
     """Write sweep.json (`merged`), atomically; left untouched when nothing in it changes."""
-    from utils.checkpoint import atomic_write_text
+    from utils.checkpoint import atomic_write_json
     record = merged(sweep, executor, stored)
     if record == stored:
         return
     os.makedirs(sweep.folder, exist_ok=True)
-    atomic_write_text(paths.sweep_file(sweep.folder), json.dumps(record, indent=2) + "\n")
+    atomic_write_json(paths.sweep_file(sweep.folder), record, indent=2)
 
 
 def add_jobs(folder: str, executor: str, log_folder: str, jobs: List[dict]) -> None:
     """Append one submission ({"executor", "submitted", "log_folder", "jobs": [{"cell", "job_id"}]}) to
     jobs.json; earlier submissions are kept (a requeued or re-submitted cell keeps its history)."""
-    from utils.checkpoint import atomic_write_text
+    from utils.checkpoint import atomic_write_json
     path = paths.jobs_file(folder)
     record = _read(path, "job record") or {"submissions": []}
     record.setdefault("submissions", []).append({
         "executor": executor, "submitted": datetime.datetime.now().isoformat(timespec="seconds"),
         "log_folder": log_folder, "jobs": jobs})
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    atomic_write_json(path, record, indent=2)
 
 
 def latest_jobs(folder: str) -> Dict[str, str]:

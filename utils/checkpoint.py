@@ -56,6 +56,11 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_write_json(path: str, value, indent: int = 1, sort_keys: bool = False) -> None:
+    """`value` as indented JSON plus a newline, written atomically (as atomic_write_text)."""
+    atomic_write_text(path, json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n")
+
+
 def content_digest(value) -> str:
     """sha256 (hex) of a checkpoint's content: dict keys and values, sequences, tensors (dtype, shape and
     raw bytes) and plain scalars. Lists and tuples hash alike (a saved tuple may load as either)."""

@@ -45,7 +45,7 @@ def repair_lineage(directory: str, rounds: List[int], header: dict, warn: Callab
         entries.append(checkpoint.lineage_entry(payload, sha))
     lineage.update(header)
     lineage["rounds"] = sorted(entries, key=lambda e: e["round"])
-    checkpoint.atomic_write_text(path, json.dumps(lineage, indent=2) + "\n")
+    checkpoint.atomic_write_json(path, lineage, indent=2)
     warn(f"{path} {reason}: rebuilt round(s) {', '.join(map(str, sorted(rebuilt)))} from the round checkpoints")
 
 

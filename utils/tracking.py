@@ -24,7 +24,7 @@ import time
 from typing import List, Optional
 
 from utils import paths
-from utils.checkpoint import atomic_write_text
+from utils.checkpoint import atomic_write_json, atomic_write_text
 from utils.config import RunConfig
 
 ROUND_COLUMNS = (("round", 5), ("epochs", 6), ("train_loss", 10), ("val_top1", 8), ("test_top1", 9),
@@ -233,5 +233,5 @@ def progress(iterable, total: int, description: str, enabled: bool):
 
 def write_config(directory: str, config: RunConfig) -> None:
     record = {"config": config.to_dict(), "config_hash": config.config_hash()}
-    atomic_write_text(paths.config_file(directory), json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(paths.config_file(directory), record, indent=2, sort_keys=True)
 

@@ -201,7 +201,7 @@ def pretrain(args: argparse.Namespace) -> dict:
                "test": test_metrics, "fingerprint": model_fingerprint(model), "args": vars(args),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     save_tiny_llava(model_path, model.cpu(), tokenizer, step, {"val": val_metrics, "test": test_metrics})
-    checkpoint.atomic_write_text(os.path.join(args.out, "tiny_llava.json"), json.dumps(summary, indent=2) + "\n")
+    checkpoint.atomic_write_json(os.path.join(args.out, "tiny_llava.json"), summary, indent=2)
     return summary
 
 

@@ -8,13 +8,12 @@ are refused with one line naming the cell (exit 2, nothing written). Then the ru
 (written atomically) maps each run dir to its exit code. Exit code: 0 when every cell finished, 128 +
 signal when a signal stopped them, else the highest cell code (LockstepDriver.exit_code).
 """
-import json
 import os
 import sys
 from typing import List, Optional, Sequence
 
 from utils import paths
-from utils.checkpoint import atomic_write_text
+from utils.checkpoint import atomic_write_json
 from utils.cli import OneLineParser
 from utils.errors import UsageError, os_error_line, run_cli_code
 from utils.jsonfile import read_json
@@ -67,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for directory, code in zip(directories, codes):
             print(f"cell {directory}: exit code {code}", flush=True)
         if options.results:
-            atomic_write_text(options.results, json.dumps(dict(zip(directories, codes)), indent=1) + "\n")
+            atomic_write_json(options.results, dict(zip(directories, codes)), indent=1)
         return driver.exit_code(codes)
 
     return run_cli_code(work, expected=[(OSError, os_error_line())])
