@@ -180,6 +180,24 @@ def test_fused_update_rule_per_cell_in_either_layout(layout):
             assert torch.allclose(after[i][name], expected, rtol=1e-5, atol=1e-7), (i, name)
 
 
+def test_float32_attention_mode_runs_sdpa_in_float32_under_autocast():
+    """The vmap route's CUDA attention under bf16 autocast: float32 inside, the query's dtype out, gradients
+    flow; other functions are untouched (a matmul still runs in bf16)."""
+    from training.fused.models import Float32Attention
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 3, 5, 8, generator=generator).to(torch.bfloat16).requires_grad_()
+    mask = torch.zeros(5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    with torch.autocast("cpu", dtype=torch.bfloat16), Float32Attention():
+        out = torch.nn.functional.scaled_dot_product_attention(query, query, query, attn_mask=mask)
+        product = torch.randn(2, 3, generator=generator) @ torch.randn(3, 2, generator=generator)
+    exact = torch.nn.functional.scaled_dot_product_attention(query.float(), query.float(), query.float(),
+                                                             attn_mask=mask)
+    assert out.dtype == torch.bfloat16 and product.dtype == torch.bfloat16
+    assert (out.float() - exact).abs().max() <= 2 ** -7 * exact.abs().max()  # bf16 rounding of the output only
+    out.float().sum().backward()
+    assert query.grad.dtype == torch.bfloat16 and torch.isfinite(query.grad).all()
+
+
 # cell i: seed, init seed, learning rate (times a per-step ramp), RSST lambda, weight decay, mask density
 CELLS = [dict(seed=11, lr=0.05, reg=0.3, wd=5e-4, density=0.5), dict(seed=22, lr=0.02, reg=1.0, wd=1e-3, density=0.3)]
 BATCH, STEPS = 32, 8

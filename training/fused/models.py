@@ -25,8 +25,10 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 Index = Union[int, slice, Tuple[()]]
 
@@ -172,6 +174,23 @@ class GroupedFusedModel(FusedModel):
         return logits.view(batch, cells, -1).transpose(0, 1)
 
 
+class Float32Attention(TorchFunctionMode):
+    """Inside it, F.scaled_dot_product_attention runs on float32 copies of its floating-point tensors (q, k, v,
+    a float mask) with autocast off and returns the query's dtype: the attention of the vmap route under bf16
+    autocast (see VmapFusedModel.forward)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+
+        def as_float(value):
+            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+        with torch.autocast(args[0].device.type, enabled=False):
+            out = func(*map(as_float, args), **{name: as_float(v) for name, v in kwargs.items()})
+        return out.to(args[0].dtype)
+
+
 class VmapFusedModel(FusedModel):
     """torch.func route: stacked [N, ...] parameters, one vmapped functional_call per forward."""
     route = "vmap"
@@ -211,8 +230,9 @@ class VmapFusedModel(FusedModel):
             return vmap(one_cell, randomness="different")(params, buffers, images)
         # CUDA: vmap folds the cell dim into SDPA's batch, and the fused kernels' backward then refuses the
         # folded layout ("LSE is not correctly aligned (strideH)", torch 2.11, fp32 and bf16 alike); the math
-        # kernel is plain batched matmuls and softmax, cheap at a ViT-Tiny's 65 tokens
-        with sdpa_kernel(SDPBackend.MATH):
+        # kernel is plain batched matmuls and softmax, cheap at a ViT-Tiny's 65 tokens, but under bf16
+        # autocast its vmapped softmax backward fails on a dtype check, so it runs in float32
+        with sdpa_kernel(SDPBackend.MATH), Float32Attention():
             return vmap(one_cell, randomness="different")(params, buffers, images)
 
 
