@@ -97,7 +97,7 @@ def build_modules(config: VLMPruningConfig, backbone: Backbone) -> Dict[str, tor
         return {"merger": LearnableTokenMerger(parts.hidden_size, backbone.num_image_tokens, config.merge_ratio,
                                                config.target_merge_tokens, config.merger_type == "question_aware",
                                                config.pruner_d_internal, config.pruner_num_heads,
-                                               config.merge_positions),
+                                               config.merge_positions, config.merge_assignment),
                 "pruner": LayerSpecificPruner(parts.hidden_size, parts.num_layers, config.pruning_layers,
                                               config.pruner_type, config.pruner_d_internal, config.pruner_num_heads,
                                               config.pruner_keep_ratio),

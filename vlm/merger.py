@@ -9,7 +9,10 @@
 3. Soft assignment, as in ToMe's merging but learned: A = softmax(Q Kᵀ / sqrt(d) / τ) over the M centres,
    Q = W_q x (all tokens), K = W_k x (centres); W_k starts as a copy of W_q, so at init Q Kᵀ is a
    similarity and a centre attracts the tokens that look like it. Every token is merged: centre j is the
-   weighted mean Σ_i A_ij x_i / Σ_i A_ij.
+   weighted mean Σ_i A_ij x_i / Σ_i A_ij. `assignment="all"` (the seed's) soft-assigns every token, centres
+   included, so even a centre's own token is mixed with others from the start; `assignment="others"` gives
+   each centre's own row the one-hot on itself and soft-assigns only the N - M other tokens, so centre j is
+   (x_j + Σ_{i not a centre} A_ij x_i) / (1 + Σ_{i not a centre} A_ij) (`ASSIGNMENTS`, `merge_features`).
 4. Gradient to the scorer through the features (our choice): top-k indices carry no gradient, so each
    merged centre is multiplied by a straight-through selection weight w = 1 + p - stop_grad(p), with
    p = sigmoid((s + g - t) / τ) the relaxed top-k membership (t = midpoint between the M-th and (M+1)-th
@@ -57,6 +60,31 @@ def merge_centres(num_tokens: int, merge_ratio: float = 0.5, target_merge_tokens
     return centres
 
 
+def assign_all(logits: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """The seed's soft assignment: softmax over the M centres of every token's logits [B, N, M] -> [B, N, M]
+    (`centres` unused)."""
+    return logits.softmax(dim=-1)
+
+
+def assign_others(logits: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Centres keep their own token: the rows of the M centre tokens (centres long [B, M]) are one-hot on
+    their own centre, the other N - M rows the softmax over the centres of logits [B, N, M]. -> [B, N, M]
+    float32, every row summing to 1; gradient flows to `logits` through the non-centre rows only."""
+    own = torch.zeros_like(logits).scatter_(1, centres[:, None, :], 1.0)  # own[b, centres[b, j], j] = 1
+    is_centre = own.sum(dim=-1, keepdim=True) > 0  # [B, N, 1]
+    return torch.where(is_centre, own, logits.softmax(dim=-1))
+
+
+ASSIGNMENTS = {"all": assign_all, "others": assign_others}
+
+
+def merge_features(assignment: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
+    """Centre j's weighted mean Σ_i A_ij x_i / Σ_i A_ij, float32 [B, M, D], of assignment [B, N, M] and vision
+    [B, N, D] (a centre's mass is clamped at 1e-6, so a centre given no weight comes out as zeros)."""
+    mass = assignment.sum(dim=1).clamp_min(1e-6)  # [B, M]
+    return torch.einsum("bnm,bnd->bmd", assignment, vision.float()) / mass[..., None]
+
+
 class LearnableTokenMerger(nn.Module):
     """Merge N vision tokens into M learned centres (see the module docstring for the method).
 
@@ -65,19 +93,23 @@ class LearnableTokenMerger(nn.Module):
     ValueError when M >= N); question_aware — V2 scorer; d_internal — width of the scorer and of the
     assignment projections; num_heads — heads of the V2 cross-attention; positions — the RoPE positions the
     LLM gives the merged prompt (vlm/pruned_forward.py): "recount" (0.. over the shorter prompt, the seed's)
-    or "original" (each centre at its token's position, the text after the image at its own).
+    or "original" (each centre at its token's position, the text after the image at its own); assignment —
+    "all" (every token soft-assigned, the seed's) or "others" (each centre keeps its own token at weight 1,
+    the other N - M tokens soft-assigned; see `ASSIGNMENTS`).
     forward(vision [B, N, D], temperature τ > 0, question [B, Q, D] | None, question_mask bool [B, Q] |
-    None (True = question token; None = all)) -> MergeOutput. Raises ValueError for a wrong vision
-    shape, τ <= 0, or a question-aware merger called without a question.
+    None (True = question token; None = all)) -> MergeOutput. Raises ValueError for an unknown positions
+    or assignment, a wrong vision shape, τ <= 0, or a question-aware merger called without a question.
     """
 
     def __init__(self, dim: int, num_tokens: int, merge_ratio: float = 0.5,
                  target_merge_tokens: int | None = None, question_aware: bool = False,
-                 d_internal: int = 512, num_heads: int = 4, positions: str = "recount"):
+                 d_internal: int = 512, num_heads: int = 4, positions: str = "recount", assignment: str = "all"):
         super().__init__()
         if positions not in ("recount", "original"):
             raise ValueError(f"positions={positions!r}: choose recount or original")
-        self.positions = positions
+        if assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment={assignment!r}: choose {' or '.join(ASSIGNMENTS)}")
+        self.positions, self.assignment = positions, assignment
         self.dim, self.num_tokens, self.question_aware = dim, num_tokens, question_aware
         self.num_centres = merge_centres(num_tokens, merge_ratio, target_merge_tokens)
         self.scorer = (VisionPrunerHead(dim, d_internal, num_heads, keep_bias=0.0) if question_aware
@@ -114,9 +146,7 @@ class LearnableTokenMerger(nn.Module):
         query = self.assign_query(vision.to(weight_dtype)).float()  # [B, N, d]
         key = self.assign_key(centre_features.to(weight_dtype)).float()  # [B, M, d]
         logits = query @ key.transpose(1, 2) / (math.sqrt(query.shape[-1]) * temperature)
-        assignment = logits.softmax(dim=-1)  # [B, N, M]
-        mass = assignment.sum(dim=1).clamp_min(1e-6)  # [B, M]: each centre's weights normalised
-        merged = torch.einsum("bnm,bnd->bmd", assignment, vision.float()) / mass[..., None]
-        merged = (merged * selection[..., None]).to(vision.dtype)
+        assignment = ASSIGNMENTS[self.assignment](logits, centres)  # [B, N, M]
+        merged = (merge_features(assignment, vision) * selection[..., None]).to(vision.dtype)
         kept = torch.sigmoid(scores).sum(dim=-1)
         return MergeOutput(merged, assignment, centres, kept, self.num_centres, scores)
