@@ -10,7 +10,8 @@ greedy answer (--max_new_tokens, cut at eos) when --centres of the N vision toke
   row above with other draws);
 - an untrained LearnableTokenMerger (seeded, eval mode: top-M scorer centres, τ = --temperature) for every
   assignment (`all`: every token soft-assigned, the seed's; `others`: centres keep their own token) and
-  positions mode. All mergers share one seed, so their weights and centres are the same;
+  positions mode with the seed's dot-product similarity, and for both assignments with cosine similarity
+  (original positions). All mergers share one seed, so their weights and centres are the same;
 - the same untrained merger's centres kept unchanged, the other tokens dropped (no merge; original positions).
 
 `own share` is the weight of a centre's own token in its merged feature, A_cj / Σ_i A_ij, averaged over
@@ -104,13 +105,13 @@ def rows_to_run(args, hidden: int, tokens: int):
                      RandomCentres(args.centres, positions, args.seed)))
     rows.append(("random drop at layer 0 (RandomDrop), original", "hard",
                  RandomDrop([0], args.centres, args.seed), None))
-    for assignment in ASSIGNMENTS:
-        for positions in ("recount", "original"):
-            torch.manual_seed(args.seed)
-            merger = LearnableTokenMerger(hidden, tokens, target_merge_tokens=args.centres,
-                                          d_internal=args.d_internal, positions=positions,
-                                          assignment=assignment).eval()
-            rows.append((f"untrained merger, assignment {assignment}, {positions}", "hard", None, merger))
+    mergers = [(assignment, positions, "dot") for assignment in ASSIGNMENTS for positions in ("recount", "original")]
+    mergers += [(assignment, "original", "cosine") for assignment in ASSIGNMENTS]
+    for assignment, positions, similarity in mergers:
+        torch.manual_seed(args.seed)
+        merger = LearnableTokenMerger(hidden, tokens, target_merge_tokens=args.centres, d_internal=args.d_internal,
+                                      positions=positions, assignment=assignment, similarity=similarity).eval()
+        rows.append((f"untrained merger, assignment {assignment}, {positions}, {similarity}", "hard", None, merger))
     rows.append(("untrained scorer's centres kept, rest dropped, original", "hard", None, ScorerCentres(merger)))
     return rows
 

@@ -133,3 +133,30 @@ def test_config_key_validated_and_passed_to_the_merger():
                                        discriminator_d_internal=8, merge_assignment="others"))
     merger = build_modules(config, load_backbone(config))["merger"]
     assert merger.assignment == "others" and merger.num_centres == 8  # 16 tokens at 56 px, ratio 0.5
+
+
+@torch.no_grad()
+def test_cosine_similarity_is_scale_free_and_dot_is_not(vision):
+    """`similarity="cosine"`: the same assignment for features scaled by 1,000 (the tiny LLaVA's projected
+    features have norms of ~1,600), logits within ±1/τ; the seed's dot product saturates to one-hot rows."""
+    cosine, dot = _merger("all", similarity="cosine").eval(), _merger("all").eval()
+    small, large = cosine(vision, 1.0), cosine(vision * 1000, 1.0)
+    assert torch.equal(small.centres, large.centres)
+    assert torch.allclose(small.assignment, large.assignment, atol=1e-5)
+    assert small.assignment.max() < 0.9  # a soft assignment at τ 1
+    saturated = dot(vision * 1000, 1.0).assignment
+    assert (saturated.max(dim=-1).values > 0.999).float().mean() > 0.9  # nearly every row one-hot
+    from vlm.merger import cosine_similarity
+    query, key = cosine.assign_query(vision * 1000), cosine.assign_key(vision[:, :3] * 1000)
+    assert cosine_similarity(query, key).abs().max() <= 1 + 1e-6
+
+
+def test_unknown_similarity_refused_and_config_key_passed():
+    with pytest.raises(ValueError, match="similarity='l2': choose dot or cosine"):
+        LearnableTokenMerger(D, N, similarity="l2")
+    with pytest.raises(UsageError, match="merge_similarity 'l2': choose one of dot, cosine"):
+        load_config(None, ["--tiny_random", "merge_similarity=l2"])
+    from vlm.checkpoints import build_modules, load_backbone
+    config = validate(VLMPruningConfig(tiny_random=True, tiny_image_size=56, pruner_d_internal=8,
+                                       discriminator_d_internal=8, merge_similarity="cosine"))
+    assert build_modules(config, load_backbone(config))["merger"].similarity == "cosine"

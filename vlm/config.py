@@ -16,6 +16,7 @@ from utils.errors import UsageError
 
 CHOICES = {"merger_type": ("simple", "question_aware"), "pruner_type": ("cross_attention", "simple"),
            "merge_positions": ("recount", "original"), "merge_assignment": ("all", "others"),
+           "merge_similarity": ("dot", "cosine"),
            "dataset": ("cifar10_vqa", "jsonl"), "dtype": ("float32", "bfloat16"),
            "wandb_mode": ("offline", "online", "disabled")}
 
@@ -28,6 +29,7 @@ class VLMPruningConfig:
     target_merge_tokens: Optional[int] = None    # overrides merge_ratio when set
     merge_positions: str = "recount"             # RoPE positions after merging: recount (seed) | original
     merge_assignment: str = "all"                # soft-assigned tokens: all (seed) | others (centres keep their own)
+    merge_similarity: str = "dot"                # assignment logits: dot (seed, Q K^T / sqrt d) | cosine
     merge_sparsity_weight: float = 1e-4          # (kept - target)^2 * weight
     lr_merger: float = 2e-5
     # layer pruner (stage 2) -------------------------------------------------------------------

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlm.pruner_heads import VisionPrunerHead, VisionPrunerHeadSimple
@@ -78,6 +79,21 @@ def assign_others(logits: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 ASSIGNMENTS = {"all": assign_all, "others": assign_others}
 
 
+def dot_similarity(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The seed's Q Kᵀ / sqrt(d): query [B, N, d], key [B, M, d] -> [B, N, M]. Grows with the features' norms:
+    features of norm ~1,600 (the CPU diagnosis' tiny LLaVA) give logits in the thousands, a one-hot softmax."""
+    return query @ key.transpose(1, 2) / math.sqrt(query.shape[-1])
+
+
+def cosine_similarity(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Cosine of each query and key, in [-1, 1] whatever the features' scale (ToMe matches tokens by the
+    cosine of their keys: Bolya et al., ICLR 2023): [B, N, d], [B, M, d] -> [B, N, M]."""
+    return F.normalize(query, dim=-1) @ F.normalize(key, dim=-1).transpose(1, 2)
+
+
+SIMILARITIES = {"dot": dot_similarity, "cosine": cosine_similarity}
+
+
 def merge_features(assignment: torch.Tensor, vision: torch.Tensor) -> torch.Tensor:
     """Centre j's weighted mean Σ_i A_ij x_i / Σ_i A_ij, float32 [B, M, D], of assignment [B, N, M] and vision
     [B, N, D] (a centre's mass is clamped at 1e-6, so a centre given no weight comes out as zeros)."""
@@ -95,21 +111,25 @@ class LearnableTokenMerger(nn.Module):
     LLM gives the merged prompt (vlm/pruned_forward.py): "recount" (0.. over the shorter prompt, the seed's)
     or "original" (each centre at its token's position, the text after the image at its own); assignment —
     "all" (every token soft-assigned, the seed's) or "others" (each centre keeps its own token at weight 1,
-    the other N - M tokens soft-assigned; see `ASSIGNMENTS`).
+    the other N - M tokens soft-assigned; see `ASSIGNMENTS`); similarity — the assignment logits before /τ:
+    "dot" (Q Kᵀ / sqrt(d), the seed's) or "cosine" (scale-free; see `SIMILARITIES`).
     forward(vision [B, N, D], temperature τ > 0, question [B, Q, D] | None, question_mask bool [B, Q] |
-    None (True = question token; None = all)) -> MergeOutput. Raises ValueError for an unknown positions
-    or assignment, a wrong vision shape, τ <= 0, or a question-aware merger called without a question.
+    None (True = question token; None = all)) -> MergeOutput. Raises ValueError for an unknown positions,
+    assignment or similarity, a wrong vision shape, τ <= 0, or a question-aware merger called without a question.
     """
 
     def __init__(self, dim: int, num_tokens: int, merge_ratio: float = 0.5,
                  target_merge_tokens: int | None = None, question_aware: bool = False,
-                 d_internal: int = 512, num_heads: int = 4, positions: str = "recount", assignment: str = "all"):
+                 d_internal: int = 512, num_heads: int = 4, positions: str = "recount", assignment: str = "all",
+                 similarity: str = "dot"):
         super().__init__()
         if positions not in ("recount", "original"):
             raise ValueError(f"positions={positions!r}: choose recount or original")
         if assignment not in ASSIGNMENTS:
             raise ValueError(f"assignment={assignment!r}: choose {' or '.join(ASSIGNMENTS)}")
-        self.positions, self.assignment = positions, assignment
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity={similarity!r}: choose {' or '.join(SIMILARITIES)}")
+        self.positions, self.assignment, self.similarity = positions, assignment, similarity
         self.dim, self.num_tokens, self.question_aware = dim, num_tokens, question_aware
         self.num_centres = merge_centres(num_tokens, merge_ratio, target_merge_tokens)
         self.scorer = (VisionPrunerHead(dim, d_internal, num_heads, keep_bias=0.0) if question_aware
@@ -145,7 +165,7 @@ class LearnableTokenMerger(nn.Module):
         weight_dtype = self.assign_query.weight.dtype
         query = self.assign_query(vision.to(weight_dtype)).float()  # [B, N, d]
         key = self.assign_key(centre_features.to(weight_dtype)).float()  # [B, M, d]
-        logits = query @ key.transpose(1, 2) / (math.sqrt(query.shape[-1]) * temperature)
+        logits = SIMILARITIES[self.similarity](query, key) / temperature  # [B, N, M]
         assignment = ASSIGNMENTS[self.assignment](logits, centres)  # [B, N, M]
         merged = (merge_features(assignment, vision) * selection[..., None]).to(vision.dtype)
         kept = torch.sigmoid(scores).sum(dim=-1)
