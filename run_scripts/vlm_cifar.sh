@@ -4,6 +4,8 @@
 # origin / soft / hard evaluation next to random-drop and FastV at the learned T̄. Outputs under $OUT:
 # tiny_llava/ (tiny_llava.json), t75/ t50/ t25/ (checkpoints), eval_t75.json eval_t50.json eval_t25.json.
 #   DATA=data OUT=runs/vlm_cifar bash run_scripts/vlm_cifar.sh          # 6 min 18 s on one H200
+# EXTRA_KEYS adds config overrides to every pruning run, e.g. the merge the CPU diagnosis favours (docs/vlm.md):
+#   EXTRA_KEYS="merge_similarity=cosine merge_assignment=others merge_positions=original" bash run_scripts/vlm_cifar.sh
 # A CPU smoke run (67 s on 2 cores; IMAGE_SIZE=112 gives 64 vision tokens instead of 576):
 #   OMP_NUM_THREADS=1 DATA=data OUT=/tmp/vlm_small MINUTES=0.5 IMAGE_SIZE=112 HIDDEN=32 VISION_LAYERS=2 BATCH=8 \
 #     WORKERS=0 PRUNE_WORKERS=0 PRUNE_STEPS=5 PRUNE_BATCH=4 PRUNE_IMAGES=500 LIMIT=16 EVAL_BATCH=8 \
@@ -32,7 +34,7 @@ for run in "t75 0.75" "t50 0.75 pruner_keep_ratio=0.78 pruner_sparsity_weight=10
         --base_checkpoint "$OUT/tiny_llava/tiny_llava.pt" data="$DATA" train_images="$PRUNE_IMAGES" steps="$PRUNE_STEPS" \
         batch_size="$PRUNE_BATCH" merge_ratio="$ratio" "pruning_layers=$LAYERS_PRUNED" pruner_d_internal="$HIDDEN" \
         discriminator_d_internal="$HIDDEN" lr_merger=1e-3 lr_pruner=1e-3 save_every="$PRUNE_STEPS" no_wandb=true \
-        progress=false workers="$PRUNE_WORKERS" save_dir="$OUT/$name" "$@"
+        progress=false workers="$PRUNE_WORKERS" save_dir="$OUT/$name" "$@" ${EXTRA_KEYS:-}
     "$PYTHON" eval_vlm_pruning.py --checkpoint "$(ls "$OUT/$name"/checkpoint_*.pt | tail -1)" --cifar_vqa "$DATA" \
         --modes origin soft hard --baselines random fastv --limit "$LIMIT" --batch_size "$EVAL_BATCH" \
         --max_new_tokens 3 --no_progress --output "$OUT/eval_$name.json"
