@@ -196,8 +196,6 @@ def worker_argv(args) -> List[str]:
 def worker(args, device) -> None:
     """One of N processes: per (arch, batch), build and warm up, wait for all, run the timed steps, wait
     again; one JSON line per config on stdout (concurrent.py's protocol)."""
-    if device.type == "cpu":
-        torch.set_num_threads(1)
     configs = [(arch, batch) for arch in args.archs for batch in args.batch_sizes]
     for index, (arch, batch) in enumerate(configs):
         concurrent.worker_config(index, lambda: plain_runner(arch, batch, device, args.compile)[0],
@@ -293,6 +291,8 @@ def run(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if device.type == "cpu":  # one thread, as each worker process: otherwise N processes get N times the cores
+        torch.set_num_threads(1)
     if args.worker:
         worker(args, device)
         return 0
