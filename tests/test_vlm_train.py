@@ -281,3 +281,13 @@ def test_eval_keeps_the_top_keep_ratio_tokens_when_a_budget_was_trained():
     assert threshold.decide(**decide).tolist() == [[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]]
     with pytest.raises(ValueError, match="pruner_keep_ratio"):
         LayerSpecificPruner(8, 4, [1], "simple", d_internal=8, keep_ratio=1.5)
+
+
+def test_missing_cifar_folder_is_named_in_one_line(tmp_path, capsys):
+    """dataset cifar10_vqa with a data folder that holds no CIFAR-10: one line naming the key and its value."""
+    args = ["--config", CONFIG, *SMALL, "dataset=cifar10_vqa", f"data={tmp_path / 'data'}",
+            f"save_dir={tmp_path / 'run'}"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == (f"error: data '{tmp_path / 'data'}': no cifar-10-batches-py folder in it "
+                                       f"(materialise ../shared/data with its materialize_cifar10.py)\n")
+    assert not os.path.exists(tmp_path / "run")

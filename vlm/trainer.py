@@ -90,7 +90,7 @@ def training_samples(config: VLMPruningConfig):
     if config.dataset == "jsonl":
         return read_vqa_jsonl(config.train_jsonl)
     if not os.path.isdir(os.path.join(config.data, "cifar-10-batches-py")):
-        raise UsageError(f"data {config.data}: no cifar-10-batches-py folder in it (materialise ../shared/data "
+        raise UsageError(f"data {config.data!r}: no cifar-10-batches-py folder in it (materialise ../shared/data "
                          f"with its materialize_cifar10.py)")
     return cifar10_vqa_splits(config.data, config.seed, config.train_images, 0)[0]
 
