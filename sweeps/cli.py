@@ -86,7 +86,7 @@ def sweep_main(argv: Sequence[str]) -> int:
     for cell in sweep.cells:
         state = before[cell.name]
         if state.state == cellstates.FINISHED:
-            print(f"skip {cell.name}: finished ({len(state.rounds)}/{cell.pruning_times} rounds)")
+            print(f"skip {cell.name}: finished ({summary.rounds_text(state.rounds, cell.pruning_times)} rounds)")
         elif state.state == cellstates.LOCKED:
             print(f"skip {cell.name}: {state.note}")
     record.write(sweep, options.executor, stored)

@@ -16,6 +16,16 @@ def _number(value) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 
 
+def rounds_text(rounds: List[int], pruning_times: int) -> str:
+    """`done/planned` for a cell's finished round numbers: planned are the rounds from its first recorded one
+    (0, or a branch's parent round + 1) to pruning_times - 1, as sweeps.cells counts a cell finished; rounds
+    past the plan (a run dir trained further by hand) show as `+N`. `[0, 1, 2]` of 2 -> `2/2 +1`."""
+    first = rounds[0] if rounds else 0
+    done = sum(1 for r in rounds if r < pruning_times)
+    extra = len(rounds) - done
+    return f"{done}/{max(pruning_times - first, 0)}" + (f" +{extra}" if extra else "")
+
+
 def row(cell: Cell, before: CellState, result, after: CellState) -> tuple:
     """`result`: an exit code, a text (a job id, a failure), None (never started) or 'skipped' for a cell
     that was not launched; best = the round with the best val top-1, its test top-1 beside it."""
@@ -24,7 +34,7 @@ def row(cell: Cell, before: CellState, result, after: CellState) -> tuple:
     else:
         shown = "not started" if result is None else str(result)
     best = after.best or {}
-    return (cell.name, before.state, shown, f"{len(after.rounds)}/{cell.pruning_times}",
+    return (cell.name, before.state, shown, rounds_text(after.rounds, cell.pruning_times),
             str(best.get("round", "-")), _number(best.get("val_top1")), _number(best.get("test_top1")))
 
 

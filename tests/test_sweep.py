@@ -387,3 +387,12 @@ def test_submitit_local_job_preempted_is_requeued_and_resumes(finished_sweep, tm
     jobs = json.load(open(tmp_path / "ref" / "jobs.json"))["submissions"]
     assert [j["cell"] for j in jobs[0]["jobs"]] == ["rate-0.5_seed-2"]
     assert_same_rounds(tmp_path / "ref" / "rate-0.5_seed-2", folder / "rate-0.5_seed-2")
+
+
+def test_rounds_column_counts_the_plan_and_what_lies_past_it():
+    """The table's rounds: done/planned from the first recorded round (a branch starts past 0), rounds past
+    pruning_times as +N (was `3/2` for a run dir trained one round further, `2/5` for a finished branch)."""
+    from sweeps.summary import rounds_text
+    assert rounds_text([0, 1], 2) == "2/2" and rounds_text([0], 2) == "1/2" and rounds_text([], 3) == "0/3"
+    assert rounds_text([0, 1, 2], 2) == "2/2 +1"
+    assert rounds_text([3, 4], 5) == "2/2" and rounds_text([3], 5) == "1/2"
