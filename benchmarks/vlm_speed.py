@@ -272,16 +272,30 @@ def run(tiny: bool, batch_sizes: Sequence[int], warmup: int, iters: int, graph: 
                     hard = measure_static(model, batch, decider, merger, timer, warmup, iters)
                     rows.append({**setting, **compared(static_origin, hard)})
         del batch
-    import transformers
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "model": "tiny LLaVA (32 x 32, 576 vision tokens)" if tiny else "LLaVA-1.5-7B shapes, random weights",
-            "dtype": str(dtype).replace("torch.", ""), "attention": "sdpa", "question_tokens": QUESTION_TOKENS,
-            "warmup": warmup, "iters": iters, "graph": graph, "torch": torch.__version__,
-            "transformers": transformers.__version__,
+    return {**setup(tiny, device, dtype), "warmup": warmup, "iters": iters, "graph": graph,
             "targets": {"speedup_over_flop_ratio": ">= 0.8", "overhead_pct": "<= 10"},
             "note": "288 centres with layers [10, 20, 31] cannot go below T̄ = 288 * 10 / 32 = 90; "
                     "T̄ 64 rows use 144 centres or layers [2, 10, 20]",
             "rows": rows}
+
+
+def setup(tiny: bool, device: torch.device, dtype: torch.dtype) -> dict:
+    """The results' header shared by this benchmark and benchmarks/vlm_token_scaling.py: device, model, dtype,
+    attention, question tokens, torch and transformers versions."""
+    import transformers
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "model": "tiny LLaVA (32 layers at width 32, 576 vision tokens)" if tiny
+            else "LLaVA-1.5-7B shapes, random weights",
+            "dtype": str(dtype).replace("torch.", ""), "attention": "sdpa", "question_tokens": QUESTION_TOKENS,
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def save(results: dict, path: str) -> int:
+    """Write `results` to `path` (atomic JSON), say so; returns exit code 0."""
+    from utils.checkpoint import atomic_write_json
+    atomic_write_json(path, results, indent=2)
+    print(f"wrote {path}")
+    return 0
 
 
 def print_table(results: dict) -> None:
@@ -321,10 +335,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   args.iters if args.iters is not None else (1 if args.tiny else 10), args.graph,
                   args.settings)
     print_table(results)
-    from utils.checkpoint import atomic_write_json
-    atomic_write_json(args.out, results, indent=2)
-    print(f"wrote {args.out}")
-    return 0
+    return save(results, args.out)
 
 
 if __name__ == "__main__":

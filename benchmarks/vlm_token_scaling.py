@@ -25,9 +25,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from benchmarks.vlm_speed import QUESTION_TOKENS, build, prompt_batch
+from benchmarks.vlm_speed import QUESTION_TOKENS, build, prompt_batch, save, setup
 from tokens.graphed import capture
-from utils.checkpoint import atomic_write_json
 from utils.timing import median_ms
 from vlm.cost import count_flops
 from vlm.llava import image_features, llava_parts
@@ -88,7 +87,7 @@ def ceilings(rows: List[dict]) -> List[dict]:
 
 def print_table(results: dict) -> None:
     run = "captured" if results["device"] != "cpu" else "eager: the CPU smoke run, not the GPU's ceiling"
-    print(f"{results['model']} on {results['device']} ({results['dtype']}, sdpa, {run})")
+    print(f"{results['model']} on {results['device']} ({results['dtype']}, {results['attention']}, {run})")
     print(f"{'B':>2} {'part':<26} {'T':>4} {'ms':>8} {'GFLOP':>9}")
     for r in results["rows"]:
         count = "" if r["vision_tokens"] is None else r["vision_tokens"]
@@ -118,16 +117,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = build(args.tiny, device, torch.float32 if args.tiny else torch.bfloat16)
     rows = [row for batch_size in args.batch_sizes
             for row in measure(model, batch_size, sorted(set(args.tokens)), args.warmup, args.iters)]
-    import transformers
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "model": "tiny LLaVA (32 layers at width 32)" if args.tiny else "LLaVA-1.5-7B shapes, random weights",
-               "dtype": str(model.dtype).replace("torch.", ""), "question_tokens": QUESTION_TOKENS,
-               "warmup": args.warmup, "iters": args.iters, "torch": torch.__version__,
-               "transformers": transformers.__version__, "rows": rows, "ceilings": ceilings(rows)}
+    results = {**setup(args.tiny, device, model.dtype), "warmup": args.warmup, "iters": args.iters, "rows": rows,
+               "ceilings": ceilings(rows)}
     print_table(results)
-    atomic_write_json(args.out, results, indent=2)
-    print(f"wrote {args.out}")
-    return 0
+    return save(results, args.out)
 
 
 if __name__ == "__main__":
