@@ -10,6 +10,12 @@
 #   OMP_NUM_THREADS=1 DATA=data OUT=/tmp/vlm_small MINUTES=0.5 IMAGE_SIZE=112 HIDDEN=32 VISION_LAYERS=2 BATCH=8 \
 #     WORKERS=0 PRUNE_WORKERS=0 PRUNE_STEPS=5 PRUNE_BATCH=4 PRUNE_IMAGES=500 LIMIT=16 EVAL_BATCH=8 \
 #     TRAIN_IMAGES=500 bash run_scripts/vlm_cifar.sh
+# Longer training than one call allows (docs/vlm.md): INIT=path continues a saved tiny_llava.pt (train_tiny_llava.py
+# --init: its weights, a fresh optimizer cycle over this call's MINUTES; HIDDEN / LAYERS / VISION_LAYERS / IMAGE_SIZE
+# must repeat its sizes, else it stops with one line). BASE_CHECKPOINT=path skips the tiny LLaVA training and
+# prunes that file instead (INIT is then an error):
+#   OUT=runs/more INIT=runs/vlm_cifar/tiny_llava/tiny_llava.pt bash run_scripts/vlm_cifar.sh
+#   OUT=runs/prune BASE_CHECKPOINT=runs/more/tiny_llava/tiny_llava.pt bash run_scripts/vlm_cifar.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
@@ -19,11 +25,22 @@ WORKERS=${WORKERS:-8}; PRUNE_STEPS=${PRUNE_STEPS:-300}; PRUNE_BATCH=${PRUNE_BATC
 LIMIT=${LIMIT:-1000}; EVAL_BATCH=${EVAL_BATCH:-100}; TRAIN_IMAGES=${TRAIN_IMAGES:-45000}
 LAYERS_PRUNED=${LAYERS_PRUNED:-[2,5,8]}; PRUNE_WORKERS=${PRUNE_WORKERS:-4}; PRUNE_IMAGES=${PRUNE_IMAGES:-5000}
 
-"$PYTHON" train_tiny_llava.py --data "$DATA" --out "$OUT/tiny_llava" --minutes "$MINUTES" --steps 100000 \
-    --batch_size "$BATCH" --lr 2e-3 --warmup 200 --hidden_size "$HIDDEN" --num_layers "$LAYERS" \
-    --vision_hidden_size "$HIDDEN" --vision_layers "$VISION_LAYERS" --image_size "$IMAGE_SIZE" \
-    --train_images "$TRAIN_IMAGES" --eval_every 100000 --eval_images "$LIMIT" --val_images 1000 \
-    --workers "$WORKERS" --no_progress
+BASE_CHECKPOINT=${BASE_CHECKPOINT:-}; INIT=${INIT:-}
+
+if [ -n "$BASE_CHECKPOINT" ]; then
+    if [ -n "$INIT" ]; then
+        echo "error: BASE_CHECKPOINT and INIT: give one (INIT trains, BASE_CHECKPOINT skips training)" >&2; exit 2
+    fi
+    if [ ! -f "$BASE_CHECKPOINT" ]; then echo "error: BASE_CHECKPOINT $BASE_CHECKPOINT: no such file" >&2; exit 2; fi
+    BASE="$BASE_CHECKPOINT"
+else
+    "$PYTHON" train_tiny_llava.py --data "$DATA" --out "$OUT/tiny_llava" --minutes "$MINUTES" --steps 100000 \
+        --batch_size "$BATCH" --lr 2e-3 --warmup 200 --hidden_size "$HIDDEN" --num_layers "$LAYERS" \
+        --vision_hidden_size "$HIDDEN" --vision_layers "$VISION_LAYERS" --image_size "$IMAGE_SIZE" \
+        --train_images "$TRAIN_IMAGES" --eval_every 100000 --eval_images "$LIMIT" --val_images 1000 \
+        --workers "$WORKERS" --no_progress ${INIT:+--init "$INIT"}
+    BASE="$OUT/tiny_llava/tiny_llava.pt"
+fi
 
 # name, merge ratio, extra keys: T̄ = M (2 + 3r + 3r² + 4r³) / 12 for layers [2, 5, 8] of 12 and head keep ratio r
 for run in "t75 0.75" "t50 0.75 pruner_keep_ratio=0.78 pruner_sparsity_weight=100 lr_pruner=5e-3" \
@@ -31,7 +48,7 @@ for run in "t75 0.75" "t50 0.75 pruner_keep_ratio=0.78 pruner_sparsity_weight=10
     set -- $run
     name=$1; ratio=$2; shift 2
     "$PYTHON" train_vlm_pruning.py --config configs/vision_token_pruning.yaml \
-        --base_checkpoint "$OUT/tiny_llava/tiny_llava.pt" data="$DATA" train_images="$PRUNE_IMAGES" steps="$PRUNE_STEPS" \
+        --base_checkpoint "$BASE" data="$DATA" train_images="$PRUNE_IMAGES" steps="$PRUNE_STEPS" \
         batch_size="$PRUNE_BATCH" merge_ratio="$ratio" "pruning_layers=$LAYERS_PRUNED" pruner_d_internal="$HIDDEN" \
         discriminator_d_internal="$HIDDEN" lr_merger=1e-3 lr_pruner=1e-3 save_every="$PRUNE_STEPS" no_wandb=true \
         progress=false workers="$PRUNE_WORKERS" save_dir="$OUT/$name" "$@" ${EXTRA_KEYS:-}

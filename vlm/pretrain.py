@@ -4,6 +4,10 @@ pruning is measured on a model whose answers depend on the image (`python train_
 Writes to --out: tiny_llava.pt (a checkpoint `load_tiny_llava` reads, weights_only-loadable: the
 LlavaConfig as a dict, the tokenizer's words, the weights, the model fingerprint, the accuracy),
 tiny_llava.json (val / test accuracy by question kind, steps, seconds) and metrics.jsonl.
+
+`--init PATH` continues training a saved tiny_llava.pt instead of a random init: the architecture (and word list)
+are the checkpoint's, the optimizer restarts (fresh AdamW, warmup + cosine over this run's steps: a new cycle,
+not the rest of the old one), and `total_steps` = the checkpoint's `step` + this run's steps is recorded.
 """
 import argparse
 import json
@@ -23,6 +27,16 @@ from vlm.llava import build_llava, num_image_tokens, tiny_llava_config
 from vlm.tokenizer import WordTokenizer
 
 FORMAT = "vlm-tiny-llava/1"
+# architecture flag -> (today's default, its value in a LlavaConfig); argparse defaults are None so that a flag
+# given explicitly can be told from one left out (resolved by resolve_architecture)
+ARCHITECTURE = {
+    "hidden_size": (128, lambda c: c.text_config.hidden_size),
+    "num_layers": (32, lambda c: c.text_config.num_hidden_layers),
+    "vision_hidden_size": (128, lambda c: c.vision_config.hidden_size),
+    "vision_layers": (4, lambda c: c.vision_config.num_hidden_layers),
+    "num_heads": (4, lambda c: c.text_config.num_attention_heads),
+    "image_size": (336, lambda c: c.vision_config.image_size),
+}
 
 
 def model_fingerprint(model) -> dict:
@@ -86,9 +100,13 @@ def evaluate_vqa(model, loader, tokenizer: WordTokenizer, device, image_size: in
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     from utils.cli import OneLineParser
-    p = OneLineParser(description="Train a tiny LLaVA on the CIFAR-10 VQA set (whole model, random init).")
+    p = OneLineParser(description="Train a tiny LLaVA on the CIFAR-10 VQA set (whole model, random init or --init).")
     p.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (materialise ../shared/data)")
     p.add_argument("--out", default="runs/tiny_llava")
+    p.add_argument("--init", help="continue from the weights of this tiny_llava.pt (its architecture; architecture "
+                   "flags may only repeat its values). The optimizer restarts: fresh AdamW, warmup + cosine over this "
+                   "run's --steps (a new cycle). Keep --seed / --val_images / --train_images of the first run so the "
+                   "held-out images stay held out")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (at most, with --minutes)")
     p.add_argument("--minutes", type=float, help="time budget: after 50 steps the step count is cut to what fits "
                    "into 85%% of it (the rest is left for evaluation)")
@@ -96,12 +114,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight_decay", type=float, default=0.05)
-    p.add_argument("--hidden_size", type=int, default=128)
-    p.add_argument("--num_layers", type=int, default=32)
-    p.add_argument("--vision_hidden_size", type=int, default=128)
-    p.add_argument("--vision_layers", type=int, default=4)
-    p.add_argument("--num_heads", type=int, default=4)
-    p.add_argument("--image_size", type=int, default=336)
+    for name, (default, _) in ARCHITECTURE.items():
+        p.add_argument(f"--{name}", type=int, help=f"default {default}, or the --init checkpoint's")
     p.add_argument("--train_images", type=int, default=45000)
     p.add_argument("--val_images", type=int, default=5000)
     p.add_argument("--eval_images", type=int, default=2000, help="test images scored at the end (2 questions each)")
@@ -112,9 +126,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--no_amp", action="store_true", help="no bf16 autocast on cuda")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "hidden_size", "num_layers", "vision_hidden_size", "vision_layers",
-                 "image_size", "train_images", "val_images", "eval_images", "eval_every"):
-        if getattr(args, name) <= 0:
+    for name in ("steps", "batch_size", *ARCHITECTURE, "train_images", "val_images", "eval_images", "eval_every"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name} {getattr(args, name)}: must be positive")
     if args.minutes is not None and args.minutes <= 0:
         raise UsageError(f"--minutes {args.minutes}: must be positive")
@@ -131,20 +144,65 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_architecture(args: argparse.Namespace, config=None, source: str = "") -> None:
+    """Fill the architecture flags left out (None) in `args`: from `config` (the LlavaConfig of the --init
+    checkpoint at `source`) when given, else from today's defaults (ARCHITECTURE).
+
+    Raises UsageError naming the flag and both values when a flag given explicitly differs from `config`.
+    """
+    for name, (default, value_in) in ARCHITECTURE.items():
+        given = getattr(args, name)
+        if config is None:
+            setattr(args, name, default if given is None else given)
+            continue
+        saved = int(value_in(config))
+        if given is not None and given != saved:
+            raise UsageError(f"--{name} {given}: differs from the --init checkpoint {source} ({name} {saved}); "
+                             f"leave it out to continue that model")
+        setattr(args, name, saved)
+
+
+def initial_model(args: argparse.Namespace):
+    """(model in train mode on the CPU, WordTokenizer, init record) to start training from: a random init of the
+    architecture flags, or with --init the checkpoint's weights (load_tiny_llava) and architecture. The init
+    record is None or {"path", "sha256" (of the file), "step" (its payload["step"])}. Resolves the architecture
+    flags in `args` (resolve_architecture).
+
+    Raises CheckpointError (one line, "--init <path>: ...") for a missing or foreign file or one whose word list
+    is not the CIFAR-10 VQA one; UsageError for an architecture flag that contradicts the checkpoint.
+    """
+    tokenizer = cifar10_vqa_tokenizer()
+    if args.init is None:
+        resolve_architecture(args)
+        config = tiny_llava_config(len(tokenizer), tokenizer.image_token_id, tokenizer.pad_token_id,
+                                   num_layers=args.num_layers, hidden_size=args.hidden_size,
+                                   vision_hidden_size=args.vision_hidden_size, vision_layers=args.vision_layers,
+                                   image_size=args.image_size, num_heads=args.num_heads)
+        return build_llava(config).train(), tokenizer, None
+    try:
+        model, saved_tokenizer, payload = load_tiny_llava(args.init)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--init {exc}") from None
+    if list(saved_tokenizer.words) != list(tokenizer.words):
+        raise CheckpointError(f"--init {args.init}: its word list ({len(saved_tokenizer)} words) is not the "
+                              f"CIFAR-10 VQA one ({len(tokenizer)} words)")
+    resolve_architecture(args, model.config, args.init)
+    record = {"path": args.init, "sha256": checkpoint.sha256_of(args.init), "step": int(payload.get("step", 0))}
+    return model.train(), saved_tokenizer, record
+
+
 def pretrain(args: argparse.Namespace) -> dict:
-    """Train, evaluate, save; returns the summary written to tiny_llava.json."""
+    """Train, evaluate, save; returns the summary written to tiny_llava.json. With --init the weights start from
+    that checkpoint and a fresh AdamW runs a new warmup + cosine cycle over this run's steps."""
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
-    tokenizer = cifar10_vqa_tokenizer()
-    config = tiny_llava_config(len(tokenizer), tokenizer.image_token_id, tokenizer.pad_token_id,
-                               num_layers=args.num_layers, hidden_size=args.hidden_size,
-                               vision_hidden_size=args.vision_hidden_size, vision_layers=args.vision_layers,
-                               image_size=args.image_size, num_heads=args.num_heads)
+    model, tokenizer, init = initial_model(args)
+    init_step = init["step"] if init else 0
     train, val, test = cifar10_vqa_splits(args.data, args.seed, args.train_images, args.val_images)
     test = test[:2 * args.eval_images]
     os.makedirs(args.out, exist_ok=True)
-    model = build_llava(config).to(device).train()
-    tokens = num_image_tokens(config)
+    model = model.to(device).train()
+    tokens = num_image_tokens(model.config)
     amp = not args.no_amp and device.type == "cuda"
     loader = lambda samples, answers, shuffle, seed: vqa_loader(  # noqa: E731
         samples, VQACollator(tokenizer, tokens, args.image_size, with_answers=answers, raw_images=True),
@@ -156,12 +214,15 @@ def pretrain(args: argparse.Namespace) -> dict:
         1 + math.cos(math.pi * min(step / total, 1.0)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
+    # continuing in the init's own folder appends to its metrics.jsonl, so that history is kept
+    same_folder = init is not None and os.path.samefile(os.path.dirname(os.path.abspath(args.init)), args.out)
     start, step, epoch = time.time(), 0, 0
     bar = progress(range(total), total, "tiny llava", not args.no_progress)
     steps_iter = iter(bar)
-    with open(metrics_path, "w") as metrics:
+    with open(metrics_path, "a" if same_folder else "w") as metrics:
         while step < total:
-            for batch in loader(train, True, True, args.seed + epoch):
+            # shuffles offset by the init's steps: a continued run does not replay the first run's batch order
+            for batch in loader(train, True, True, args.seed + init_step + epoch):
                 moved = batch_to(batch, device, image_size=args.image_size)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     loss = model(input_ids=moved["input_ids"], attention_mask=moved["attention_mask"],
@@ -180,7 +241,8 @@ def pretrain(args: argparse.Namespace) -> dict:
                     left = args.minutes * 60 * 0.85 - (time.time() - start)
                     total = max(50, min(args.steps, int(left / per_step) + 50))
                     print(f"{per_step * 1000:.1f} ms per step: training {total} steps", flush=True)
-                record = {"type": "step", "step": step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0]}
+                record = {"type": "step", "step": step, "total_steps": init_step + step, "loss": float(loss.detach()),
+                          "lr": scheduler.get_last_lr()[0]}
                 if step % args.eval_every == 0 or step == total:
                     record.update({f"val_{k}": v for k, v in evaluate_vqa(model, val_loader, tokenizer, device,
                                                                            args.image_size, amp).items()})
@@ -196,11 +258,14 @@ def pretrain(args: argparse.Namespace) -> dict:
     val_metrics = evaluate_vqa(model, val_loader, tokenizer, device, args.image_size, amp)
     test_metrics = evaluate_vqa(model, loader(test, False, False, 0), tokenizer, device, args.image_size, amp)
     model_path = os.path.join(args.out, "tiny_llava.pt")
-    summary = {"checkpoint": model_path, "steps": step, "epochs_seen": round(step * args.batch_size / len(train), 3),
+    summary = {"checkpoint": model_path, "steps": step, "total_steps": init_step + step, "init": init,
+               "epochs_seen": round(step * args.batch_size / len(train), 3),
                "train_seconds": round(seconds, 1), "final_loss": float(loss.detach()), "val": val_metrics,
                "test": test_metrics, "fingerprint": model_fingerprint(model), "args": vars(args),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    save_tiny_llava(model_path, model.cpu(), tokenizer, step, {"val": val_metrics, "test": test_metrics})
+    # atomic (temp file + rename): with --out the init's folder, the init file stays whole until this one is written
+    save_tiny_llava(model_path, model.cpu(), tokenizer, init_step + step,
+                    {"val": val_metrics, "test": test_metrics, "init": init, "total_steps": init_step + step})
     checkpoint.atomic_write_json(os.path.join(args.out, "tiny_llava.json"), summary, indent=2)
     return summary
 
