@@ -246,10 +246,11 @@ def run(argv=None) -> int:
     parts["one run"] = summarize(kernel_times(run_step, args.steps), args.top)
     del run_step, keep
     for cells in args.cells:
-        run_step, keep = fused_runner(args.arch, args.batch_size, cells, device, False, args.fused_layout)
-        warm_up(run_step, 5, device)
-        parts[f"{cells} fused"] = summarize(kernel_times(run_step, args.steps), args.top)
-        del run_step, keep
+        for route in ("auto", "streams"):
+            run_step, keep = fused_runner(args.arch, args.batch_size, cells, device, False, args.fused_layout, route)
+            warm_up(run_step, 5, device)
+            parts[f"{cells} fused ({keep[0].model.route})"] = summarize(kernel_times(run_step, args.steps), args.top)
+            del run_step, keep
     print(format_profile(parts), flush=True)
     record = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
               "flags": {k: v for k, v in vars(args).items() if k != "out"}, "profile": parts,

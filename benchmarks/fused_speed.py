@@ -42,17 +42,20 @@ class SyntheticBatches:
     """`POOL` batches of random uint8 CIFAR-shaped images and labels per cell, generated on `device`.
 
     `batch(k)` -> (float images, labels), normalised with CIFAR-10's mean/std: [cells, B, 3, 32, 32] and
-    [cells, B], or [B, 3, 32, 32] and [B] when `cells` is None (a plain run). `nhwc`: the images are
-    stored batch, H, W, cell, channel, so that the grouped route's [B, cells*3, H, W] view of them is
-    channels_last without a copy (and a plain run's batch is channels_last too).
+    [cells, B], or [B, 3, 32, 32] and [B] when `cells` is None (a plain run). `layout`: "nchw"; "nhwc_grouped"
+    (stored batch, H, W, cell, channel: the grouped route's [B, cells*3, H, W] view of them is channels_last
+    without a copy); "nhwc_cells" (stored cell, batch, H, W, channel: each cell's [B, 3, H, W] is
+    channels_last, for the streams route and a plain run).
     """
 
-    def __init__(self, cells, batch: int, device: torch.device, nhwc: bool, seed: int = 0):
+    def __init__(self, cells, batch: int, device: torch.device, layout: str, seed: int = 0):
         self.cells, count = cells, cells or 1
         generator = torch.Generator(device=device).manual_seed(seed)
-        shape = (POOL, batch, 32, 32, count, 3) if nhwc else (POOL, count, batch, 3, 32, 32)
+        shape, order = {"nchw": ((POOL, count, batch, 3, 32, 32), (0, 1, 2, 3, 4, 5)),
+                        "nhwc_grouped": ((POOL, batch, 32, 32, count, 3), (0, 4, 1, 5, 2, 3)),
+                        "nhwc_cells": ((POOL, count, batch, 32, 32, 3), (0, 1, 2, 5, 3, 4))}[layout]
         stored = torch.randint(0, 256, shape, generator=generator, device=device, dtype=torch.uint8)
-        self.images = stored.permute(0, 4, 1, 5, 2, 3) if nhwc else stored  # [POOL, cells, B, 3, H, W]
+        self.images = stored.permute(*order)  # [POOL, cells, B, 3, H, W]
         self.labels = torch.randint(0, 10, (POOL, count, batch), generator=generator, device=device)
         spec = DATASETS["cifar10"]
         self.mean = torch.tensor(spec.mean, device=device).view(3, 1, 1) * 255
@@ -64,24 +67,30 @@ class SyntheticBatches:
         return (images, labels) if self.cells else (images[0], labels[0])
 
 
-def fused_step(arch: str, cells: int, device: torch.device, compiled: bool, channels_last: bool):
-    """`cells` models of `arch` (seeds 0..cells-1) fused, with a graph-captured FusedTrainStep and each
-    cell's own random 80 % masks; `channels_last` applies to the grouped route on CUDA only. Returns
-    (FusedTrainStep, nhwc: whether the model is channels_last). Raises ValueError from fusion."""
+def fused_step(arch: str, cells: int, device: torch.device, compiled: bool, channels_last: bool,
+               route: str = "auto"):
+    """`cells` models of `arch` (seeds 0..cells-1) fused on `route`, with a graph-captured FusedTrainStep
+    and each cell's own random 80 % masks; `channels_last` applies to the grouped and streams routes on
+    CUDA. Returns (FusedTrainStep, batch layout for SyntheticBatches). Raises ValueError from fusion."""
     models, plans = [], []
     for seed in range(cells):
         torch.manual_seed(seed)
         models.append(create_model(arch, 10))
         masks = random_masks(prunable_weights(models[-1], exclude=dense_modules(models[-1])))
         plans.append(RoundPlan(train_masks=masks, final_masks=masks))
-    fused = fuse_models(models).to(device)
-    nhwc = channels_last and fused.route == "grouped" and device.type == "cuda"
-    if nhwc:
-        fused.to(memory_format=torch.channels_last)
+    fused = fuse_models(models, route).to(device)
+    convnet = any(isinstance(m, torch.nn.Conv2d) for m in models[0].modules())
+    layout = "nchw"
+    if channels_last and convnet and device.type == "cuda" and fused.route in ("grouped", "streams"):
+        if fused.route == "grouped":
+            fused.to(memory_format=torch.channels_last)
+        else:
+            fused.to_channels_last()
+        layout = "nhwc_grouped" if fused.route == "grouped" else "nhwc_cells"
     step = FusedTrainStep(fused, list(plans[0].train_masks), device, resolve_amp("auto", device), MOMENTUM,
                           [WEIGHT_DECAY] * cells, regularized=False, use_graph=True, compile_model=compiled)
     step.start_round(plans)
-    return step, nhwc
+    return step, layout
 
 
 def sync(device: torch.device) -> None:
@@ -107,17 +116,19 @@ def timed(run_step: Callable[[int], None], steps: int, offset: int, device: torc
 def plain_runner(arch: str, batch: int, device: torch.device, compiled: bool):
     """(run_step(k), keep-alive objects) for one plain run: the step on pool batch k."""
     built = plain_step(arch, device, masked=True, compiled=compiled)
-    data = SyntheticBatches(None, batch, device, built.channels_last)
+    data = SyntheticBatches(None, batch, device, "nhwc_cells" if built.channels_last else "nchw")
 
     def run_step(k):
         built.step(*data.batch(k), lr=LR, reg_lambda=0.0)
     return run_step, (built, data)
 
 
-def fused_runner(arch: str, batch: int, cells: int, device: torch.device, compiled: bool, layout: str):
+def fused_runner(arch: str, batch: int, cells: int, device: torch.device, compiled: bool, layout: str,
+                 route: str = "auto"):
     """(run_step(k), keep-alive objects) for `cells` fused cells: one fused step on pool batch k."""
-    step, nhwc = fused_step(arch, cells, device, compiled, channels_last=layout == "channels_last")
-    data = SyntheticBatches(cells, batch, device, nhwc)
+    step, batch_layout = fused_step(arch, cells, device, compiled, channels_last=layout == "channels_last",
+                                    route=route)
+    data = SyntheticBatches(cells, batch, device, batch_layout)
     lrs, lambdas = [LR] * cells, [0.0] * cells
 
     def run_step(k):
@@ -158,7 +169,8 @@ def measure_all(args, device) -> List[dict]:
             one = measure(lambda: plain_runner(arch, batch, device, args.compile), batch, 1, args, device)
             print(json.dumps({"arch": arch, "batch_size": batch, "one_run": one}), flush=True)
             for cells in args.cells:
-                fused = measure(lambda: fused_runner(arch, batch, cells, device, args.compile, args.fused_layout),
+                fused = measure(lambda: fused_runner(arch, batch, cells, device, args.compile, args.fused_layout,
+                                                     args.fused_route),
                                 cells * batch, cells, args, device)
                 row = {"arch": arch, "batch_size": batch, "cells": cells, "one_run_img_s": one.get("img_s"),
                        "one_run_peak_mib": one.get("peak_mib_per_cell"), "one_run_error": one.get("error")}
@@ -260,6 +272,9 @@ def parse_args(argv=None):
     p.add_argument("--cudnn_benchmark", action="store_true", help="let cuDNN time its convolution algorithms")
     p.add_argument("--fused_layout", default="channels_last", choices=("channels_last", "contiguous"),
                    help="memory layout of the grouped route's [B, N*C, H, W] activations on CUDA")
+    p.add_argument("--fused_route", default="auto", choices=("auto", "grouped", "vmap", "streams"),
+                   help="training/fused route: auto = grouped for convnets, vmap otherwise; streams = one "
+                   "CUDA stream per cell")
     p.add_argument("--max_processes", type=int, default=8, help="largest N of the N-processes comparison")
     p.add_argument("--group_timeout", type=float, default=600, help="seconds one group of processes may take")
     p.add_argument("--sweep_estimate", action="store_true",

@@ -34,11 +34,13 @@ def make_models(arch, seeds):
     return models
 
 
-@pytest.mark.parametrize("arch,train", [("res20s", True), ("res20s", False), ("test_vit", True)])
-def test_fused_forward_matches_each_model(arch, train):
+@pytest.mark.parametrize("arch,train,route", [("res20s", True, "auto"), ("res20s", False, "auto"),
+                                              ("test_vit", True, "auto"), ("res20s", True, "streams"),
+                                              ("res20s", False, "streams"), ("test_vit", True, "streams")])
+def test_fused_forward_matches_each_model(arch, train, route):
     models = make_models(arch, [1, 2, 3])
-    fused = fuse_models(models)
-    assert fused.route == ROUTE[arch] and fused.cells == 3
+    fused = fuse_models(models, route)
+    assert fused.route == (ROUTE[arch] if route == "auto" else route) and fused.cells == 3
     fused.train(train)
     for model in models:
         model.train(train)
@@ -138,8 +140,9 @@ def test_steps_keep_no_autograd_history(arch):
         assert [t.shape for t in kept if t.grad_fn is not None] == []
 
 
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_fused_update_rule_per_cell_in_either_layout(layout):
+@pytest.mark.parametrize("route,layout", [("grouped", torch.contiguous_format), ("grouped", torch.channels_last),
+                                          ("streams", torch.channels_last)])
+def test_fused_update_rule_per_cell_in_either_layout(route, layout):
     """One step of a grouped model, contiguous or channels_last (as the GPU benchmark runs it), against the
     update rule written out per cell from the same model's own gradients: d = g*mask + lambda_i*w*penalty +
     wd_i*w, momentum = d, w' = (w - lr_i*d)*mask. The per-cell row views follow each parameter's memory
@@ -157,7 +160,8 @@ def test_fused_update_rule_per_cell_in_either_layout(layout):
     images = torch.randn(2, 8, 3, 32, 32, generator=generator)
     labels = torch.randint(0, 10, (2, 8), generator=generator)
     lr, reg, wd = [0.05, 0.02], [0.5, 0.1], [1e-4, 5e-4]
-    fused = fuse_models(models).to(memory_format=layout)
+    fused = fuse_models(models, route)
+    fused = fused.to(memory_format=layout) if route == "grouped" else fused.to_channels_last()
     reference = copy.deepcopy(fused)  # same layout, same kernels: its gradients are the step's
     loss = torch.nn.functional.cross_entropy(reference(images).reshape(16, -1), labels.reshape(-1), reduction="none")
     loss.view(2, 8).mean(1).sum().backward()
@@ -165,7 +169,8 @@ def test_fused_update_rule_per_cell_in_either_layout(layout):
     step = FusedTrainStep(fused, names, CPU, "none", 0.9, wd, regularized=True, use_graph=False)
     step.start_round(plans)
     step(images, labels, lr=lr, reg_lambda=reg)
-    assert step.params[0].is_contiguous(memory_format=layout)
+    first_conv = step.params[0] if route == "grouped" else step.params[0][1]  # streams: cell 1's view
+    assert first_conv.dim() == 4 and first_conv.is_contiguous(memory_format=layout)
     params = reference.fused_params
     after = fused.unfuse()
     for i, plan in enumerate(plans):
@@ -183,7 +188,7 @@ def test_fused_update_rule_per_cell_in_either_layout(layout):
 def test_float32_attention_mode_runs_sdpa_in_float32_under_autocast():
     """The vmap route's CUDA attention under bf16 autocast: float32 inside, the query's dtype out, gradients
     flow; other functions are untouched (a matmul still runs in bf16)."""
-    from training.fused.models import Float32Attention
+    from training.fused.stacked import Float32Attention
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(2, 3, 5, 8, generator=generator).to(torch.bfloat16).requires_grad_()
     mask = torch.zeros(5, 5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
@@ -223,15 +228,16 @@ def cell_loader(train_set, cell, batch):
 # sum over 32k positions; it differs as much between two memory layouts of one separate run) and SGD at
 # these learning rates grows weight differences 5-10x per step, so its fp32 check is 2 steps and its
 # momentum (gradient-sized) tolerance 1e-4.
-@pytest.mark.parametrize("arch,dtype,batch,steps,tol,momentum_tol", [
-    ("res20s", torch.float64, 16, STEPS, 1e-9, 1e-9),
-    ("res20s", torch.float32, BATCH, 2, 1e-5, 1e-4),
-    ("test_vit", torch.float32, BATCH, STEPS, 1e-5, 1e-5)])
-def test_fused_pair_trains_like_two_separate_runs(arch, dtype, batch, steps, tol, momentum_tol):
+@pytest.mark.parametrize("arch,dtype,batch,steps,tol,momentum_tol,route", [
+    ("res20s", torch.float64, 16, STEPS, 1e-9, 1e-9, "auto"),
+    ("res20s", torch.float32, BATCH, 2, 1e-5, 1e-4, "auto"),
+    ("test_vit", torch.float32, BATCH, STEPS, 1e-5, 1e-5, "auto"),
+    ("res20s", torch.float64, 16, STEPS, 1e-9, 1e-9, "streams")])
+def test_fused_pair_trains_like_two_separate_runs(arch, dtype, batch, steps, tol, momentum_tol, route):
     train, _ = read_synthetic("")
     train_set = ImageSet(train.images[:batch * steps], train.labels[:batch * steps])
     models = [model.to(dtype) for model in make_models(arch, [cell["seed"] for cell in CELLS])]
-    fused = fuse_models(models)  # copies: the models below train separately
+    fused = fuse_models(models, route)  # copies: the models below train separately
     plans = [cell_setup(arch, cell, model)[1] for cell, model in zip(CELLS, models)]
 
     separate = []

@@ -1,5 +1,6 @@
-"""On CUDA: the graph-captured FusedTrainStep computes what the eager one computes, on both fusion routes
-(grouped convolutions for res20s; vmap with CUDA SDPA for vit_tiny), and every cell's masks hold."""
+"""On CUDA: the graph-captured FusedTrainStep computes what the eager one computes, on every fusion route
+(grouped convolutions for res20s; vmap with CUDA SDPA for vit_tiny; one CUDA stream per cell for both),
+and every cell's masks hold."""
 import warnings
 
 import pytest
@@ -15,7 +16,7 @@ CUDA = torch.device("cuda")
 ROUTE = {"res20s": "grouped", "vit_tiny": "vmap"}
 
 
-def make(arch, graph, amp):
+def make(arch, graph, amp, route="auto", channels_last=False):
     """Two cells (seeds 0 and 1) fused, each with its own 50 % masks and penalty masks."""
     models, plans = [], []
     generator = torch.Generator().manual_seed(1)
@@ -26,17 +27,19 @@ def make(arch, graph, amp):
         masks = {n: (torch.rand(w.shape, generator=generator) > 0.5).float() for n, w in weights.items()}
         penalty = {n: m * (torch.rand(m.shape, generator=generator) > 0.5).float() for n, m in masks.items()}
         plans.append(RoundPlan(train_masks=masks, final_masks=masks, penalty_masks=penalty))
-    fused = fuse_models(models).to(CUDA)
-    assert fused.route == ROUTE[arch]
+    fused = fuse_models(models, route).to(CUDA)
+    assert fused.route == (ROUTE[arch] if route == "auto" else route)
+    if channels_last:
+        fused.to_channels_last()
     step = FusedTrainStep(fused, list(plans[0].train_masks), CUDA, amp, 0.9, [1e-4, 5e-4], regularized=True,
                           use_graph=graph)
     step.start_round(plans)
     return fused, plans, step
 
 
-def train(arch, graph, amp, steps):
+def train(arch, graph, amp, steps, route="auto", channels_last=False):
     """`steps` steps of growing, per-cell learning rates; returns (loss sums, correct, fused parameters)."""
-    fused, plans, step = make(arch, graph, amp)
+    fused, plans, step = make(arch, graph, amp, route, channels_last)
     generator = torch.Generator(device="cuda").manual_seed(2)
     for i in range(steps):
         images = torch.randn(2, 32, 3, 32, 32, device="cuda", generator=generator)
@@ -51,13 +54,14 @@ def train(arch, graph, amp, steps):
     return loss_sum, correct, [p.detach().clone() for p in fused.parameters()]
 
 
-@pytest.mark.parametrize("arch", ["res20s", "vit_tiny"])
-def test_fused_graph_replay_matches_eager(arch):
+@pytest.mark.parametrize("arch,route", [("res20s", "auto"), ("vit_tiny", "auto"), ("res20s", "streams"),
+                                        ("vit_tiny", "streams")])
+def test_fused_graph_replay_matches_eager(arch, route):
     torch.backends.cudnn.deterministic = True
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        eager_loss, eager_correct, eager = train(arch, graph=False, amp="none", steps=6)
-        graph_loss, graph_correct, graphed = train(arch, graph=True, amp="none", steps=6)
+        eager_loss, eager_correct, eager = train(arch, graph=False, amp="none", steps=6, route=route)
+        graph_loss, graph_correct, graphed = train(arch, graph=True, amp="none", steps=6, route=route)
     fallbacks = [str(w.message) for w in caught if "batching rule" in str(w.message)]
     assert not fallbacks, fallbacks[0]  # vmap ran every op (SDPA included) batched, not as a per-cell loop
     assert graph_loss == pytest.approx(eager_loss, rel=1e-3)
@@ -74,3 +78,10 @@ def test_vit_tiny_fused_bf16_graph_runs():
     assert not [w for w in caught if "batching rule" in str(w.message)]
     assert all(torch.isfinite(torch.tensor(loss_sum))) and min(loss_sum) > 0
     assert all(0 <= c <= 3 * 32 for c in correct)
+
+
+def test_res20s_streams_bf16_channels_last_graph_trains():
+    """The streams route as the benchmark runs it: bf16, channels_last cell views, one captured graph."""
+    loss_sum, correct, params = train("res20s", graph=True, amp="bf16", steps=3, route="streams", channels_last=True)
+    assert all(torch.isfinite(torch.tensor(loss_sum))) and min(loss_sum) > 0 and loss_sum[0] != loss_sum[1]
+    assert params[0][1].is_contiguous(memory_format=torch.channels_last)

@@ -1,10 +1,12 @@
 """Horizontal fusion: N same-shaped runs of a sweep trained as one model (HFTA, MLSys 2021).
 
-models.py: fuse_models / FusedModel (grouped-conv or vmap route), fuse_masks.
+models.py: FusedModel and the grouped-conv route; stacked.py: the vmap and streams routes;
+fuse.py: fuse_models (route choice), fuse_masks.
 step.py: FusedTrainStep, N TrainSteps in one (per-cell lr, lambda, weight decay, masks).
 See docs/fused.md.
 """
-from training.fused.models import FusedModel, fuse_masks, fuse_models
+from training.fused.fuse import fuse_masks, fuse_models
+from training.fused.models import FusedModel
 from training.fused.step import FusedTrainStep
 
 __all__ = ["FusedModel", "FusedTrainStep", "fuse_masks", "fuse_models"]

@@ -1,6 +1,6 @@
 """N same-shaped models as one module ("horizontal fusion", HFTA: Wang et al., MLSys 2021).
 
-Two routes, one interface (`FusedModel`): images [N, B, C, H, W] -> logits [N, B, classes], where
+Three routes, one interface (`FusedModel`): images [N, B, C, H, W] -> logits [N, B, classes], where
 cell i sees only its own images and its own weights.
 
 - `grouped` (CNNs with BatchNorm, e.g. res20s): activations run as [B, N*C, H, W], cell-major
@@ -9,15 +9,14 @@ cell i sees only its own images and its own weights.
   (per-channel batch statistics and running statistics are exactly those of the separate models);
   each Linear a batched matmul over [N, out, in] weights. Functional ops in `forward` (relu, adds,
   pooling, flatten) act per channel or element, so they need no change.
-- `vmap` (models without BatchNorm running statistics, e.g. timm ViTs with LayerNorm):
-  torch.func.stack_module_state + vmap(functional_call), PyTorch's ensembling recipe. It needs no
-  knowledge of the model's internals (timm's Attention differs between versions), which is why the
-  ViTs take it instead of a hand-fused attention.
+- `vmap` and `streams` (training/fused/stacked.py): every tensor stacked [N, *cell_shape], run by
+  vmap(functional_call) or by one functional_call per cell on its own CUDA stream.
 
 Every fused tensor holds its cells along dim 0, cell-major: cell i's tensor is `fused[index]` with
 index i (stacked [N, ...] tensors) or slice(i*k, (i+1)*k) (conv / BatchNorm tensors of N*k rows),
 a view shaped exactly as the cell's tensor; `fused.view(N, -1)[i]` is the same numbers flattened.
-BatchNorm's `num_batches_tracked` is one shared counter (index ()): cells step in lockstep.
+On the grouped route BatchNorm's `num_batches_tracked` is one shared counter (index ()): cells step in
+lockstep; the stacked routes keep one per cell.
 """
 import copy
 from abc import ABC, abstractmethod
@@ -25,10 +24,6 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import functional_call, stack_module_state, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
 
 Index = Union[int, slice, Tuple[()]]
 
@@ -172,106 +167,3 @@ class GroupedFusedModel(FusedModel):
         cells, batch = images.shape[:2]
         logits = self.model(images.transpose(0, 1).reshape(batch, cells * images.shape[2], *images.shape[3:]))
         return logits.view(batch, cells, -1).transpose(0, 1)
-
-
-class Float32Attention(TorchFunctionMode):
-    """Inside it, F.scaled_dot_product_attention runs on float32 copies of its floating-point tensors (q, k, v,
-    a float mask) with autocast off and returns the query's dtype: the attention of the vmap route under bf16
-    autocast (see VmapFusedModel.forward)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-
-        def as_float(value):
-            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-        with torch.autocast(args[0].device.type, enabled=False):
-            out = func(*map(as_float, args), **{name: as_float(v) for name, v in kwargs.items()})
-        return out.to(args[0].dtype)
-
-
-class VmapFusedModel(FusedModel):
-    """torch.func route: stacked [N, ...] parameters, one vmapped functional_call per forward."""
-    route = "vmap"
-
-    def __init__(self, models: Sequence[nn.Module]):
-        super().__init__(models)
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-               for m in models[0].modules()):
-            raise ValueError("vmap fusion cannot update BatchNorm running statistics; use route='grouped'")
-        params, buffers = stack_module_state(list(models))
-        self.stacked = nn.ParameterList([nn.Parameter(params[name]) for name in params])
-        self._param_keys = list(params)
-        self._buffer_keys = list(buffers)
-        for k, name in enumerate(self._buffer_keys):
-            self.register_buffer(f"stacked_buffer_{k}", buffers[name])
-        self._base = [copy.deepcopy(models[0]).to("meta")]  # a list: not a submodule, holds no tensors
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self._base[0].train(mode)
-        return self
-
-    def _fused_tensors(self) -> Dict[str, torch.Tensor]:
-        tensors = dict(zip(self._param_keys, self.stacked))
-        tensors.update({name: getattr(self, f"stacked_buffer_{k}") for k, name in enumerate(self._buffer_keys)})
-        return {name: tensors[name] for name in self.cell_shapes if name in tensors}
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images [N, B, C, H, W] -> logits [N, B, classes]; stochastic layers draw per cell."""
-        params = dict(zip(self._param_keys, self.stacked))
-        buffers = {name: getattr(self, f"stacked_buffer_{k}") for k, name in enumerate(self._buffer_keys)}
-        base = self._base[0]
-
-        def one_cell(cell_params, cell_buffers, cell_images):
-            return functional_call(base, (cell_params, cell_buffers), (cell_images,))
-        if images.device.type != "cuda":
-            return vmap(one_cell, randomness="different")(params, buffers, images)
-        # CUDA: vmap folds the cell dim into SDPA's batch, and the fused kernels' backward then refuses the
-        # folded layout ("LSE is not correctly aligned (strideH)", torch 2.11, fp32 and bf16 alike); the math
-        # kernel is plain batched matmuls and softmax, cheap at a ViT-Tiny's 65 tokens, but under bf16
-        # autocast its vmapped softmax backward fails on a dtype check, so it runs in float32
-        with sdpa_kernel(SDPBackend.MATH), Float32Attention():
-            return vmap(one_cell, randomness="different")(params, buffers, images)
-
-
-ROUTES = {"grouped": GroupedFusedModel, "vmap": VmapFusedModel}
-
-
-def fuse_models(models: Sequence[nn.Module], route: str = "auto") -> FusedModel:
-    """One FusedModel holding copies of `models` (N >= 1 models of one architecture, same state keys
-    and shapes); the models themselves are left untouched. `route`: "grouped", "vmap" or "auto"
-    (grouped when every tensor-holding module is a Conv2d, BatchNorm2d or Linear, else vmap).
-    Raises ValueError for no models, differing architectures, or a route that cannot take them."""
-    if not models:
-        raise ValueError("fuse_models needs at least one model")
-    shapes = {name: t.shape for name, t in models[0].state_dict().items()}
-    for i, model in enumerate(models[1:], 1):
-        other = {name: t.shape for name, t in model.state_dict().items()}
-        if type(model) is not type(models[0]) or other != shapes:
-            raise ValueError(f"model {i} differs from model 0 in type or state shapes: "
-                             "cells must share one architecture")
-    if route == "auto":
-        route = "vmap" if grouped_unsupported(models[0]) else "grouped"
-    if route not in ROUTES:
-        raise ValueError(f"unknown fusion route {route!r}; choose from auto, {', '.join(ROUTES)}")
-    return ROUTES[route](models)
-
-
-def fuse_masks(fused: FusedModel, cell_masks: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """Per-cell masks (N dicts name -> 0/1 tensor shaped as the cell's parameter, same names in every
-    cell) -> name -> mask shaped as the fused parameter. Raises ValueError on a count or name mismatch."""
-    if len(cell_masks) != fused.cells:
-        raise ValueError(f"{len(cell_masks)} mask sets for {fused.cells} cells")
-    params = fused.fused_params
-    names = list(cell_masks[0])
-    out = {}
-    for name in names:
-        if name not in params or any(set(masks) != set(names) for masks in cell_masks):
-            raise ValueError(f"mask {name!r}: not a trainable parameter of every cell")
-        tensor, index = params[name]
-        out[name] = torch.empty_like(tensor, requires_grad=False)
-        for i, masks in enumerate(cell_masks):
-            out[name][index[i]] = masks[name]
-    return out

@@ -33,7 +33,7 @@ import torch
 
 from pruners.base import RoundPlan
 from training.fused.cells import fusion_key
-from training.fused.models import fuse_models
+from training.fused.fuse import fuse_models
 from training.fused.step import FusedTrainStep
 from training.loop import EpochResult, step_line
 from training.rounds import RoundRunner
