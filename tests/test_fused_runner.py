@@ -102,6 +102,18 @@ def test_fused_cells_match_their_separate_runs(fused_and_separate):
     assert first != epoch_losses(str(fused_and_separate[0][1]))  # the cells trained differently
 
 
+def test_streams_route_cells_match_their_separate_runs(fused_and_separate, tmp_path, one_thread):
+    """--fused_route streams (one functional_call per cell; sequential on the CPU) trains each cell as its
+    separate run does: the same masks, accuracies and losses (1e-5), weights within 1e-4."""
+    streams = [tmp_path / f"cell{i}" for i in range(2)]
+    base = [*BASE, "--fused_route", "streams"]
+    assert run_cells([cell_argv(base, c, d) for c, d in zip(CELLS, streams)], ["cell0", "cell1"]) == [0, 0]
+    for ours, theirs in zip(streams, fused_and_separate[1]):
+        assert_same_rounds(str(ours), str(theirs), rel=1e-5)
+    auto, routed = parse_config(BASE), parse_config(base)
+    assert fusion.differences(auto, routed) == ["--fused_route auto vs streams"]  # never one group
+
+
 def test_each_cell_has_the_files_of_a_separate_run(fused_and_separate):
     for ours, theirs in zip(*fused_and_separate):
         assert artifacts(ours) == artifacts(theirs)

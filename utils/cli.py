@@ -181,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the model inside the training step (auto: on for CUDA, where it measured "
                         "1.2-2x faster; falls back to eager with a warning if compilation fails)")
     g.add_argument("--no_cuda_graph", action="store_true", help="run the training step eagerly on CUDA")
+    g.add_argument("--fused_route", default=d.fused_route, choices=("auto", "grouped", "vmap", "streams"),
+                   help="how fused training (sweep.py --executor fused, --fused_grid) runs its cells: grouped "
+                   "convolutions, vmap, or one CUDA stream per cell; auto: grouped for convnets, else vmap "
+                   "(docs/fused.md)")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume on CPU)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--fused_grid", action="append", default=None, metavar="KEY=V1,V2",
@@ -281,7 +285,8 @@ def validate(args: argparse.Namespace, given: Optional[set] = None) -> RunConfig
         checkpoint_interval=args.checkpoint_interval, workers=args.workers, print_freq=args.print_freq,
         no_wandb=args.no_wandb, wandb_project=args.wandb_project, wandb_mode=args.wandb_mode,
         deterministic=args.deterministic, device=args.device, progress=not args.no_progress,
-        channels_last=args.channels_last, compile=args.compile, cuda_graph=not args.no_cuda_graph)
+        channels_last=args.channels_last, compile=args.compile, cuda_graph=not args.no_cuda_graph,
+        fused_route=args.fused_route)
 
 
 def _check_device(name: str) -> None:

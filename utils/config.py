@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 RUN_CONTROL_FIELDS = frozenset({
     "data", "save_dir", "exp_name", "resume", "resume_from", "workers", "print_freq", "no_wandb",
     "wandb_project", "wandb_mode", "device", "pruning_times", "deterministic", "progress", "checkpoint_interval",
-    "channels_last", "compile", "cuda_graph",
+    "channels_last", "compile", "cuda_graph", "fused_route",
 })
 
 
@@ -88,6 +88,7 @@ class RunConfig:
     channels_last: str = "auto"
     compile: str = "auto"
     cuda_graph: bool = True
+    fused_route: str = "auto"
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -14,10 +14,10 @@ from utils.config import RunConfig
 # What a fused group shares: the model's shapes (arch, dataset), the batches of an epoch (dataset, data,
 # val_size, batch_size), the rounds' lengths (epochs, pruning_times: cells step in lockstep), which weights
 # are masked (struct, conv1, prune_classifier), and the one step all cells take (momentum is shared by
-# FusedTrainStep; amp, device, graph, compile, channels_last, deterministic are process-wide).
+# FusedTrainStep; amp, device, graph, compile, channels_last, deterministic, fused_route are process-wide).
 SHARED_FIELDS = ("arch", "dataset", "data", "val_size", "batch_size", "epochs", "pruning_times", "struct",
                  "conv1", "prune_classifier", "momentum", "amp", "device", "cuda_graph", "compile",
-                 "channels_last", "deterministic")
+                 "channels_last", "deterministic", "fused_route")
 
 
 def fusion_key(config: RunConfig) -> Tuple:

@@ -208,7 +208,9 @@ class LockstepDriver:
             first, config = sessions[0], sessions[0].config
             for session in sessions:  # train mode, as train_epoch sets it (cells that met mid-run may differ)
                 session.model.train()
-            fused = fuse_models([s.model for s in sessions])
+            fused = fuse_models([s.model for s in sessions], config.fused_route)
+            if fused.route == "streams" and first.channels_last:  # each cell's view as its own model's layout
+                fused.to_channels_last()
             step = FusedTrainStep(fused, first.step.masked_names, first.device, first.amp, config.momentum,
                                   [s.config.weight_decay for s in sessions], first.step.regularized,
                                   use_graph=config.cuda_graph, compile_model=first.step.forward is not first.model)
