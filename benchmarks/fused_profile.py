@@ -28,9 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from benchmarks.fused_speed import fused_runner, int_list, plain_runner, warm_up
+from benchmarks.output import save
 from models import create_model, is_known_arch
 from training.fused import fuse_models
-from utils.checkpoint import atomic_write_json
 from utils.errors import UsageError, run_cli
 
 CATEGORIES = [("batch norm", r"batch_?norm|bn_fw|bn_bw|welford"),  # first matching label wins
@@ -259,9 +259,7 @@ def run(argv=None) -> int:
         record["convs"] = {str(cells): conv_table(args.arch, args.batch_size, cells) for cells in args.cells}
         for cells, rows in record["convs"].items():
             print(f"convolutions, {cells} cells:\n{format_convs(rows, int(cells))}")
-    atomic_write_json(args.out, record, indent=1)
-    print(f"wrote {args.out}")
-    return 0
+    return save(record, args.out, indent=1)
 
 
 def main(argv=None) -> int:

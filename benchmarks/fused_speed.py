@@ -24,6 +24,7 @@ import torch
 
 from benchmarks import concurrent
 from benchmarks.fused_sweep import sweep_estimates
+from benchmarks.output import save
 from benchmarks.train_steps import MOMENTUM, WEIGHT_DECAY, plain_step, random_masks
 from data import DATASETS
 from models import create_model, dense_modules, is_known_arch
@@ -31,7 +32,6 @@ from pruners.base import RoundPlan
 from pruners.masks import prunable_weights
 from training.fused import FusedTrainStep, fuse_models
 from training.step import resolve_amp
-from utils.checkpoint import atomic_write_json
 from utils.errors import UsageError, run_cli
 
 POOL = 4  # distinct batches per cell, cycled
@@ -327,9 +327,7 @@ def run(argv=None) -> int:
               f"measured {got} ({'met' if t['met'] else 'NOT met'})")
     for line in record.get("sweep_estimate", {}).get("lines", []):
         print(line)
-    atomic_write_json(args.out, record, indent=1)
-    print(f"wrote {args.out}")
-    return 0
+    return save(record, args.out, indent=1)
 
 
 def main(argv=None) -> int:

@@ -35,6 +35,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from benchmarks.output import save
+
 try:
     from vlm.baselines import keep_counts_for_budget, top_k_keep
     from utils.timing import median_ms
@@ -288,14 +290,6 @@ def setup(tiny: bool, device: torch.device, dtype: torch.dtype) -> dict:
             else "LLaVA-1.5-7B shapes, random weights",
             "dtype": str(dtype).replace("torch.", ""), "attention": "sdpa", "question_tokens": QUESTION_TOKENS,
             "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def save(results: dict, path: str) -> int:
-    """Write `results` to `path` (atomic JSON), say so; returns exit code 0."""
-    from utils.checkpoint import atomic_write_json
-    atomic_write_json(path, results, indent=2)
-    print(f"wrote {path}")
-    return 0
 
 
 def print_table(results: dict) -> None:

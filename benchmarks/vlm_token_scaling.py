@@ -25,7 +25,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from benchmarks.vlm_speed import QUESTION_TOKENS, build, prompt_batch, save, setup
+from benchmarks.output import save
+from benchmarks.vlm_speed import QUESTION_TOKENS, build, prompt_batch, setup
 from tokens.graphed import capture
 from utils.timing import median_ms
 from vlm.cost import count_flops
