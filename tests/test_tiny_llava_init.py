@@ -130,3 +130,20 @@ def test_non_checkpoint_init_is_refused(cifar10_root, tmp_path, capsys, make, me
     err = capsys.readouterr().err
     assert err.startswith(f"error: --init {path}: ") and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_a_fresh_run_never_overwrites_a_trained_model(two_step, capsys):
+    """Without --init (or with --init of another file), an --out holding tiny_llava.pt is refused: exit 2,
+    one line naming --out and the --init that would continue it, the file and its metrics untouched."""
+    data, folder = two_step
+    path = folder / "tiny_llava.pt"
+    before = {name: checkpoint.sha256_of(str(folder / name)) for name in ("tiny_llava.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    assert _run(data, folder, "--steps", "1", *ARCH) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --out {folder}: holds a trained tiny_llava.pt; continue it with --init {path}, " \
+                  f"or choose another --out"
+    other = folder.parent / "elsewhere.pt"
+    other.write_bytes(path.read_bytes())
+    assert _run(data, folder, "--steps", "1", "--init", str(other)) == 2
+    assert {name: checkpoint.sha256_of(str(folder / name)) for name in before} == before

@@ -118,7 +118,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=int, help=f"default {default}, or the --init checkpoint's")
     p.add_argument("--train_images", type=int, default=45000)
     p.add_argument("--val_images", type=int, default=5000)
-    p.add_argument("--eval_images", type=int, default=2000, help="test images scored at the end (2 questions each)")
+    p.add_argument("--eval_images", type=int, default=2000,
+                   help="test images scored at the end, and at most this many validation images at each evaluation "
+                   "(2 questions each)")
     p.add_argument("--eval_every", type=int, default=1000)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -191,13 +193,28 @@ def initial_model(args: argparse.Namespace):
     return model.train(), saved_tokenizer, record
 
 
+def refuse_overwrite(args: argparse.Namespace) -> None:
+    """UsageError when --out already holds a tiny_llava.pt that this run would replace without continuing it
+    (no --init, or --init of another file): a trained model is never overwritten by a fresh one."""
+    existing = os.path.join(args.out, "tiny_llava.pt")
+    if not os.path.exists(existing):
+        return
+    if args.init is not None and os.path.realpath(args.init) == os.path.realpath(existing):
+        return
+    raise UsageError(f"--out {args.out}: holds a trained tiny_llava.pt; continue it with --init {existing}, "
+                     f"or choose another --out")
+
+
 def pretrain(args: argparse.Namespace) -> dict:
     """Train, evaluate, save; returns the summary written to tiny_llava.json. With --init the weights start from
     that checkpoint and a fresh AdamW runs a new warmup + cosine cycle over this run's steps."""
     device = resolve_device(args.device)
+    refuse_overwrite(args)
     torch.manual_seed(args.seed)
     model, tokenizer, init = initial_model(args)
     init_step = init["step"] if init else 0
+    if init:
+        print(f"continuing {args.init} (step {init_step}): a fresh optimizer cycle of this run's steps", flush=True)
     train, val, test = cifar10_vqa_splits(args.data, args.seed, args.train_images, args.val_images)
     test = test[:2 * args.eval_images]
     os.makedirs(args.out, exist_ok=True)
