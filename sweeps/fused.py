@@ -47,9 +47,13 @@ class FusedPool(LocalPool):
 
     def plan_groups(self, todo: List[Cell]) -> List[List[Cell]]:
         """The cells in fused groups (a cell fused training cannot take: a group of its own)."""
-        from training.fused.cells import group_cells, unfusable
+        from training.fused.cells import group_cells, route_problem, unfusable
         from utils.cli import parse_config
         configs = [parse_config(cell.command[2:]) for cell in todo]  # sweeps/plan.py validated them
+        for cell, config in zip(todo, configs):
+            problem = route_problem(config)
+            if problem:
+                raise UsageError(f"cell {cell.name}: {problem}")
         alone = [i for i, config in enumerate(configs) if unfusable(config)]
         fusable = [i for i in range(len(todo)) if i not in alone]
         grouped = group_cells([configs[i] for i in fusable], self.fuse)

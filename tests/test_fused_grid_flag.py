@@ -127,6 +127,9 @@ def test_group_exit_code():
     (["--fused_grid", "seed=1,2", "--epochs", "0"], "error: runner flags (cell seed-1): --epochs 0: must be at "
      "least 1"),
     (["--fused_grid"], "error: --fused_grid: expected a value"),
+    (["--fused_grid", "seed=1,2", "--arch", "res20s", "--fused_route", "vmap"], "error: --fused_grid (cell seed-1): "
+     "--fused_route vmap with --arch res20s: vmap fusion cannot update BatchNorm running statistics; use "
+     "--fused_route auto or streams"),
 ])
 def test_bad_grids_are_refused_in_one_line_before_anything_is_written(tmp_path, capsys, extra, message):
     assert_refused([*drop(BASE, "--batch_size", "--arch", "--rate"), *extra], str(tmp_path / "g"), capsys, message)

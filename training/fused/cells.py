@@ -46,6 +46,25 @@ def unfusable(config: RunConfig) -> Optional[str]:
     return None
 
 
+def route_problem(config: RunConfig) -> Optional[str]:
+    """Why `--fused_route` cannot fuse `--arch` (a line naming both flags and the route to use), or None. Builds
+    one model on the meta device (no memory, no data) and fuses it as the runner would."""
+    if config.fused_route in ("auto", "streams"):  # auto picks a route that fits; streams takes any model
+        return None
+    import torch
+    from data import DATASETS
+    from models import create_model
+    from training.fused.fuse import fuse_models
+    with torch.device("meta"):
+        model = create_model(config.arch, DATASETS[config.dataset].num_classes)
+    try:
+        fuse_models([model], config.fused_route)
+    except ValueError as exc:
+        reason = str(exc).split(";")[0]
+        return f"--fused_route {config.fused_route} with --arch {config.arch}: {reason}; use --fused_route auto or streams"
+    return None
+
+
 def group_cells(configs: Sequence[RunConfig], size: int,
                 key: Callable[[RunConfig], Tuple] = fusion_key) -> List[List[int]]:
     """Indices of `configs` in fused groups of at most `size` (>= 1) runs with equal `key`: keys in order of

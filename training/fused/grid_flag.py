@@ -120,7 +120,7 @@ class FusedGrid:
 def plan_cells(argv: Sequence[str]) -> FusedGrid:
     """The grid of a runner command line with --fused_grid, everything checked before anything is written;
     UsageError (one line naming the flag or cell) otherwise."""
-    from training.fused.cells import unfusable
+    from training.fused.cells import route_problem, unfusable
     from training.start import check_run_dir
     from utils.cli import parse_config
     texts, flags = pull_flag(list(argv), FLAG)
@@ -144,7 +144,7 @@ def plan_cells(argv: Sequence[str]) -> FusedGrid:
     check_shared(sweep, configs)
     cells = []
     for cell, cell_argv, config in zip(sweep.cells, argvs, configs):
-        why = unfusable(config)  # --struct lowrank / merge / token, --nan_policy skip_batch
+        why = unfusable(config) or route_problem(config)  # --struct lowrank / merge / token, skip_batch; a route
         if why:
             raise UsageError(f"{FLAG} (cell {cell.name}): {why}")
         state = cellstates.cell_state(cell.run_dir, cell.pruning_times)

@@ -33,7 +33,7 @@ def read_cells(path: str) -> List[List[str]]:
 
 def check_cells(cells: Sequence[Sequence[str]]) -> List[str]:
     """Each cell's run dir, after the runner's parser accepted its flags; UsageError naming the cell if not."""
-    from training.fused.cells import unfusable
+    from training.fused.cells import route_problem, unfusable
     from utils.cli import parse_config
     directories: List[str] = []
     for index, argv in enumerate(cells):
@@ -42,7 +42,7 @@ def check_cells(cells: Sequence[Sequence[str]]) -> List[str]:
         except UsageError as exc:
             raise UsageError(f"cell {index}: {exc}") from None
         directory = os.path.abspath(paths.run_dir(config))
-        why = unfusable(config)
+        why = unfusable(config) or route_problem(config)
         if why:
             raise UsageError(f"cell {index} ({directory}): {why}")
         if directory in directories:
