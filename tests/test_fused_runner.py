@@ -102,12 +102,17 @@ def test_fused_cells_match_their_separate_runs(fused_and_separate):
     assert first != epoch_losses(str(fused_and_separate[0][1]))  # the cells trained differently
 
 
-def test_streams_route_cells_match_their_separate_runs(fused_and_separate, tmp_path, one_thread):
+def test_streams_route_cells_match_their_separate_runs(fused_and_separate, tmp_path, one_thread, capsys):
     """--fused_route streams (one functional_call per cell; sequential on the CPU) trains each cell as its
-    separate run does: the same masks, accuracies and losses (1e-5), weights within 1e-4."""
+    separate run does: the same masks, accuracies and losses (1e-5), weights within 1e-4. Each cell's log and
+    printed lines say which route ran."""
     streams = [tmp_path / f"cell{i}" for i in range(2)]
-    base = [*BASE, "--fused_route", "streams"]
+    base = [*BASE, "--fused_route", "streams", "--print_freq", "4"]
     assert run_cells([cell_argv(base, c, d) for c, d in zip(CELLS, streams)], ["cell0", "cell1"]) == [0, 0]
+    out = capsys.readouterr().out
+    assert "[cell0] fused with cell1 on the streams route (--fused_route streams)\n" in out
+    assert "[cell1] round 1 epoch 2/2 step 8/9: running loss " in out  # the driver's lines carry the cell's label
+    assert "fused with cell0 on the streams route" in (streams[1] / "log.txt").read_text()
     for ours, theirs in zip(streams, fused_and_separate[1]):
         assert_same_rounds(str(ours), str(theirs), rel=1e-5)
     auto, routed = parse_config(BASE), parse_config(base)

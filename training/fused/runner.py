@@ -99,6 +99,7 @@ class LockstepDriver:
     def __init__(self, argvs: Sequence[Sequence[str]], labels: Optional[Sequence[str]] = None):
         self.argvs = [list(a) for a in argvs]
         self.labels = list(labels) if labels else [f"cell {i}" for i in range(len(argvs))]
+        self.idents: Dict[int, str] = {}  # thread -> the cell label its printed lines start with (CellStream)
         self.stop = StopRequest()
         self.codes: List[Optional[int]] = [None] * len(argvs)
         self.requests: Dict[int, EpochRequest] = {}
@@ -150,7 +151,7 @@ class LockstepDriver:
         threads = [threading.Thread(target=self._cell_main, args=(i,), name=f"cell-{i}", daemon=True)
                    for i in range(len(self.argvs))]
         saved = sys.stdout, sys.stderr
-        idents: Dict[int, str] = {}
+        idents = self.idents
         sys.stdout, sys.stderr = CellStream(saved[0], idents), CellStream(saved[1], idents)
         try:
             with self.stop:
@@ -216,6 +217,10 @@ class LockstepDriver:
                                   use_graph=config.cuda_graph, compile_model=first.step.forward is not first.model)
             step.log = group[0].runner.tracker.info
             self.fused[cells] = (fused, step)
+            for request in group:
+                others = ", ".join(self.labels[r.cell] for r in group if r is not request)
+                self._say(request, f"fused with {others} on the {fused.route} route (--fused_route "
+                                   f"{config.fused_route})")
         return self.fused[cells]
 
     @torch.no_grad()
@@ -257,14 +262,22 @@ class LockstepDriver:
                 return index + 1, seen
         return None, seen
 
+    def _say(self, request: EpochRequest, line: str) -> None:
+        """`line` into the request's cell log, printed with the cell's `[label]` (from this, the driver's thread)."""
+        me = threading.get_ident()
+        self.idents[me] = self.labels[request.cell]
+        try:
+            request.runner.tracker.info(line)
+        finally:
+            self.idents.pop(me, None)
+
     def _report(self, step: FusedTrainStep, group: List[EpochRequest], done: int, steps: int, seen: int,
                 seconds: float) -> None:
         for request, loss_sum in zip(group, step.running_loss_sum()):
             round_index, epoch, _ = request.position
-            runner = request.runner
             total = request.carried[0] + seen
-            runner.tracker.info(step_line(round_index, epoch + 1, runner.config.epochs, done, steps,
-                                          loss_sum / max(total, 1), seen / max(seconds, 1e-9)))
+            self._say(request, step_line(round_index, epoch + 1, request.runner.config.epochs, done, steps,
+                                         loss_sum / max(total, 1), seen / max(seconds, 1e-9)))
 
     @torch.no_grad()
     def _store(self, fused, step: FusedTrainStep, group: List[EpochRequest], stopped: Optional[int],
