@@ -1,11 +1,11 @@
-"""Where a fused step's time goes: kernel time by category, one run vs N fused cells, and each
-convolution of the arch timed alone as N separate convolutions vs one grouped convolution.
+"""Where the time of a fused training step goes, on one GPU (kernels, whole models, convolutions).
 
-Two parts, both on one GPU, written to one JSON file and printed as tables:
+Three parts, written to one JSON file and printed as tables:
 
 - `profile`: torch.profiler over `--steps` graph-replayed training steps of the plain run and of N fused
-  cells (benchmarks/fused_speed's runners, same data and masks). Kernel time per step, grouped into
-  convolution / batch norm / matmul / optimizer / other, and the top kernels by time.
+  cells on the auto route and on the streams route (benchmarks/fused_speed's runners, same data and masks).
+  Kernel time per step, grouped into convolution / batch norm / matmul / optimizer / other, and the top
+  kernels by time.
 - `models`: forward + backward of whole models (no optimizer), bf16, each variant captured in one CUDA
   graph: one model; N models one after another on one stream; N models on N CUDA streams (the graph
   runs their kernels concurrently); the N models fused by training/fused (`fuse_models`).

@@ -11,14 +11,15 @@
 #     WORKERS=0 PRUNE_WORKERS=0 PRUNE_STEPS=5 PRUNE_BATCH=4 PRUNE_IMAGES=500 LIMIT=16 EVAL_BATCH=8 \
 #     TRAIN_IMAGES=500 bash run_scripts/vlm_cifar.sh
 # Longer training than one call allows (docs/vlm.md): INIT=path continues a saved tiny_llava.pt (train_tiny_llava.py
-# --init: its weights, a fresh optimizer cycle over this call's MINUTES; HIDDEN / LAYERS / VISION_LAYERS / IMAGE_SIZE
-# must repeat its sizes, else it stops with one line). BASE_CHECKPOINT=path skips the tiny LLaVA training and
-# prunes that file instead (INIT is then an error):
+# --init: its weights and sizes, a fresh optimizer cycle over this call's MINUTES; HIDDEN / LAYERS / VISION_LAYERS /
+# IMAGE_SIZE may be left unset, and one set to another size than the checkpoint's stops it with one line).
+# BASE_CHECKPOINT=path skips the tiny LLaVA training and prunes that file instead (INIT is then an error):
 #   OUT=runs/more INIT=runs/vlm_cifar/tiny_llava/tiny_llava.pt bash run_scripts/vlm_cifar.sh
 #   OUT=runs/prune BASE_CHECKPOINT=runs/more/tiny_llava/tiny_llava.pt bash run_scripts/vlm_cifar.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
+GIVEN_SIZES="${HIDDEN:+h}${LAYERS:+l}${VISION_LAYERS:+v}${IMAGE_SIZE:+i}"  # with INIT only these are passed on
 DATA=${DATA:-data}; OUT=${OUT:-runs/vlm_cifar}; MINUTES=${MINUTES:-3.8}; IMAGE_SIZE=${IMAGE_SIZE:-336}
 HIDDEN=${HIDDEN:-128}; LAYERS=${LAYERS:-12}; VISION_LAYERS=${VISION_LAYERS:-4}; BATCH=${BATCH:-64}
 WORKERS=${WORKERS:-8}; PRUNE_STEPS=${PRUNE_STEPS:-300}; PRUNE_BATCH=${PRUNE_BATCH:-32}
@@ -33,10 +34,15 @@ if [ -n "$BASE_CHECKPOINT" ]; then
     fi
     if [ ! -f "$BASE_CHECKPOINT" ]; then echo "error: BASE_CHECKPOINT $BASE_CHECKPOINT: no such file" >&2; exit 2; fi
     BASE="$BASE_CHECKPOINT"
+    echo "pruning $BASE (BASE_CHECKPOINT: no tiny LLaVA training)"
 else
+    SIZES=()  # a fresh model gets every size; one continued with INIT its own, but for sizes set here (checked)
+    if [ -z "$INIT" ] || [[ $GIVEN_SIZES == *h* ]]; then SIZES+=(--hidden_size "$HIDDEN" --vision_hidden_size "$HIDDEN"); fi
+    if [ -z "$INIT" ] || [[ $GIVEN_SIZES == *l* ]]; then SIZES+=(--num_layers "$LAYERS"); fi
+    if [ -z "$INIT" ] || [[ $GIVEN_SIZES == *v* ]]; then SIZES+=(--vision_layers "$VISION_LAYERS"); fi
+    if [ -z "$INIT" ] || [[ $GIVEN_SIZES == *i* ]]; then SIZES+=(--image_size "$IMAGE_SIZE"); fi
     "$PYTHON" train_tiny_llava.py --data "$DATA" --out "$OUT/tiny_llava" --minutes "$MINUTES" --steps 100000 \
-        --batch_size "$BATCH" --lr 2e-3 --warmup 200 --hidden_size "$HIDDEN" --num_layers "$LAYERS" \
-        --vision_hidden_size "$HIDDEN" --vision_layers "$VISION_LAYERS" --image_size "$IMAGE_SIZE" \
+        --batch_size "$BATCH" --lr 2e-3 --warmup 200 "${SIZES[@]}" \
         --train_images "$TRAIN_IMAGES" --eval_every 100000 --eval_images "$LIMIT" --val_images 1000 \
         --workers "$WORKERS" --no_progress ${INIT:+--init "$INIT"}
     BASE="$OUT/tiny_llava/tiny_llava.pt"

@@ -44,8 +44,15 @@ def test_a_branch_under_other_runtime_settings_warns_in_one_line(capsys):
 
 
 def test_a_directory_or_rewind_weights_where_a_checkpoint_is_due_are_named(tmp_path):
-    with pytest.raises(CheckpointError, match="a directory, not a checkpoint file"):
+    with pytest.raises(CheckpointError, match=r"a directory, not a checkpoint file; it holds no checkpoint file "
+                                              r"\(\*\.pth\.tar, \*\.pt\)$"):
         checkpoint.load(str(tmp_path))
+    (tmp_path / "tiny_llava.pt").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(CheckpointError, match=r"a directory, not a checkpoint file; name one of its files, e\.g\. "
+                                              r".*tiny_llava\.pt$"):
+        checkpoint.load(str(tmp_path))
+    (tmp_path / "tiny_llava.pt").unlink()
     rewind = str(tmp_path / "rewind.pth.tar")
     checkpoint.save(rewind, {"kind": "rewind", "prune_type": "lt", "epoch": 0, "model": {"w": torch.zeros(2)}})
     with pytest.raises(CheckpointError, match="the run's rewind weights .* use a numbered <k>checkpoint.pth.tar"):

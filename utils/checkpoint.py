@@ -111,8 +111,10 @@ def load_file(path: str) -> dict:
     file, and for one whose content no longer matches the digest it was saved with.
     """
     if os.path.isdir(path):
-        raise CheckpointError(f"{path}: a directory, not a checkpoint file; name one of its files, "
-                              f"e.g. {os.path.join(path, '0checkpoint.pth.tar')}")
+        found = sorted(name for name in os.listdir(path) if name.endswith((".pth.tar", ".pt", ".pth")))
+        hint = (f"name one of its files, e.g. {os.path.join(path, found[0])}" if found
+                else "it holds no checkpoint file (*.pth.tar, *.pt)")
+        raise CheckpointError(f"{path}: a directory, not a checkpoint file; {hint}")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     if os.path.getsize(path) == 0:
