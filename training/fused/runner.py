@@ -214,7 +214,9 @@ class LockstepDriver:
                 fused.to_channels_last()
             step = FusedTrainStep(fused, first.step.masked_names, first.device, first.amp, config.momentum,
                                   [s.config.weight_decay for s in sessions], first.step.regularized,
-                                  use_graph=config.cuda_graph, compile_model=first.step.forward is not first.model)
+                                  use_graph=config.cuda_graph,
+                                  # streams: eager inside the graph (torch.compile of per-cell stream switches untested)
+                                  compile_model=first.step.forward is not first.model and fused.route != "streams")
             step.log = group[0].runner.tracker.info
             self.fused[cells] = (fused, step)
             for request in group:
