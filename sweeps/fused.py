@@ -3,8 +3,8 @@
 Cells whose runner configs share training/fused/cells.py's SHARED_FIELDS (arch, batch size, epochs, rounds,
 struct, ...) form groups of at most N; each group is one `python -m training.fused.run` process that
 trains its cells as one fused model, each cell in its own run dir exactly as a separate run would leave
-it. A group of one, and a cell fused training cannot take (--struct lowrank / merge / token, --nan_policy
-skip_batch), runs as a plain runner process. The processes are the local pool's (sweeps/local.py:
+it. A group of one, and a cell fused training cannot take (--struct lowrank / merge / token), runs as a
+plain runner process. The processes are the local pool's (sweeps/local.py:
 --parallel at a time, one GPU each, SIGTERM forwarded so every cell saves and `--resume` continues it).
 A group's output goes to logs/<group>.log; each member's own log gets a line naming it.
 """

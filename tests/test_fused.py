@@ -280,3 +280,42 @@ def test_fused_pair_trains_like_two_separate_runs(arch, dtype, batch, steps, tol
     assert separate[0][0] != pytest.approx(separate[1][0], rel=1e-3)  # the cells did differ
     loss_sums, corrects, bad = fused_step.read_epoch()
     assert bad == [None, None] and corrects == [s[1] for s in separate]
+
+
+@pytest.mark.parametrize("route", ["auto", "streams"])
+def test_skip_batch_skips_only_the_bad_cell(route):
+    """--nan_policy skip_batch per cell: cell 1 gets a NaN batch at step 2; it keeps its weights and momentum
+    for that step and counts neither its loss nor its accuracy (TrainStep's skip, on the device), while cell 0
+    steps. float64: both cells equal their separate skip_nonfinite TrainSteps to 1e-8 after 4 steps."""
+    generator = torch.Generator().manual_seed(5)
+    models = [model.double() for model in make_models("res20s", [1, 2])]
+    fused = fuse_models(models, route)
+    plans = [cell_setup("res20s", cell, model)[1] for cell, model in zip(CELLS, models)]
+    batches = [(torch.randn(2, 8, 3, 32, 32, generator=generator, dtype=torch.float64),
+                torch.randint(0, 10, (2, 8), generator=generator)) for _ in range(4)]
+    batches[2][0][1, 3, 0, 5, 5] = float("nan")
+    separate = []
+    for i, (cell, model, plan) in enumerate(zip(CELLS, models, plans)):
+        weights, _ = cell_setup("res20s", cell, model)
+        step = TrainStep(model, weights, CPU, "none", 0.9, cell["wd"], regularized=True, use_graph=False,
+                         skip_nonfinite=True)
+        step.start_round(plan)
+        taken = [step(images[i], labels[i], lr=cell["lr"], reg_lambda=cell["reg"]) for images, labels in batches]
+        separate.append((taken, step.read_epoch(), step.state_dict()["momentum_buffers"]))
+    assert [s[0] for s in separate] == [[True] * 4, [True, True, False, True]]
+    step = FusedTrainStep(fused, list(plans[0].train_masks), CPU, "none", 0.9, [c["wd"] for c in CELLS],
+                          regularized=True, use_graph=False, skip_nonfinite=True)
+    step.start_round(plans)
+    for images, labels in batches:
+        step(images, labels, lr=[c["lr"] for c in CELLS], reg_lambda=[c["reg"] for c in CELLS])
+    assert step.skipped.tolist() == [0, 1]
+    loss_sum, correct, bad = step.read_epoch()
+    assert bad == [None, None] and step.skipped.tolist() == [0, 0]  # read_epoch resets the counter
+    states = fused.unfuse()
+    for i, (taken, (cell_loss, cell_correct, _), momentum) in enumerate(separate):
+        assert loss_sum[i] == pytest.approx(cell_loss, rel=1e-9) and correct[i] == cell_correct
+        for name, value in models[i].state_dict().items():  # NaN BatchNorm statistics in cell 1, as separately
+            assert torch.allclose(states[i][name].double(), value.double(), rtol=0, atol=1e-8, equal_nan=True), name
+        for fused_buf, buf in zip(step.cell_state_dict(i)["momentum_buffers"], momentum):
+            assert (fused_buf - buf).abs().max() <= 1e-7 * max(buf.abs().max(), 1.0), (i, buf.abs().max())
+    assert all(torch.isfinite(t).all() for name, t in states[1].items() if "running" not in name)

@@ -122,8 +122,8 @@ def test_group_exit_code():
     (["--fused_grid", "seed=1,01"], "error: --fused_grid seed=1,01: seed=01 gives the same runner config as seed=1"),
     (["--fused_grid", "seed=1,2", "--seed", "3"], "error: --fused_grid seed=1,2: --seed is also in the runner flags"),
     (["--fused_grid", "resume=true,false"], "error: --fused_grid resume=true,false: --resume is not a cell value"),
-    (["--fused_grid", "nan_policy=stop,skip_batch"], "error: --fused_grid (cell nan_policy-skip-batch): --nan_policy "
-     "skip_batch: fused runs drop a cell"),
+    (["--fused_grid", "nan_policy=stop,skip_batch"], "error: --fused_grid nan_policy=stop,skip_batch: cells would "
+     "differ in --nan_policy stop vs skip_batch"),
     (["--fused_grid", "seed=1,2", "--epochs", "0"], "error: runner flags (cell seed-1): --epochs 0: must be at "
      "least 1"),
     (["--fused_grid"], "error: --fused_grid: expected a value"),

@@ -89,7 +89,7 @@ def test_grouping_splits_incompatible_cells_and_caps_the_group_size():
         fusion.group_cells(configs, 0)
     assert fusion.unfusable(configs[0]) is None
     assert "--struct lowrank" in fusion.unfusable(parse_config([*flags, "--struct", "lowrank"]))
-    assert fusion.unfusable(parse_config([*flags, "--nan_policy", "skip_batch"])).startswith("--nan_policy")
+    assert fusion.unfusable(parse_config([*flags, "--nan_policy", "skip_batch"])) is None  # skips per cell
 
 
 # ---- equivalence with separate runs ----------------------------------------------------------------------
@@ -140,6 +140,24 @@ def test_a_nan_cell_drops_out_and_the_other_finishes(tmp_path, one_thread, capsy
     assert not os.path.exists(paths.round_checkpoint(str(bad), 0))
     rounds = [r for r in read_jsonl(paths.metrics_file(str(good))) if r["type"] == "round"]
     assert [r["round"] for r in rounds] == [0, 1] and all(0 < r["train_loss"] < 10 for r in rounds)
+
+
+def test_skip_batch_skips_per_cell_like_a_separate_run(tmp_path, one_thread, capsys):
+    """--nan_policy skip_batch fuses: the diverging cell skips its non-finite batches (weights and momentum
+    kept) and stops as its separate run stops, with the same line; the other cell's losses are its separate
+    run's (1e-5)."""
+    base = [*BASE[:BASE.index("--epochs")], "--epochs", "1", "--warmup", "0", "--nan_policy", "skip_batch"]
+    cells = [["--lr", "1e6"], ["--lr", "0.05"]]
+    fused = [tmp_path / "fused" / name for name in ("bad", "good")]
+    assert run_cells([cell_argv(base, c, d) for c, d in zip(cells, fused)], ["bad", "good"]) == [3, 0]
+    fused_err = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines() if line.startswith("[bad] error")]
+    separate = [tmp_path / "separate" / name for name in ("bad", "good")]
+    assert [runner_main(cell_argv(base, c, d)) for c, d in zip(cells, separate)] == [3, 0]
+    separate_err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(fused_err) == 1 and " after 40 skipped batches; stopped without saving" in fused_err[0]
+    assert fused_err == [e.replace(str(separate[0]), str(fused[0])) for e in separate_err]
+    ours, theirs = epoch_losses(str(fused[1])), epoch_losses(str(separate[1]))
+    assert len(ours) == 2 and ours == pytest.approx(theirs, rel=1e-5)
 
 
 # ---- kill and resume --------------------------------------------------------------------------------
@@ -207,15 +225,15 @@ def test_killed_fused_group_resumes_to_the_uninterrupted_result_and_a_cell_resum
 def test_fused_entry_refuses_bad_cells_in_one_line(tmp_path, capsys):
     from training.fused.run import main
     bad = tmp_path / "cells.json"
-    bad.write_text(json.dumps({"cells": [cell_argv(BASE, [], tmp_path / "a"),
-                                         [*cell_argv(BASE, [], tmp_path / "b"), "--nan_policy", "skip_batch"]]}))
-    assert main(["--cells", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert err == f"error: cell 1 ({tmp_path / 'b'}): --nan_policy skip_batch: fused runs drop a cell whose loss " \
-                  f"is not finite (policy stop)\n"
     bad.write_text(json.dumps({"cells": [[*cell_argv(BASE, [], tmp_path / "a"), "--struct", "lowrank"]]}))
     assert main(["--cells", str(bad)]) == 2
     assert capsys.readouterr().err.startswith("error: cell 0: --criteria saiency".replace("saiency", "saliency"))
+    lowrank = ["--dataset", "synthetic", "--arch", "test_vit", "--no_wandb", "--struct", "lowrank", "--save_dir",
+               str(tmp_path / "b")]
+    bad.write_text(json.dumps({"cells": [cell_argv(BASE, [], tmp_path / "a"), lowrank]}))
+    assert main(["--cells", str(bad)]) == 2
+    assert capsys.readouterr().err == f"error: cell 1 ({tmp_path / 'b'}): --struct lowrank changes the model's " \
+        "layers or forward, so its runs cannot be fused\n"
     bad.write_text(json.dumps({"cells": [[*cell_argv(BASE, [], tmp_path / "a"), "--fused_route", "grouped"]]}))
     assert main(["--cells", str(bad)]) == 2  # test_vit has LayerNorms: refused before any cell starts
     assert capsys.readouterr().err == f"error: cell 0 ({tmp_path / 'a'}): --fused_route grouped with --arch " \

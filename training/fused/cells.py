@@ -3,8 +3,9 @@
 Runs fuse when their models have the same shapes, their epochs the same number of equal batches and
 their steps the same shared settings: the fields of `SHARED_FIELDS` are equal. Everything else may
 differ per run (seed, rate, criteria, lr and its schedule, weight decay, RSST schedule and lambda,
-prune type, branch). A run that fused training cannot take at all (`unfusable`) is refused, naming
-the flag. Pure functions over RunConfig: no files, no torch state.
+prune type, branch). A run that fused training cannot take at all (`unfusable`), or whose --fused_route
+cannot take its arch (`route_problem`, which builds one model on the meta device), is refused, naming the
+flag. Otherwise pure functions over RunConfig: no files, no torch state.
 """
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -13,10 +14,10 @@ from utils.config import RunConfig
 
 # What a fused group shares: the model's shapes (arch, dataset), the batches of an epoch (dataset, data,
 # val_size, batch_size), the rounds' lengths (epochs, pruning_times: cells step in lockstep), which weights
-# are masked (struct, conv1, prune_classifier), and the one step all cells take (momentum is shared by
-# FusedTrainStep; amp, device, graph, compile, channels_last, deterministic, fused_route are process-wide).
+# are masked (struct, conv1, prune_classifier), and the one step all cells take (momentum and nan_policy are
+# FusedTrainStep's; amp, device, graph, compile, channels_last, deterministic, fused_route are process-wide).
 SHARED_FIELDS = ("arch", "dataset", "data", "val_size", "batch_size", "epochs", "pruning_times", "struct",
-                 "conv1", "prune_classifier", "momentum", "amp", "device", "cuda_graph", "compile",
+                 "conv1", "prune_classifier", "momentum", "nan_policy", "amp", "device", "cuda_graph", "compile",
                  "channels_last", "deterministic", "fused_route")
 
 
@@ -35,14 +36,12 @@ def unfusable(config: RunConfig) -> Optional[str]:
     """Why fused training cannot run `config` (a text naming the flag), or None when it can.
 
     Struct modes that change layers or the forward (lowrank, merge, token) do not fit one fused model
-    across rounds; --nan_policy skip_batch would skip every cell's step for one cell's bad batch."""
+    across rounds. (--nan_policy skip_batch fuses: FusedTrainStep skips per cell.)"""
     from pruners import STRUCTS
     from pruners.reshaping import ShapeChangingMode
     mode = STRUCTS[config.struct]
     if issubclass(mode, ShapeChangingMode) or mode.changes_forward or not mode.masks_weights:
         return f"--struct {config.struct} changes the model's layers or forward, so its runs cannot be fused"
-    if config.nan_policy != "stop":
-        return f"--nan_policy {config.nan_policy}: fused runs drop a cell whose loss is not finite (policy stop)"
     return None
 
 

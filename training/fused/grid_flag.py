@@ -144,7 +144,7 @@ def plan_cells(argv: Sequence[str]) -> FusedGrid:
     check_shared(sweep, configs)
     cells = []
     for cell, cell_argv, config in zip(sweep.cells, argvs, configs):
-        why = unfusable(config) or route_problem(config)  # --struct lowrank / merge / token, skip_batch; a route
+        why = unfusable(config) or route_problem(config)  # --struct lowrank / merge / token; a route
         if why:
             raise UsageError(f"{FLAG} (cell {cell.name}): {why}")
         state = cellstates.cell_state(cell.run_dir, cell.pruning_times)

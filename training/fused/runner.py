@@ -100,6 +100,7 @@ class LockstepDriver:
         self.argvs = [list(a) for a in argvs]
         self.labels = list(labels) if labels else [f"cell {i}" for i in range(len(argvs))]
         self.idents: Dict[int, str] = {}  # thread -> the cell label its printed lines start with (CellStream)
+        self.batch_size = 0  # of the group training now (a skipped batch's images are not counted)
         self.stop = StopRequest()
         self.codes: List[Optional[int]] = [None] * len(argvs)
         self.requests: Dict[int, EpochRequest] = {}
@@ -216,7 +217,8 @@ class LockstepDriver:
                                   [s.config.weight_decay for s in sessions], first.step.regularized,
                                   use_graph=config.cuda_graph,
                                   # streams: eager inside the graph (torch.compile of per-cell stream switches untested)
-                                  compile_model=first.step.forward is not first.model and fused.route != "streams")
+                                  compile_model=first.step.forward is not first.model and fused.route != "streams",
+                                  skip_nonfinite=config.nan_policy == "skip_batch")
             step.log = group[0].runner.tracker.info
             self.fused[cells] = (fused, step)
             for request in group:
@@ -239,6 +241,7 @@ class LockstepDriver:
             for name in ("loss_sum", "correct", "first_bad"):
                 getattr(step, name)[i].copy_(getattr(cell_step, name))
         step.step_index.copy_(steps[0].step_index)
+        step.skipped.zero_()  # this call's skips; those before it come in each request's `carried`
 
     def _train_epoch(self, fused, step: FusedTrainStep, group: List[EpochRequest]) -> Tuple[Optional[int], int]:
         """The group's batches from the shared first one on; returns (batches done when a stop ended the
@@ -258,6 +261,7 @@ class LockstepDriver:
             rates, lambdas = zip(*(r.schedule(index) for r in group))
             step(images, labels, rates, lambdas)
             seen += labels.shape[1]
+            self.batch_size = labels.shape[1]  # every training batch has it (partial last batches are dropped)
             if shown is batches and config.print_freq and (index + 1) % config.print_freq == 0:
                 self._report(step, group, index + 1, steps, seen, time.time() - started)
             if self.stop.at_step_boundary():
@@ -275,9 +279,10 @@ class LockstepDriver:
 
     def _report(self, step: FusedTrainStep, group: List[EpochRequest], done: int, steps: int, seen: int,
                 seconds: float) -> None:
-        for request, loss_sum in zip(group, step.running_loss_sum()):
+        skipped = step.skipped.tolist()
+        for request, loss_sum, skips in zip(group, step.running_loss_sum(), skipped):
             round_index, epoch, _ = request.position
-            total = request.carried[0] + seen
+            total = request.carried[0] + seen - skips * self.batch_size
             self._say(request, step_line(round_index, epoch + 1, request.runner.config.epochs, done, steps,
                                          loss_sum / max(total, 1), seen / max(seconds, 1e-9)))
 
@@ -286,6 +291,7 @@ class LockstepDriver:
                seen: int) -> None:
         """Weights, momentum and running sums back into each cell; each request's EpochResult."""
         shared = [name for name, (_, index) in fused.fused_state.items() if index[0] == ()]
+        skips = step.skipped.tolist()
         before = [{name: r.runner.session.model.state_dict()[name].clone() for name in shared} for r in group]
         for i, (request, state) in enumerate(zip(group, fused.unfuse())):
             session = request.runner.session
@@ -296,7 +302,8 @@ class LockstepDriver:
             for name in ("loss_sum", "correct", "first_bad"):
                 getattr(session.step, name).copy_(getattr(step, name)[i])
             session.step.step_index.copy_(step.step_index)
-            samples, skipped = request.carried[0] + seen, request.carried[1]
+            samples = request.carried[0] + seen - skips[i] * self.batch_size  # skipped batches train no images
+            skipped = request.carried[1] + skips[i]
             if stopped is not None:
                 request.result = EpochResult(loss=math.nan, accuracy=math.nan, samples=samples, skipped=skipped,
                                              stopped_at=stopped)

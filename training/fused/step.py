@@ -38,16 +38,20 @@ class FusedTrainStep(TrainStep):
 
     `masked_names`: the cells' masked parameter names (e.g. the keys of `prunable_weights`), the
     same for every cell. `weight_decay`: N floats. Counters `loss_sum` (float [N]), `correct`
-    (long [N]), `first_bad` (long [N], -1 = none) stay on the device. Not supported here: torchrun
-    (`dist`) and `skip_nonfinite` (one cell's bad batch must not skip the others' step).
-    Raises ValueError for a per-cell list whose length is not N or an unknown masked name.
+    (long [N]), `first_bad` (long [N], -1 = none) and `skipped` (long [N]) stay on the device.
+    `skip_nonfinite` (--nan_policy skip_batch) skips, per cell, a step whose loss is not finite: that
+    cell's weights and momentum stay as they were and its loss and accuracy are not counted, as
+    TrainStep's skip does, while the other cells step; on the device, so the step stays one CUDA graph
+    (cells are independent: one cell's NaN never reaches another's gradient). Not supported: torchrun
+    (`dist`). Raises ValueError for a per-cell list whose length is not N or an unknown masked name.
     """
 
     def __init__(self, fused: FusedModel, masked_names: Sequence[str], device: torch.device, amp: str,
                  momentum: float, weight_decay: Sequence[float], regularized: bool, use_graph: bool,
-                 compile_model: bool = False):
+                 compile_model: bool = False, skip_nonfinite: bool = False):
         super().__init__(fused, {}, device, amp, momentum, 0.0, regularized, use_graph,
                          compile_model=compile_model)
+        self.skip_cells = skip_nonfinite  # TrainStep's own flag would turn the graph off: the skip here needs no sync
         cells = self.cells = fused.cells
         params = fused.fused_params
         unknown = [name for name in masked_names if name not in params]
@@ -67,6 +71,7 @@ class FusedTrainStep(TrainStep):
         self.loss_sum = torch.zeros(cells, device=device)
         self.correct = torch.zeros(cells, device=device, dtype=torch.long)
         self.first_bad = torch.full((cells,), -1, device=device, dtype=torch.long)
+        self.skipped = torch.zeros(cells, device=device, dtype=torch.long)
         self.step_index = torch.zeros((), device=device, dtype=torch.long)
         # [N, numel/N] views: per-cell scalars broadcast over each cell's row. Made without autograd
         # history: a parameter view with a grad_fn would keep the parameter's AccumulateGrad node alive,
@@ -132,7 +137,11 @@ class FusedTrainStep(TrainStep):
             cell_loss = per_sample.view(cells, batch).mean(1)
         cell_loss.sum().backward()
         with torch.no_grad():
+            finite = torch.isfinite(cell_loss.detach())
             grad_rows = [cell_rows(p.grad, cells, o) for p, o in zip(self.params, self._orders)]
+            if self.skip_cells:  # a skipped cell's (NaN) gradients -> 0 before any is combined; others as they are
+                for rows in grad_rows:
+                    rows.copy_(torch.where(finite[:, None], rows, 0.0))
             masked_grads = [p.grad for p in self.masked_params]
             if masked_grads:
                 torch._foreach_mul_(masked_grads, self.masks)
@@ -143,17 +152,26 @@ class FusedTrainStep(TrainStep):
                                     pulled)
             decay = torch._foreach_mul(self._rows, [self.weight_decay[:, None]] * len(grad_rows))
             torch._foreach_add_(grad_rows, decay)
-            torch._foreach_mul_(self._buffer_rows, self.momentum)
+            momentum, lr = self.momentum, self.lr
+            if self.skip_cells:  # skipped cell: direction 0, momentum kept (factor 1), learning rate 0
+                keep = finite.to(self.lr.dtype)
+                torch._foreach_mul_(grad_rows, [keep[:, None]] * len(grad_rows))
+                momentum = torch.where(finite, self.momentum, 1.0).to(self.lr.dtype)[:, None]
+                lr = self.lr * keep
+            torch._foreach_mul_(self._buffer_rows, [momentum] * len(grad_rows) if self.skip_cells else momentum)
             torch._foreach_add_(self._buffer_rows, grad_rows)
-            steps = torch._foreach_mul(self._buffer_rows, [self.lr[:, None]] * len(grad_rows))
+            steps = torch._foreach_mul(self._buffer_rows, [lr[:, None]] * len(grad_rows))
             torch._foreach_add_(self._rows, steps, alpha=-1.0)
             if self.masked_params:
                 torch._foreach_mul_(self.masked_params, self.masks)
-            finite = torch.isfinite(cell_loss.detach())
-            self.first_bad.copy_(torch.where((self.first_bad < 0) & ~finite, self.step_index, self.first_bad))
+            counted = finite if self.skip_cells else torch.ones_like(finite)
+            if self.skip_cells:
+                self.skipped.add_((~finite).long())
+            else:
+                self.first_bad.copy_(torch.where((self.first_bad < 0) & ~finite, self.step_index, self.first_bad))
             self.step_index.add_(1)
-            self.loss_sum.add_(cell_loss.detach().float() * batch)
-            self.correct.add_((logits.detach().argmax(-1) == labels).sum(1))
+            self.loss_sum.add_(torch.where(counted, cell_loss.detach().float() * batch, 0.0))
+            self.correct.add_(torch.where(counted, (logits.detach().argmax(-1) == labels).sum(1), 0))
         return True
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: Sequence[float],
@@ -170,7 +188,7 @@ class FusedTrainStep(TrainStep):
     def read_epoch(self):
         """Per cell (lists of N): loss sums, correct counts, first bad step or None; then reset. One sync."""
         loss_sum, correct, bad = self.loss_sum.tolist(), self.correct.tolist(), self.first_bad.tolist()
-        for tensor in (self.loss_sum, self.correct, self.step_index):
+        for tensor in (self.loss_sum, self.correct, self.step_index, self.skipped):
             tensor.zero_()
         self.first_bad.fill_(-1)
         return loss_sum, correct, [None if b < 0 else b for b in bad]
