@@ -2,7 +2,8 @@
 
 models.py: FusedModel and the grouped-conv route; stacked.py: the vmap and streams routes;
 fuse.py: fuse_models (route choice), fuse_masks.
-step.py: FusedTrainStep, N TrainSteps in one (per-cell lr, lambda, weight decay, masks).
+step.py: FusedTrainStep, N TrainSteps in one (per-cell lr, lambda, weight decay, masks, skips).
+runner.py: LockstepDriver, the cells of a fused group in threads; console.py: their labelled output.
 See docs/fused.md.
 """
 from training.fused.fuse import fuse_masks, fuse_models

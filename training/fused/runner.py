@@ -33,6 +33,7 @@ import torch
 
 from pruners.base import RoundPlan
 from training.fused.cells import fusion_key
+from training.fused.console import CellStream
 from training.fused.fuse import fuse_models
 from training.fused.step import FusedTrainStep
 from training.loop import EpochResult, step_line
@@ -69,26 +70,6 @@ class FusedCellRunner(RoundRunner):
 
     def train_batches(self, progress, epoch, schedule, first, carried) -> EpochResult:
         return self.driver.train(EpochRequest(self.cell, self, (progress.round, epoch, first), schedule, carried))
-
-
-class CellStream:
-    """sys.stdout / sys.stderr for the cells' threads: each line a cell writes starts with `[label] `."""
-
-    def __init__(self, stream, labels: Dict[int, str]):
-        self.stream, self.labels, self.at_line_start = stream, labels, True
-
-    def write(self, text: str) -> int:
-        label = self.labels.get(threading.get_ident())
-        if label is not None and text:
-            lines = text.split("\n")
-            text = "\n".join(f"[{label}] {line}" if line and (k or self.at_line_start) else line
-                             for k, line in enumerate(lines))
-        if text:
-            self.at_line_start = text.endswith("\n")
-        return self.stream.write(text)
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
 
 
 class LockstepDriver:
