@@ -30,8 +30,10 @@ import torch.nn.functional as F
 from benchmarks.fused_speed import fused_runner, int_list, plain_runner, warm_up
 from benchmarks.output import save
 from models import create_model, is_known_arch
+from tokens.graphed import capture
 from training.fused import fuse_models
 from utils.errors import UsageError, run_cli
+from utils.timing import median_ms
 
 CATEGORIES = [("batch norm", r"batch_?norm|bn_fw|bn_bw|welford"),  # first matching label wins
               ("optimizer", r"foreach|multi_tensor"),
@@ -90,24 +92,11 @@ def conv_shapes(arch: str, batch: int) -> List[dict]:
 
 
 def graphed_us(fn: Callable[[], None], replays: int = 50) -> float:
-    """Microseconds per replay of `fn` captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / replays
+    """Microseconds per replay of `fn` captured in one CUDA graph (tokens.graphed.capture after 3 warm-up
+    calls on a side stream): the median over `replays` replays, each bracketed by CUDA events."""
+    device = torch.device("cuda")
+    graph, _ = capture(fn, device, warmup=3)
+    return 1000 * median_ms(graph.replay, device, warmup=1, iters=replays)
 
 
 def model_us(arch: str, batch: int, cells: int, how: str) -> float:
