@@ -46,20 +46,18 @@ def unfusable(config: RunConfig) -> Optional[str]:
 
 
 def route_problem(config: RunConfig) -> Optional[str]:
-    """Why `--fused_route` cannot fuse `--arch` (a line naming both flags and the route to use), or None. Builds
-    one model on the meta device (no memory, no data) and fuses it as the runner would."""
-    if config.fused_route in ("auto", "streams"):  # auto picks a route that fits; streams takes any model
+    """Why `--fused_route` cannot fuse `--arch` (a line naming both flags and the route to use), or None. Asks
+    the route (FusedModel.refusal) about one model built on the meta device (no memory, no data)."""
+    if config.fused_route == "auto":  # auto picks a route that fits
         return None
     import torch
     from data import DATASETS
     from models import create_model
-    from training.fused.fuse import fuse_models
+    from training.fused.fuse import ROUTES
     with torch.device("meta"):
         model = create_model(config.arch, DATASETS[config.dataset].num_classes)
-    try:
-        fuse_models([model], config.fused_route)
-    except ValueError as exc:
-        reason = str(exc).split(";")[0]
+    reason = ROUTES[config.fused_route].refusal(model)
+    if reason:
         return f"--fused_route {config.fused_route} with --arch {config.arch}: {reason}; use --fused_route auto or streams"
     return None
 

@@ -4,7 +4,7 @@ from typing import Dict, Sequence
 import torch
 import torch.nn as nn
 
-from training.fused.models import FusedModel, GroupedFusedModel, grouped_unsupported
+from training.fused.models import FusedModel, GroupedFusedModel
 from training.fused.stacked import StreamFusedModel, VmapFusedModel
 
 ROUTES = {"grouped": GroupedFusedModel, "vmap": VmapFusedModel, "streams": StreamFusedModel}
@@ -24,7 +24,7 @@ def fuse_models(models: Sequence[nn.Module], route: str = "auto") -> FusedModel:
             raise ValueError(f"model {i} differs from model 0 in type or state shapes: "
                              "cells must share one architecture")
     if route == "auto":
-        route = "vmap" if grouped_unsupported(models[0]) else "grouped"
+        route = "vmap" if GroupedFusedModel.refusal(models[0]) else "grouped"
     if route not in ROUTES:
         raise ValueError(f"unknown fusion route {route!r}; choose from auto, {', '.join(ROUTES)}")
     return ROUTES[route](models)

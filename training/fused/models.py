@@ -20,7 +20,7 @@ lockstep; the stacked routes keep one per cell.
 """
 import copy
 from abc import ABC, abstractmethod
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -95,6 +95,11 @@ class FusedModel(nn.Module, ABC):
     """
     route = "base"
 
+    @staticmethod
+    def refusal(model: nn.Module) -> Optional[str]:
+        """Why this route cannot fuse copies of `model` (a text without advice), or None when it can."""
+        return None
+
     def __init__(self, models: Sequence[nn.Module]):
         super().__init__()
         self.cells = len(models)
@@ -146,11 +151,16 @@ class GroupedFusedModel(FusedModel):
     """The structural route: grouped convolutions, wide BatchNorms, batched Linears."""
     route = "grouped"
 
+    @staticmethod
+    def refusal(model: nn.Module) -> Optional[str]:
+        unsupported = grouped_unsupported(model)
+        return f"grouped fusion cannot widen {', '.join(unsupported[:3])}" if unsupported else None
+
     def __init__(self, models: Sequence[nn.Module]):
         super().__init__(models)
-        unsupported = grouped_unsupported(models[0])
-        if unsupported:
-            raise ValueError(f"grouped fusion cannot widen {', '.join(unsupported[:3])}; use route='vmap'")
+        reason = self.refusal(models[0])
+        if reason:
+            raise ValueError(f"{reason}; use route='vmap'")
         self.model = copy.deepcopy(models[0])
         for name, module in list(self.model.named_modules()):
             widen = GROUPED_LAYERS.get(type(module))

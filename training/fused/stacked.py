@@ -73,10 +73,16 @@ class VmapFusedModel(StackedFusedModel):
     """torch.func route: one vmapped functional_call per forward."""
     route = "vmap"
 
+    @staticmethod
+    def refusal(model: nn.Module) -> Optional[str]:
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
+            return "vmap fusion cannot update BatchNorm running statistics"
+        return None
+
     def __init__(self, models: Sequence[nn.Module]):
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-               for m in models[0].modules()):
-            raise ValueError("vmap fusion cannot update BatchNorm running statistics; use route='grouped'")
+        reason = self.refusal(models[0])
+        if reason:
+            raise ValueError(f"{reason}; use route='grouped'")
         super().__init__(models)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
