@@ -81,7 +81,6 @@ class LockstepDriver:
         self.argvs = [list(a) for a in argvs]
         self.labels = list(labels) if labels else [f"cell {i}" for i in range(len(argvs))]
         self.idents: Dict[int, str] = {}  # thread -> the cell label its printed lines start with (CellStream)
-        self.batch_size = 0  # of the group training now (a skipped batch's images are not counted)
         self.stop = StopRequest()
         self.codes: List[Optional[int]] = [None] * len(argvs)
         self.requests: Dict[int, EpochRequest] = {}
@@ -242,7 +241,6 @@ class LockstepDriver:
             rates, lambdas = zip(*(r.schedule(index) for r in group))
             step(images, labels, rates, lambdas)
             seen += labels.shape[1]
-            self.batch_size = labels.shape[1]  # every training batch has it (partial last batches are dropped)
             if shown is batches and config.print_freq and (index + 1) % config.print_freq == 0:
                 self._report(step, group, index + 1, steps, seen, time.time() - started)
             if self.stop.at_step_boundary():
@@ -263,7 +261,7 @@ class LockstepDriver:
         skipped = step.skipped.tolist()
         for request, loss_sum, skips in zip(group, step.running_loss_sum(), skipped):
             round_index, epoch, _ = request.position
-            total = request.carried[0] + seen - skips * self.batch_size
+            total = request.carried[0] + seen - skips * request.runner.config.batch_size
             self._say(request, step_line(round_index, epoch + 1, request.runner.config.epochs, done, steps,
                                          loss_sum / max(total, 1), seen / max(seconds, 1e-9)))
 
@@ -283,7 +281,8 @@ class LockstepDriver:
             for name in ("loss_sum", "correct", "first_bad"):
                 getattr(session.step, name).copy_(getattr(step, name)[i])
             session.step.step_index.copy_(step.step_index)
-            samples = request.carried[0] + seen - skips[i] * self.batch_size  # skipped batches train no images
+            # a skipped batch trains no images (training batches are all --batch_size: partial ones are dropped)
+            samples = request.carried[0] + seen - skips[i] * request.runner.config.batch_size
             skipped = request.carried[1] + skips[i]
             if stopped is not None:
                 request.result = EpochResult(loss=math.nan, accuracy=math.nan, samples=samples, skipped=skipped,

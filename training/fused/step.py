@@ -164,14 +164,16 @@ class FusedTrainStep(TrainStep):
             torch._foreach_add_(self._rows, steps, alpha=-1.0)
             if self.masked_params:
                 torch._foreach_mul_(self.masked_params, self.masks)
-            counted = finite if self.skip_cells else torch.ones_like(finite)
-            if self.skip_cells:
+            loss_sum = cell_loss.detach().float() * batch
+            correct = (logits.detach().argmax(-1) == labels).sum(1)
+            if self.skip_cells:  # a skipped cell's batch counts neither loss nor accuracy
                 self.skipped.add_((~finite).long())
+                loss_sum, correct = torch.where(finite, loss_sum, 0.0), torch.where(finite, correct, 0)
             else:
                 self.first_bad.copy_(torch.where((self.first_bad < 0) & ~finite, self.step_index, self.first_bad))
             self.step_index.add_(1)
-            self.loss_sum.add_(torch.where(counted, cell_loss.detach().float() * batch, 0.0))
-            self.correct.add_(torch.where(counted, (logits.detach().argmax(-1) == labels).sum(1), 0))
+            self.loss_sum.add_(loss_sum)
+            self.correct.add_(correct)
         return True
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: Sequence[float],
