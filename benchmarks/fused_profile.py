@@ -5,7 +5,7 @@ Three parts, written to one JSON file and printed as tables:
 - `profile`: torch.profiler over `--steps` graph-replayed training steps of the plain run and of N fused
   cells on the auto route and on the streams route (benchmarks/fused_speed's runners, same data and masks).
   Kernel time per step, grouped into convolution / batch norm / matmul / optimizer / other, and the top
-  kernels by time.
+  kernels by time. Fused variants take --conv_layout (tuned: each grouped conv in its faster layout).
 - `models`: forward + backward of whole models (no optimizer), bf16, each variant captured in one CUDA
   graph: one model; N models one after another on one stream; N models on N CUDA streams (the graph
   runs their kernels concurrently); the N models fused by training/fused (`fuse_models`).
@@ -32,6 +32,7 @@ from benchmarks.output import save
 from models import create_model, is_known_arch
 from tokens.graphed import capture
 from training.fused import fuse_models
+from training.fused.layout import tune_conv_layouts
 from utils.errors import UsageError, run_cli
 from utils.timing import median_ms
 
@@ -99,9 +100,10 @@ def graphed_us(fn: Callable[[], None], replays: int = 50) -> float:
     return 1000 * median_ms(graph.replay, device, warmup=1, iters=replays)
 
 
-def model_us(arch: str, batch: int, cells: int, how: str) -> float:
+def model_us(arch: str, batch: int, cells: int, how: str, conv_layout: str = "model") -> float:
     """Microseconds per graph replay of forward + backward (cross-entropy, bf16 autocast) of `cells`
-    models of `arch`: how = "sequential" (one stream), "streams" (cell i on CUDA stream i) or "fused"."""
+    models of `arch`: how = "sequential" (one stream), "streams" (cell i on CUDA stream i) or "fused"
+    (conv_layout "tuned": each grouped conv in its faster layout, training/fused/layout.py)."""
     models = [create_model(arch, 10).cuda() for _ in range(cells)]
     convnet = any(isinstance(m, nn.Conv2d) for m in models[0].modules())
     fmt = torch.channels_last if convnet else torch.contiguous_format
@@ -109,6 +111,9 @@ def model_us(arch: str, batch: int, cells: int, how: str) -> float:
     labels = torch.randint(0, 10, (cells, batch), device="cuda")
     if how == "fused":
         fused = fuse_models(models).cuda().to(memory_format=fmt)
+        if conv_layout == "tuned":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                tune_conv_layouts(fused, images)
 
         def fn():
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -134,12 +139,12 @@ def model_us(arch: str, batch: int, cells: int, how: str) -> float:
     return graphed_us(fn)
 
 
-def model_table(arch: str, batch: int, cells: int) -> dict:
+def model_table(arch: str, batch: int, cells: int, conv_layout: str = "model") -> dict:
     """{cells, one_us, <how>_us and <how>_speedup (N x one / <how>) or <how>_error} for each variant."""
     row = {"cells": cells}
     for how, count in (("one", 1), ("sequential", cells), ("streams", cells), ("fused", cells)):
         try:
-            row[f"{how}_us"] = model_us(arch, batch, count, "sequential" if how == "one" else how)
+            row[f"{how}_us"] = model_us(arch, batch, count, "sequential" if how == "one" else how, conv_layout)
         except Exception as exc:  # a capture failure is a finding, not the end of the benchmark
             row[f"{how}_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         if how != "one" and f"{how}_us" in row and "one_us" in row:
@@ -213,6 +218,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="profiled steps (after 5 warm-up steps)")
     p.add_argument("--top", type=int, default=12, help="kernels listed per variant")
     p.add_argument("--fused_layout", default="channels_last", choices=("channels_last", "contiguous"))
+    p.add_argument("--conv_layout", default="tuned", choices=("tuned", "model"),
+                   help="fused variants: tuned = each grouped conv in its faster layout; model = all in --fused_layout")
     p.add_argument("--no_convs", action="store_true", help="skip the per-convolution timing")
     args = p.parse_args(argv)
     args.cells = int_list("--cells", args.cells, 256)
@@ -236,14 +243,17 @@ def run(argv=None) -> int:
     del run_step, keep
     for cells in args.cells:
         for route in ("auto", "streams"):
-            run_step, keep = fused_runner(args.arch, args.batch_size, cells, device, False, args.fused_layout, route)
+            info = {}
+            run_step, keep = fused_runner(args.arch, args.batch_size, cells, device, False, args.fused_layout, route,
+                                          args.conv_layout, info)
             warm_up(run_step, 5, device)
-            parts[f"{cells} fused ({keep[0].model.route})"] = summarize(kernel_times(run_step, args.steps), args.top)
+            summary = summarize(kernel_times(run_step, args.steps), args.top)
+            parts[f"{cells} fused ({keep[0].model.route})"] = {**summary, **info}  # info: the conv layouts applied
             del run_step, keep
     print(format_profile(parts), flush=True)
     record = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
               "flags": {k: v for k, v in vars(args).items() if k != "out"}, "profile": parts,
-              "models": [model_table(args.arch, args.batch_size, cells) for cells in args.cells]}
+              "models": [model_table(args.arch, args.batch_size, cells, args.conv_layout) for cells in args.cells]}
     if not args.no_convs and any(isinstance(m, nn.Conv2d) for m in create_model(args.arch, 10).modules()):
         record["convs"] = {str(cells): conv_table(args.arch, args.batch_size, cells) for cells in args.cells}
         for cells, rows in record["convs"].items():

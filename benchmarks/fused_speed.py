@@ -2,11 +2,12 @@
 
 For each arch and batch size: one plain run (benchmarks/train_steps.py: the runner's TrainStep, CUDA
 graph, bf16, channels_last for convnets, --compile), then N = --cells cells fused into one model and one
-FusedTrainStep (HFTA, Wang et al., MLSys 2021: one grouped-conv model or a vmapped one), then N separate
-processes of the plain run started together on the same GPU (benchmarks/concurrent.py). Data: uint8
-CIFAR-shaped images drawn on the device (a pool of 4 batches per cell), normalised each step (the
-loader's crop and flip are left out); 80 % of each cell's prunable weights masked. Each timing: warm-up
-steps (the first captures the graph), then timed steps between two torch.cuda.synchronize calls.
+FusedTrainStep (HFTA, Wang et al., MLSys 2021: one grouped-conv model, each conv in its faster layout with
+--conv_layout tuned, or a vmapped one), then N separate processes of the plain run started together on the
+same GPU (benchmarks/concurrent.py). Data: uint8 CIFAR-shaped images drawn on the device (a pool of 4
+batches per cell), normalised each step (the loader's crop and flip are left out); 80 % of each cell's
+prunable weights masked. Each timing: warm-up steps (the first captures the graph), then timed steps
+between two torch.cuda.synchronize calls.
 
     python -m benchmarks.fused_speed --out benchmarks/results/fused_speed_h200.json --sweep_estimate
     python -m benchmarks.fused_speed --out /tmp/f.json --device cpu --steps 3 --warmup 1 --cells 1,2 \\
@@ -18,7 +19,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -31,7 +32,8 @@ from models import create_model, dense_modules, is_known_arch
 from pruners.base import RoundPlan
 from pruners.masks import prunable_weights
 from training.fused import FusedTrainStep, fuse_models
-from training.step import resolve_amp
+from training.fused.layout import tune_conv_layouts
+from training.step import autocast, resolve_amp
 from utils.errors import UsageError, run_cli
 
 POOL = 4  # distinct batches per cell, cycled
@@ -82,10 +84,7 @@ def fused_step(arch: str, cells: int, device: torch.device, compiled: bool, chan
     convnet = any(isinstance(m, torch.nn.Conv2d) for m in models[0].modules())
     layout = "nchw"
     if channels_last and convnet and device.type == "cuda" and fused.route in ("grouped", "streams"):
-        if fused.route == "grouped":
-            fused.to(memory_format=torch.channels_last)
-        else:
-            fused.to_channels_last()
+        fused.to_channels_last()
         layout = "nhwc_grouped" if fused.route == "grouped" else "nhwc_cells"
     step = FusedTrainStep(fused, list(plans[0].train_masks), device, resolve_amp("auto", device), MOMENTUM,
                           [WEIGHT_DECAY] * cells, regularized=False, use_graph=True, compile_model=compiled)
@@ -124,11 +123,23 @@ def plain_runner(arch: str, batch: int, device: torch.device, compiled: bool):
 
 
 def fused_runner(arch: str, batch: int, cells: int, device: torch.device, compiled: bool, layout: str,
-                 route: str = "auto"):
-    """(run_step(k), keep-alive objects) for `cells` fused cells: one fused step on pool batch k."""
+                 route: str = "auto", conv_layout: str = "model", info: Optional[dict] = None):
+    """(run_step(k), keep-alive objects) for `cells` fused cells: one fused step on pool batch k. `conv_layout`
+    "tuned": each grouped conv computes in its faster layout (training/fused/layout.py; CUDA, grouped route),
+    timed before the step's first call captures its graph; `info` (if given) gets what was applied."""
     step, batch_layout = fused_step(arch, cells, device, compiled, channels_last=layout == "channels_last",
                                     route=route)
     data = SyntheticBatches(cells, batch, device, batch_layout)
+    chosen = {}
+    if conv_layout == "tuned":
+        with autocast(device, step.amp):
+            chosen = tune_conv_layouts(step.model, data.batch(0)[0])
+    if info is not None:
+        info["conv_layout"] = "tuned" if chosen else "model"  # tuning is a no-op on the CPU and other routes
+        if chosen:
+            info["convs_channels_last"] = sum(layout == "channels_last" for layout, _, _ in chosen.values())
+            info["conv_us"] = {name: [layout, round(nhwc, 1), round(nchw, 1)]  # [layout, us NHWC, us NCHW]
+                               for name, (layout, nhwc, nchw) in chosen.items()}
     lrs, lambdas = [LR] * cells, [0.0] * cells
 
     def run_step(k):
@@ -169,9 +180,11 @@ def measure_all(args, device) -> List[dict]:
             one = measure(lambda: plain_runner(arch, batch, device, args.compile), batch, 1, args, device)
             print(json.dumps({"arch": arch, "batch_size": batch, "one_run": one}), flush=True)
             for cells in args.cells:
+                info = {}
                 fused = measure(lambda: fused_runner(arch, batch, cells, device, args.compile, args.fused_layout,
-                                                     args.fused_route),
+                                                     args.fused_route, args.conv_layout, info),
                                 cells * batch, cells, args, device)
+                fused.update(info)
                 row = {"arch": arch, "batch_size": batch, "cells": cells, "one_run_img_s": one.get("img_s"),
                        "one_run_peak_mib": one.get("peak_mib_per_cell"), "one_run_error": one.get("error")}
                 row.update({f"fused_{k}": v for k, v in fused.items()})
@@ -272,6 +285,9 @@ def parse_args(argv=None):
     p.add_argument("--cudnn_benchmark", action="store_true", help="let cuDNN time its convolution algorithms")
     p.add_argument("--fused_layout", default="channels_last", choices=("channels_last", "contiguous"),
                    help="memory layout of the grouped route's [B, N*C, H, W] activations on CUDA")
+    p.add_argument("--conv_layout", default="tuned", choices=("tuned", "model"),
+                   help="tuned (default): each grouped-route conv computes in the faster of channels_last and NCHW, "
+                   "timed per conv on CUDA; model: every conv in --fused_layout")
     p.add_argument("--fused_route", default="auto", choices=("auto", "grouped", "vmap", "streams"),
                    help="training/fused route: auto = grouped for convnets, vmap otherwise; streams = one "
                    "CUDA stream per cell")

@@ -191,7 +191,7 @@ def to(batch, device):
 @pytest.mark.parametrize("lengths", [[3, 6], [4, 4]])
 def test_graph_replay_equals_eager_static(lengths):
     """Replays of one graph give each batch its own answer (a second batch, then the first again), equal to the
-    eager static path (GPU float32: 1e-4 for kernel rounding)."""
+    eager static path (GPU float32: logits 1e-4, KV cache 1e-3 for kernel rounding)."""
     model, merger, pruner = modules("cuda")
     first, second = to(make_batch(lengths, seed=1), "cuda"), to(make_batch(lengths, seed=2), "cuda")
     # tau 0.1 (the end of the schedule, as evaluation runs it): at tau 1 this untrained merger makes its centres
@@ -206,7 +206,7 @@ def test_graph_replay_equals_eager_static(lengths):
         assert (logits - eager.logits[:, -1]).abs().max() <= 1e-4
         assert kv_cache_lengths(cache) == kv_cache_lengths(eager.past_key_values)
         for a, b in zip(cache_tensors(cache), cache_tensors(eager.past_key_values)):
-            assert (a - b).abs().max() <= 1e-4
+            assert (a - b).abs().max() <= 1e-3  # H100: 3e-4 on keys of size ~0.2 (the logits stay within 1e-4)
         answers.append(logits)
     assert graphed.vision_tokens_per_layer == eager.vision_tokens_per_layer
     assert (answers[0] - answers[1]).abs().max() > 1e-2  # the batches' answers differ (0.19 on the CPU)

@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from training.fused.layout import LayoutConv2d
+
 Index = Union[int, slice, Tuple[()]]
 
 
@@ -60,9 +62,10 @@ class FusedLinear(nn.Module):
         return out.transpose(0, 1).reshape(*lead, self.cells * self.out_features)
 
 
-def _grouped_conv(conv: nn.Conv2d, cells: int) -> nn.Conv2d:
-    return nn.Conv2d(cells * conv.in_channels, cells * conv.out_channels, conv.kernel_size, conv.stride,
-                     conv.padding, conv.dilation, cells * conv.groups, conv.bias is not None, conv.padding_mode)
+def _grouped_conv(conv: nn.Conv2d, cells: int) -> LayoutConv2d:
+    # LayoutConv2d: an nn.Conv2d (same parameters) whose compute layout training/fused/layout.py may tune
+    return LayoutConv2d(cells * conv.in_channels, cells * conv.out_channels, conv.kernel_size, conv.stride,
+                        conv.padding, conv.dilation, cells * conv.groups, conv.bias is not None, conv.padding_mode)
 
 
 def _wide_batchnorm(bn: nn.BatchNorm2d, cells: int) -> nn.BatchNorm2d:
@@ -94,6 +97,7 @@ class FusedModel(nn.Module, ABC):
     `unfuse()`: N state_dicts equal to the cells' (exact: the fused tensors hold the same numbers).
     """
     route = "base"
+    channels_last = False  # set by to_channels_last on the routes that lay convs out channels_last
 
     @staticmethod
     def refusal(model: nn.Module) -> Optional[str]:
@@ -106,6 +110,15 @@ class FusedModel(nn.Module, ABC):
         state = models[0].state_dict()
         self.cell_shapes = {name: tensor.shape for name, tensor in state.items()}
         self.param_names = [name for name, p in models[0].named_parameters() if p.requires_grad]
+
+    def to_channels_last(self) -> "FusedModel":
+        """Lay out the conv weights as a plain run's channels_last model (a no-op on this route); returns self."""
+        return self
+
+    def stack_images(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The cells' batches (N tensors [B, C, H, W]) -> [N, B, C, H, W] in the memory layout this route's
+        forward reads without a copy (after `to_channels_last`: channels_last per cell or per fused input)."""
+        return torch.stack(list(images))
 
     @abstractmethod
     def _fused_tensors(self) -> Dict[str, torch.Tensor]:
@@ -171,6 +184,19 @@ class GroupedFusedModel(FusedModel):
 
     def _fused_tensors(self) -> Dict[str, torch.Tensor]:
         return dict(self.model.state_dict(keep_vars=True))
+
+    def to_channels_last(self) -> "GroupedFusedModel":
+        """Conv weights channels_last, and `stack_images` lays the batch out so that the fused input
+        [B, N*C, H, W] is channels_last without a copy (stored as [B, H, W, N, C]); returns self."""
+        self.model.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
+
+    def stack_images(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        if not self.channels_last:
+            return super().stack_images(images)
+        stored = torch.stack([x.permute(0, 2, 3, 1) for x in images], dim=3)  # [B, H, W, N, C]
+        return stored.permute(3, 0, 4, 1, 2)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [N, B, C, H, W] -> logits [N, B, classes]."""

@@ -35,9 +35,11 @@ from pruners.base import RoundPlan
 from training.fused.cells import fusion_key
 from training.fused.console import CellStream
 from training.fused.fuse import fuse_models
+from training.fused.layout import tune_conv_layouts
 from training.fused.step import FusedTrainStep
 from training.loop import EpochResult, step_line
 from training.rounds import RoundRunner
+from training.step import autocast
 from utils.interrupts import StopRequest
 from utils.tracking import progress as progress_bar
 
@@ -191,8 +193,11 @@ class LockstepDriver:
             for session in sessions:  # train mode, as train_epoch sets it (cells that met mid-run may differ)
                 session.model.train()
             fused = fuse_models([s.model for s in sessions], config.fused_route)
-            if fused.route == "streams" and first.channels_last:  # each cell's view as its own model's layout
+            if first.channels_last:  # the convs laid out as the cells' own models (grouped, streams)
                 fused.to_channels_last()
+            layouts = ""
+            if fused.route == "grouped" and first.channels_last and first.device.type == "cuda":
+                layouts = self._tune_layouts(fused, first, len(group))
             step = FusedTrainStep(fused, first.step.masked_names, first.device, first.amp, config.momentum,
                                   [s.config.weight_decay for s in sessions], first.step.regularized,
                                   use_graph=config.cuda_graph,
@@ -204,8 +209,21 @@ class LockstepDriver:
             for request in group:
                 others = ", ".join(self.labels[r.cell] for r in group if r is not request)
                 self._say(request, f"fused with {others} on the {fused.route} route (--fused_route "
-                                   f"{config.fused_route})")
+                                   f"{config.fused_route}){layouts}")
         return self.fused[cells]
+
+    @staticmethod
+    def _tune_layouts(fused, first, cells: int) -> str:
+        """Each grouped conv computes in its faster layout (training/fused/layout.py), timed on a batch shaped as
+        the step's before the step captures its graph; returns the choice for the cells' logs."""
+        loader = first.loaders["train"]
+        images = fused.stack_images([torch.zeros(loader.batch_size, *loader.images.shape[1:], device=first.device)
+                                     for _ in range(cells)])
+        with autocast(first.device, first.amp):
+            chosen = tune_conv_layouts(fused, images)
+        nchw = sorted(name for name, (layout, _, _) in chosen.items() if layout == "contiguous")
+        return (f"; grouped convs: {len(chosen) - len(nchw)} of {len(chosen)} compute channels_last"
+                + (f", NCHW: {', '.join(nchw)}" if nchw else ""))
 
     @torch.no_grad()
     def _load(self, fused, step: FusedTrainStep, group: List[EpochRequest]) -> None:
@@ -236,7 +254,7 @@ class LockstepDriver:
         fused.train()
         seen, started = 0, time.time()
         for index, cell_batches in enumerate(shown, first):
-            images = torch.stack([b[0] for b in cell_batches])
+            images = fused.stack_images([b[0] for b in cell_batches])
             labels = torch.stack([b[1] for b in cell_batches])
             rates, lambdas = zip(*(r.schedule(index) for r in group))
             step(images, labels, rates, lambdas)

@@ -128,7 +128,14 @@ class StreamFusedModel(StackedFusedModel):
         after .to(memory_format=torch.channels_last)); returns self."""
         for param in self.stacked:
             param.data = cell_channels_last(param.data)
+        self.channels_last = True
         return self
+
+    def stack_images(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """[N, B, C, H, W]; after `to_channels_last` each cell's [B, C, H, W] is channels_last (stored [N, B, H, W, C])."""
+        if not self.channels_last:
+            return super().stack_images(images)
+        return torch.stack([x.permute(0, 2, 3, 1) for x in images]).permute(0, 1, 4, 2, 3)
 
     def _cell_streams(self, device: torch.device) -> Optional[List[torch.cuda.Stream]]:
         if device.type != "cuda" or self.cells == 1:
