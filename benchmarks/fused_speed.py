@@ -289,7 +289,7 @@ def parse_args(argv=None):
                    help="tuned (default): each grouped-route conv computes in the faster of channels_last and NCHW, "
                    "timed per conv on CUDA; model: every conv in --fused_layout")
     p.add_argument("--fused_route", default="auto", choices=("auto", "grouped", "vmap", "streams"),
-                   help="training/fused route: auto = grouped for convnets, vmap otherwise; streams = one "
+                   help="training/fused route: auto = grouped for convnets, streams otherwise; streams = one "
                    "CUDA stream per cell")
     p.add_argument("--max_processes", type=int, default=8, help="largest N of the N-processes comparison")
     p.add_argument("--group_timeout", type=float, default=600, help="seconds one group of processes may take")

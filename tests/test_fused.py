@@ -14,7 +14,7 @@ from training.step import TrainStep
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")]
 CPU = torch.device("cpu")
-ROUTE = {"res20s": "grouped", "test_vit": "vmap"}
+ROUTE = {"res20s": "grouped", "test_vit": "streams"}
 
 
 def make_models(arch, seeds):

