@@ -241,3 +241,19 @@ def test_train_mode_gradients_reach_the_pruner_heads(model):
         grad = pruner.heads[layer].mlp[-1].weight.grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def test_left_padded_hard_prefill_runs_in_float64(model):
+    """A padded batch's 4-D mask in a float64 model: -inf keys become float64's lowest value (was: a
+    RuntimeError converting float64's lowest value to the float32 bias, found on an H100), and the float64
+    hard prefill equals the float32 one to float32 rounding."""
+    batch = make_batch([3, 6])
+    decider = RankDecider([10, 20], keep_rank=lambda layer, rank: rank % 3 == 0)
+    fp32 = pruned_forward(model, batch, "hard", decider=decider)
+    wide = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    fp64 = pruned_forward(model.double(), wide, "hard", decider=decider)
+    model.float()
+    assert fp64.logits.dtype == torch.float64
+    assert (fp64.logits - fp32.logits.double()).abs().max() <= 1e-4
+    assert fp64.vision_tokens_per_layer == fp32.vision_tokens_per_layer

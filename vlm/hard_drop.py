@@ -58,7 +58,7 @@ def attention_bias(key_bias: torch.Tensor, query_length: int, dtype: torch.dtype
     slots = torch.arange(keys, device=key_bias.device)
     causal = slots[None, :] <= slots[keys - query_length:, None]
     bias = torch.where(causal[None, None], key_bias[:, None, None, :].float(), NEG_INF)
-    return bias.clamp_min(torch.finfo(dtype).min).to(dtype)
+    return bias.to(dtype).clamp_min(torch.finfo(dtype).min)  # -inf stays -inf in any dtype, then clamps
 
 
 def padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
