@@ -25,6 +25,7 @@ import torch
 
 from benchmarks import concurrent
 from benchmarks.fused_sweep import sweep_estimates
+from benchmarks.fused_table import add_big_batch, table, targets
 from benchmarks.output import save
 from benchmarks.train_steps import MOMENTUM, WEIGHT_DECAY, plain_step, random_masks
 from data import DATASETS
@@ -173,8 +174,14 @@ def measure(make: Callable[[], tuple], images_per_step: int, cells: int, args, d
 
 
 def measure_all(args, device) -> List[dict]:
-    """One row per (arch, batch, cells): fused img/s and peak memory next to the one-run img/s."""
-    rows = []
+    """One row per (arch, batch, cells): fused img/s and peak memory next to the one-run img/s (and with
+    --big_batch, next to one run at cells * batch images per step)."""
+    rows, seen = [], {}
+
+    def big_batch(arch: str, size: int) -> dict:  # one plain run at N*B images per step, measured once per size
+        if (arch, size) not in seen:
+            seen[arch, size] = measure(lambda: plain_runner(arch, size, device, args.compile), size, 1, args, device)
+        return seen[arch, size]
     for arch in args.archs:
         for batch in args.batch_sizes:
             one = measure(lambda: plain_runner(arch, batch, device, args.compile), batch, 1, args, device)
@@ -190,6 +197,8 @@ def measure_all(args, device) -> List[dict]:
                 row.update({f"fused_{k}": v for k, v in fused.items()})
                 if row["one_run_img_s"] and row.get("fused_img_s"):
                     row["fused_speedup"] = row["fused_img_s"] / row["one_run_img_s"]
+                if args.big_batch and cells > 1:
+                    add_big_batch(row, big_batch(arch, cells * batch))
                 rows.append({k: v for k, v in row.items() if v is not None})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -229,38 +238,6 @@ def worker(args, device) -> None:
                                  args.steps * batch, error_text)
 
 
-def table(rows: List[dict]) -> str:
-    head = ["arch", "batch", "N", "fused img/s", "vs one run", "N processes img/s", "vs one run",
-            "peak MiB/cell", "one run img/s"]
-    body = []
-    for r in rows:
-        def rate(key, error_key):
-            return f"{r[key]:,.0f}" if key in r else r.get(error_key, "-")[:60]
-        body.append([r["arch"], str(r["batch_size"]), str(r["cells"]), rate("fused_img_s", "fused_error"),
-                     f"{r['fused_speedup']:.2f}x" if "fused_speedup" in r else "-",
-                     rate("processes_img_s", "processes_error"),
-                     f"{r['processes_speedup']:.2f}x" if "processes_speedup" in r else "-",
-                     f"{r['fused_peak_mib_per_cell']:.0f}" if "fused_peak_mib_per_cell" in r else "-",
-                     rate("one_run_img_s", "one_run_error")])
-    widths = [max(len(line[i]) for line in [head] + body) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [head] + body)
-
-
-TARGETS = {"res20s": (128, 8, 5.0), "vit_tiny": (128, 8, 3.0)}  # arch: (batch, cells, speedup), issue 15
-
-
-def targets(rows: List[dict]) -> List[dict]:
-    """Issue 15's targets among the measured rows: {arch, batch_size, cells, target, speedup, met}."""
-    out = []
-    for arch, (batch, cells, goal) in TARGETS.items():
-        for r in rows:
-            if (r["arch"], r["batch_size"], r["cells"]) == (arch, batch, cells):
-                speedup = r.get("fused_speedup")
-                out.append({"arch": arch, "batch_size": batch, "cells": cells, "target": goal, "speedup": speedup,
-                            "met": speedup is not None and speedup >= goal})
-    return out
-
-
 def int_list(flag: str, text: str, most: int) -> List[int]:
     """'1,2,4' -> [1, 2, 4]; raises UsageError naming `flag` for anything but positive ints <= `most`."""
     try:
@@ -291,6 +268,9 @@ def parse_args(argv=None):
     p.add_argument("--fused_route", default="auto", choices=("auto", "grouped", "vmap", "streams"),
                    help="training/fused route: auto = grouped for convnets, streams otherwise; streams = one "
                    "CUDA stream per cell")
+    p.add_argument("--big_batch", action="store_true",
+                   help="also time one plain run at N x batch images per step (what fusion's N x batch images per "
+                   "step are worth without fusion)")
     p.add_argument("--max_processes", type=int, default=8, help="largest N of the N-processes comparison")
     p.add_argument("--group_timeout", type=float, default=600, help="seconds one group of processes may take")
     p.add_argument("--sweep_estimate", action="store_true",

@@ -1,6 +1,7 @@
 """benchmarks/fused_speed.py on the CPU: flags, the sweep estimate, the N-process protocol, a tiny run."""
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -10,6 +11,7 @@ import pytest
 from benchmarks import concurrent
 from benchmarks.fused_speed import main
 from benchmarks.fused_sweep import sweep_hours
+from benchmarks.fused_table import add_big_batch, table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,7 +99,7 @@ def test_tiny_run_writes_rows_and_estimate(tmp_path, capsys):
     out = tmp_path / "fused.json"
     assert main(["--out", str(out), "--device", "cpu", "--steps", "2", "--warmup", "1", "--cells", "1,2",
                  "--batch_sizes", "4", "--archs", "res20s", "--max_processes", "1", "--sweep_estimate",
-                 "--rounds", "2", "--epochs_per_round", "3"]) == 0
+                 "--rounds", "2", "--epochs_per_round", "3", "--big_batch"]) == 0
     record = json.loads(out.read_text())
     assert record["device"] == "cpu" and record["flags"]["cells"] == [1, 2]
     rows = record["rows"]
@@ -106,11 +108,17 @@ def test_tiny_run_writes_rows_and_estimate(tmp_path, capsys):
         assert r["fused_img_s"] > 0 and r["one_run_img_s"] > 0
         assert r["fused_speedup"] == pytest.approx(r["fused_img_s"] / r["one_run_img_s"])
     assert rows[0]["processes_img_s"] == rows[0]["one_run_img_s"] and "processes_img_s" not in rows[1]
+    # --big_batch: one plain run at 2 x 4 images per step next to the 2 fused cells; none for one cell
+    assert "big_batch_img_s" not in rows[0] and rows[1]["big_batch_img_s"] > 0
+    assert rows[1]["fused_vs_big_batch"] == pytest.approx(rows[1]["fused_img_s"] / rows[1]["big_batch_img_s"])
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("arch "))
+    assert re.split(r"\s{2,}", header)[-2:] == ["one run at N*batch img/s", "fused vs it"]
     estimate = record["sweep_estimate"]["estimates"][0]
     one = rows[0]["one_run_img_s"]
     assert estimate["one_at_a_time_hours"] == pytest.approx(6 * 2 * 3 * 45000 / one / 3600)
     assert set(estimate["fused_hours_by_group"]) == {"1", "2"}  # JSON keys
-    assert "sweep estimate, res20s batch 4" in capsys.readouterr().out
+    assert "sweep estimate, res20s batch 4" in printed
 
 
 @pytest.mark.slow
@@ -125,3 +133,17 @@ def test_the_documented_cpu_run(tmp_path):
     for r in rows:
         assert r["fused_img_s"] > 0 and r["one_run_img_s"] > 0 and r["processes_img_s"] > 0, r
     assert rows[1]["processes_sum_img_s"] > 0 and rows[1]["processes_start_spread_s"] < 1.0
+
+
+def test_big_batch_columns_and_errors():
+    row = {"arch": "res20s", "batch_size": 128, "cells": 8, "fused_img_s": 120.0, "one_run_img_s": 50.0,
+           "fused_speedup": 2.4}
+    add_big_batch(row, {"img_s": 100.0, "peak_mib_per_cell": 9.0})
+    assert row["big_batch_img_s"] == 100.0 and row["fused_vs_big_batch"] == pytest.approx(1.2)
+    failed = {"arch": "res20s", "batch_size": 512, "cells": 16, "one_run_img_s": 50.0}
+    add_big_batch(failed, {"error": "OutOfMemoryError('CUDA out of memory')"})
+    assert failed["big_batch_error"].startswith("OutOfMemoryError") and "fused_vs_big_batch" not in failed
+    lines = table([row, failed]).splitlines()
+    assert re.split(r"\s{2,}", lines[0])[-2:] == ["one run at N*batch img/s", "fused vs it"]
+    assert lines[1].split()[-2:] == ["100", "1.20x"] and "OutOfMemoryError('CUDA out of memory')" in lines[2]
+    assert "one run at N*batch" not in table([{k: v for k, v in row.items() if "big" not in k}])
