@@ -136,6 +136,7 @@ def fused_runner(arch: str, batch: int, cells: int, device: torch.device, compil
         with autocast(device, step.amp):
             chosen = tune_conv_layouts(step.model, data.batch(0)[0])
     if info is not None:
+        info["route"] = step.model.route  # the route taken (auto: grouped for convnets, streams otherwise)
         info["conv_layout"] = "tuned" if chosen else "model"  # tuning is a no-op on the CPU and other routes
         if chosen:
             info["convs_channels_last"] = sum(layout == "channels_last" for layout, _, _ in chosen.values())

@@ -105,7 +105,7 @@ def test_tiny_run_writes_rows_and_estimate(tmp_path, capsys):
     rows = record["rows"]
     assert [(r["arch"], r["batch_size"], r["cells"]) for r in rows] == [("res20s", 4, 1), ("res20s", 4, 2)]
     for r in rows:
-        assert r["fused_img_s"] > 0 and r["one_run_img_s"] > 0
+        assert r["fused_img_s"] > 0 and r["one_run_img_s"] > 0 and r["fused_route"] == "grouped"
         assert r["fused_speedup"] == pytest.approx(r["fused_img_s"] / r["one_run_img_s"])
     assert rows[0]["processes_img_s"] == rows[0]["one_run_img_s"] and "processes_img_s" not in rows[1]
     # --big_batch: one plain run at 2 x 4 images per step next to the 2 fused cells; none for one cell

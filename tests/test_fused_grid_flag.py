@@ -107,6 +107,9 @@ def test_group_exit_code():
      "--executor fused"),
     (["--fused_grid", "batch_size=32,64"], "error: --fused_grid batch_size=32,64: cells would differ in --batch_size "
      "32 vs 64, which fused cells share (training/fused/cells.py SHARED_FIELDS)"),
+    # the real reason first, not "--batch_size is also in the runner flags" (a fresh user's trial)
+    (["--fused_grid", "batch_size=32,64", "--batch_size", "64"], "error: --fused_grid batch_size=32,64: cells would "
+     "differ in --batch_size 32 vs 64, which fused cells share"),
     (["--fused_grid", "arch=test_vit,res20s"], "error: --fused_grid arch=test_vit,res20s: cells would differ in "
      "--arch test_vit vs res20s"),
     (["--fused_grid", "no_cuda_graph=true,false"], "error: --fused_grid no_cuda_graph=true,false: cells would differ "

@@ -93,6 +93,17 @@ def _default_parent(grid: grids.Grid, flags: List[str]) -> str:
     return paths.run_dir(dataclasses.replace(config, save_dir=None))
 
 
+def check_shared_keys(grid: grids.Grid) -> None:
+    """UsageError for a grid key that IS a field fused cells share, given two values: before the sweep checks
+    (which would first object to, e.g., the same flag also given to the runner), so the real reason comes first."""
+    from training.fused.cells import SHARED_FIELDS
+    for key, values in grid.items():
+        if key in SHARED_FIELDS and len(set(values)) > 1:
+            raise UsageError(f"{FLAG} {key}={','.join(values)}: cells would differ in --{key} {values[0]} vs "
+                             f"{values[1]}, which fused cells share (training/fused/cells.py SHARED_FIELDS); run "
+                             f"such a grid with sweep.py --executor fused, which groups the cells")
+
+
 def check_shared(sweep: plan.Sweep, configs: Sequence[RunConfig]) -> None:
     """UsageError naming the --fused_grid whose values make cells differ in a field fused cells share.
     In a cartesian product, the cell with one key changed from the first cell exists for every value."""
@@ -134,6 +145,7 @@ def plan_cells(argv: Sequence[str]) -> FusedGrid:
         if key in grid:
             raise UsageError(f"{FLAG} {key}={','.join(grid[key])}: --{key} is not a cell value (--save_dir is "
                              f"the cells' parent folder, --resume applies to every cell)")
+    check_shared_keys(grid)
     if save_dirs:
         paths.check_text_flags({"save_dir": save_dirs[-1]})
     parent = save_dirs[-1] if save_dirs else _default_parent(grid, flags)
