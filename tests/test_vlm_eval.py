@@ -200,6 +200,8 @@ def test_cli_two_modes_writes_every_key_with_null_for_modes_not_run(tmp_path, ca
     assert set(results["flops"]) == {"origin", "hard"}
     assert results["kv_cache_bytes"]["hard"] < results["kv_cache_bytes"]["origin"]
     assert results["setup"]["samples"] == 2 and results["setup"]["pruning_layers"] == [10, 20, 31]
+    # the --tiny_random merger has the seed's settings, recorded so a results file says how it merged
+    assert results["setup"]["merge"] == {"similarity": "dot", "assignment": "all", "positions": "recount"}
     baseline, = results["baselines"]
     assert baseline["name"] == "random" and set(baseline["flops"]) == {"hard"}
 

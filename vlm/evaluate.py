@@ -263,7 +263,10 @@ def evaluate_from_args(args) -> dict:
                         "device": str(device), "dtype": args.dtype, "pruning_layers": list(layers),
                         "vision_tokens": num_tokens, "num_layers": len(model.model.language_model.layers),
                         "merge_centres": getattr(merger, "num_centres", None), "modes": list(args.modes),
-                        "merger_temperature": temperature}
+                        "merger_temperature": temperature,
+                        # how the centres gather their tokens (config keys merge_similarity / _assignment / _positions)
+                        "merge": None if merger is None else {key: getattr(merger, key) for key in
+                                                              ("similarity", "assignment", "positions")}}
     return results
 
 
