@@ -215,8 +215,9 @@ def train(config: VLMPruningConfig) -> dict:
                                          capture_rng_state(), {"run_id": run_id, "temperature": temperature})
                     remove_quietly(ckpt.numbered_checkpoints(config.save_dir)[config.keep_checkpoints:])
                     log.info(f"step {step}: task {losses['task']:.4f}  adv {losses['adversarial']:.4f}  "
-                             f"disc {losses['discriminator']:.4f}  kept {losses['kept']:.1f}  "
-                             f"T̄ {losses['tokens']:.1f}  tau {temperature:.3f}  -> {last_path}")
+                             f"disc {losses['discriminator']:.4f}  merge kept {losses['kept']:.1f}  "
+                             f"T̄ {losses['tokens']:.1f} (this batch's soft training masks; evaluation keeps "
+                             f"the top-k)  tau {temperature:.3f}  -> {last_path}")
     finally:
         log.close()
     return {"step": step, "checkpoint": last_path, "last": record}
