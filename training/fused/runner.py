@@ -7,8 +7,10 @@ error handling are those of a separate run. Only the batches of an epoch are han
 When every cell waits, the driver takes the requests at the earliest position (round, epoch, first batch)
 with one fusion key (training/fused/cells.py), copies those cells' weights, masks, momentum and running
 sums into a FusedTrainStep (training/fused/step.py), trains the epoch with each cell's own loader (its
-seed's order and augmentation) and schedule, and copies everything back: the cells stay the source of
-truth, so a checkpoint is exactly what a separate run would save, and `--resume` of one cell alone works.
+seed's order and augmentation) and schedule, and copies everything back (training/fused/transfer.py): the
+cells stay the source of truth, so a checkpoint is exactly what a separate run would save, and `--resume` of
+one cell alone works. The cells' validations after the epoch (and tests after the round) are posted the same
+way (`EvalRequest`) and run as one fused forward (training/fused/evaluate.py).
 
 Cells run in threads that take turns (one at a time, in cell order; the fused epoch runs in the main
 thread), so the process-wide RNG, `seed_everything` and the printed lines follow one deterministic
@@ -20,24 +22,24 @@ mid-epoch checkpoint. HFTA (Wang et al., MLSys 2021) is the method; docs/fused.m
 """
 import functools
 import itertools
-import math
 import os
 import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from pruners.base import RoundPlan
 from training.fused.cells import fusion_key
 from training.fused.console import CellStream
 from training.fused.fuse import fuse_models
+from training.fused.evaluate import evaluate_cells
 from training.fused.layout import tune_conv_layouts
 from training.fused.step import FusedTrainStep
-from training.loop import EpochResult, step_line
+from training.fused.transfer import load_group, store_group
+from training.loop import EpochResult, evaluate, step_line
 from training.rounds import RoundRunner
 from training.step import autocast
 from utils.interrupts import StopRequest
@@ -59,7 +61,25 @@ class EpochRequest:
 
     @property
     def key(self) -> tuple:
-        return (self.position, fusion_key(self.runner.config))
+        return ("train", self.position, fusion_key(self.runner.config))
+
+
+@dataclass
+class EvalRequest:
+    """One cell's evaluation of its `split` loader, posted by its thread after an epoch trained here: the
+    driver evaluates the group's cells as one fused forward (training/fused/evaluate.py) and fills `result`
+    (or `error`). position: (round, epoch, batches of the epoch, evaluations since it) -- after the epoch's
+    training requests (round, epoch, first batch), before the next epoch's."""
+    cell: int
+    runner: "FusedCellRunner"
+    position: Tuple[int, int, int, int]
+    split: str
+    result: Optional[EpochResult] = None
+    error: Optional[BaseException] = None
+
+    @property
+    def key(self) -> tuple:
+        return ("eval", self.position, self.split, fusion_key(self.runner.config))
 
 
 class FusedCellRunner(RoundRunner):
@@ -69,9 +89,21 @@ class FusedCellRunner(RoundRunner):
     def __init__(self, session, struct, tracker, rewind, stop, driver: "LockstepDriver", cell: int):
         super().__init__(session, struct, tracker, rewind, driver.stop)
         self.driver, self.cell = driver, cell
+        self.trained: Optional[Tuple[int, int, int]] = None  # (round, epoch, batches) last trained here
+        self.evaluations = 0  # evaluate() calls since then
 
     def train_batches(self, progress, epoch, schedule, first, carried) -> EpochResult:
-        return self.driver.train(EpochRequest(self.cell, self, (progress.round, epoch, first), schedule, carried))
+        self.trained, self.evaluations = (progress.round, epoch, len(self.session.loaders["train"])), 0
+        return self.driver.post(EpochRequest(self.cell, self, (progress.round, epoch, first), schedule, carried))
+
+    def evaluate(self, split: str) -> float:
+        """Top-1 (%) on `split`: after an epoch trained in this process, with the group's cells as one fused
+        forward; else (a resumed run whose round ends before any training here) as a plain run."""
+        if self.trained is None:
+            return super().evaluate(split)
+        position = (*self.trained, self.evaluations)
+        self.evaluations += 1
+        return self.driver.post(EvalRequest(self.cell, self, position, split)).accuracy
 
 
 class LockstepDriver:
@@ -85,14 +117,14 @@ class LockstepDriver:
         self.idents: Dict[int, str] = {}  # thread -> the cell label its printed lines start with (CellStream)
         self.stop = StopRequest()
         self.codes: List[Optional[int]] = [None] * len(argvs)
-        self.requests: Dict[int, EpochRequest] = {}
+        self.requests: Dict[int, Union[EpochRequest, EvalRequest]] = {}
         self.turn = [threading.Event() for _ in argvs]
         self.back = threading.Event()
         self.fused: Dict[Tuple[int, ...], Tuple[object, FusedTrainStep]] = {}
 
     # ---- the cells' side ------------------------------------------------------------------
-    def train(self, request: EpochRequest) -> EpochResult:
-        """Called in a cell's thread: post the epoch, hand the turn back, wait for the result."""
+    def post(self, request: Union[EpochRequest, EvalRequest]) -> EpochResult:
+        """Called in a cell's thread: post the epoch or evaluation, hand the turn back, wait for the result."""
         self.requests[request.cell] = request
         self._wait_for_turn(request.cell, hand_back=True)
         if request.error is not None:
@@ -171,13 +203,39 @@ class LockstepDriver:
         key = ordered[0].key
         return [r for r in ordered if r.key == key]
 
-    def _train_group(self, group: List[EpochRequest]) -> None:
+    def _train_group(self, group: List[Union[EpochRequest, EvalRequest]]) -> None:
+        if isinstance(group[0], EvalRequest):
+            self._evaluate_group(group)
+            return
         try:
             fused, step = self._fused_for(group)
-            self._load(fused, step, group)
+            load_group(fused, step, group)
             stopped, seen = self._train_epoch(fused, step, group)
-            self._store(fused, step, group, stopped, seen)
+            store_group(fused, step, group, stopped, seen)
         except Exception as exc:  # noqa: BLE001 - raised in each cell's thread: every cell exits with its line
+            for request in group:
+                request.error = exc
+
+    def _evaluate_group(self, group: List[EvalRequest]) -> None:
+        """The cells' `split` evaluations as one fused forward of their current (e.g. sparse-view) weights, on a
+        fused copy made for it; a group of one evaluates as a plain run."""
+        try:
+            if len(group) == 1:
+                request = group[0]
+                request.result = evaluate(request.runner.session.model, request.runner.session.loaders[request.split],
+                                          request.runner.session.device, request.runner.session.amp,
+                                          request.runner.session.channels_last)
+                return
+            sessions = [r.runner.session for r in group]
+            first = sessions[0]
+            fused = fuse_models([s.model for s in sessions], first.config.fused_route)
+            if first.channels_last:
+                fused.to_channels_last()
+            results = evaluate_cells(fused, [s.loaders[r.split] for s, r in zip(sessions, group)], first.device,
+                                     first.amp)
+            for request, result in zip(group, results):
+                request.result = result
+        except Exception as exc:  # noqa: BLE001 - raised in each cell's thread
             for request in group:
                 request.error = exc
 
@@ -225,22 +283,6 @@ class LockstepDriver:
         return (f"; grouped convs: {len(chosen) - len(nchw)} of {len(chosen)} compute channels_last"
                 + (f", NCHW: {', '.join(nchw)}" if nchw else ""))
 
-    @torch.no_grad()
-    def _load(self, fused, step: FusedTrainStep, group: List[EpochRequest]) -> None:
-        """The cells' weights, masks, momentum and running sums into the fused tensors (in place)."""
-        steps = [r.runner.session.step for r in group]
-        fused.load_cells([r.runner.session.model.state_dict() for r in group])
-        step.start_round([RoundPlan(train_masks=dict(zip(s.masked_names, s.masks)),
-                                    final_masks=dict(zip(s.masked_names, s.masks)),
-                                    penalty_masks=dict(zip(s.masked_names, s.penalty_masks)) if s.penalty_masks
-                                    else None) for s in steps])
-        for i, cell_step in enumerate(steps):
-            step.load_cell_state_dict(i, cell_step.state_dict())
-            for name in ("loss_sum", "correct", "first_bad"):
-                getattr(step, name)[i].copy_(getattr(cell_step, name))
-        step.step_index.copy_(steps[0].step_index)
-        step.skipped.zero_()  # this call's skips; those before it come in each request's `carried`
-
     def _train_epoch(self, fused, step: FusedTrainStep, group: List[EpochRequest]) -> Tuple[Optional[int], int]:
         """The group's batches from the shared first one on; returns (batches done when a stop ended the
         epoch, or None; images each cell trained)."""
@@ -282,33 +324,6 @@ class LockstepDriver:
             total = request.carried[0] + seen - skips * request.runner.config.batch_size
             self._say(request, step_line(round_index, epoch + 1, request.runner.config.epochs, done, steps,
                                          loss_sum / max(total, 1), seen / max(seconds, 1e-9)))
-
-    @torch.no_grad()
-    def _store(self, fused, step: FusedTrainStep, group: List[EpochRequest], stopped: Optional[int],
-               seen: int) -> None:
-        """Weights, momentum and running sums back into each cell; each request's EpochResult."""
-        shared = [name for name, (_, index) in fused.fused_state.items() if index[0] == ()]
-        skips = step.skipped.tolist()
-        before = [{name: r.runner.session.model.state_dict()[name].clone() for name in shared} for r in group]
-        for i, (request, state) in enumerate(zip(group, fused.unfuse())):
-            session = request.runner.session
-            for name in shared:  # one counter for the group, which started at cell 0's value
-                state[name] = before[i][name] + (state[name] - before[0][name])
-            session.model.load_state_dict(state)
-            session.step.load_state_dict(step.cell_state_dict(i))
-            for name in ("loss_sum", "correct", "first_bad"):
-                getattr(session.step, name).copy_(getattr(step, name)[i])
-            session.step.step_index.copy_(step.step_index)
-            # a skipped batch trains no images (training batches are all --batch_size: partial ones are dropped)
-            samples = request.carried[0] + seen - skips[i] * request.runner.config.batch_size
-            skipped = request.carried[1] + skips[i]
-            if stopped is not None:
-                request.result = EpochResult(loss=math.nan, accuracy=math.nan, samples=samples, skipped=skipped,
-                                             stopped_at=stopped)
-                continue
-            loss_sum, correct, bad = session.step.read_epoch()
-            request.result = EpochResult(loss=loss_sum / max(samples, 1), accuracy=100.0 * correct / max(samples, 1),
-                                         samples=samples, bad_step=bad, skipped=skipped)
 
 
 def run_cells(argvs: Sequence[Sequence[str]], labels: Optional[Sequence[str]] = None) -> List[int]:
