@@ -93,15 +93,21 @@ def _default_parent(grid: grids.Grid, flags: List[str]) -> str:
     return paths.run_dir(dataclasses.replace(config, save_dir=None))
 
 
+def shared_refusal(key: str, values: Sequence[str], difference: str) -> UsageError:
+    """The one line refusing grid key `key` whose values make cells differ in a shared field (`difference`,
+    e.g. "--batch_size 32 vs 64")."""
+    return UsageError(f"{FLAG} {key}={','.join(values)}: cells would differ in {difference}, which fused cells "
+                      f"share (training/fused/cells.py SHARED_FIELDS); run such a grid with sweep.py --executor "
+                      f"fused, which groups the cells")
+
+
 def check_shared_keys(grid: grids.Grid) -> None:
     """UsageError for a grid key that IS a field fused cells share, given two values: before the sweep checks
     (which would first object to, e.g., the same flag also given to the runner), so the real reason comes first."""
     from training.fused.cells import SHARED_FIELDS
     for key, values in grid.items():
         if key in SHARED_FIELDS and len(set(values)) > 1:
-            raise UsageError(f"{FLAG} {key}={','.join(values)}: cells would differ in --{key} {values[0]} vs "
-                             f"{values[1]}, which fused cells share (training/fused/cells.py SHARED_FIELDS); run "
-                             f"such a grid with sweep.py --executor fused, which groups the cells")
+            raise shared_refusal(key, values, f"--{key} {values[0]} vs {values[1]}")
 
 
 def check_shared(sweep: plan.Sweep, configs: Sequence[RunConfig]) -> None:
@@ -115,9 +121,7 @@ def check_shared(sweep: plan.Sweep, configs: Sequence[RunConfig]) -> None:
             other = by_values[tuple({**first, key: value}.items())]
             changed = differences(configs[0], other)
             if changed:
-                raise UsageError(f"{FLAG} {key}={','.join(values)}: cells would differ in {changed[0]}, which "
-                                 f"fused cells share (training/fused/cells.py SHARED_FIELDS); run such a grid "
-                                 f"with sweep.py --executor fused, which groups the cells")
+                raise shared_refusal(key, values, changed[0])
 
 
 @dataclass(frozen=True)

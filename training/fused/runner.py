@@ -39,7 +39,7 @@ from training.fused.evaluate import evaluate_cells
 from training.fused.layout import tune_conv_layouts
 from training.fused.step import FusedTrainStep
 from training.fused.transfer import load_group, store_group
-from training.loop import EpochResult, evaluate, step_line
+from training.loop import EpochResult, step_line
 from training.rounds import RoundRunner
 from training.step import autocast
 from utils.interrupts import StopRequest
@@ -68,7 +68,7 @@ class EpochRequest:
 class EvalRequest:
     """One cell's evaluation of its `split` loader, posted by its thread after an epoch trained here: the
     driver evaluates the group's cells as one fused forward (training/fused/evaluate.py) and fills `result`
-    (or `error`). position: (round, epoch, batches of the epoch, evaluations since it) -- after the epoch's
+    (or `error`; it leaves `result` None for a group of one, which the cell then evaluates as a plain run). position: (round, epoch, batches of the epoch, evaluations since it) -- after the epoch's
     training requests (round, epoch, first batch), before the next epoch's."""
     cell: int
     runner: "FusedCellRunner"
@@ -103,7 +103,8 @@ class FusedCellRunner(RoundRunner):
             return super().evaluate(split)
         position = (*self.trained, self.evaluations)
         self.evaluations += 1
-        return self.driver.post(EvalRequest(self.cell, self, position, split)).accuracy
+        result = self.driver.post(EvalRequest(self.cell, self, position, split))
+        return super().evaluate(split) if result is None else result.accuracy  # None: a group of one
 
 
 class LockstepDriver:
@@ -123,7 +124,7 @@ class LockstepDriver:
         self.fused: Dict[Tuple[int, ...], Tuple[object, FusedTrainStep]] = {}
 
     # ---- the cells' side ------------------------------------------------------------------
-    def post(self, request: Union[EpochRequest, EvalRequest]) -> EpochResult:
+    def post(self, request: Union[EpochRequest, EvalRequest]) -> Optional[EpochResult]:
         """Called in a cell's thread: post the epoch or evaluation, hand the turn back, wait for the result."""
         self.requests[request.cell] = request
         self._wait_for_turn(request.cell, hand_back=True)
@@ -204,10 +205,10 @@ class LockstepDriver:
         return [r for r in ordered if r.key == key]
 
     def _train_group(self, group: List[Union[EpochRequest, EvalRequest]]) -> None:
-        if isinstance(group[0], EvalRequest):
-            self._evaluate_group(group)
-            return
         try:
+            if isinstance(group[0], EvalRequest):
+                self._evaluate_group(group)
+                return
             fused, step = self._fused_for(group)
             load_group(fused, step, group)
             stopped, seen = self._train_epoch(fused, step, group)
@@ -217,27 +218,24 @@ class LockstepDriver:
                 request.error = exc
 
     def _evaluate_group(self, group: List[EvalRequest]) -> None:
-        """The cells' `split` evaluations as one fused forward of their current (e.g. sparse-view) weights, on a
-        fused copy made for it; a group of one evaluates as a plain run."""
-        try:
-            if len(group) == 1:
-                request = group[0]
-                request.result = evaluate(request.runner.session.model, request.runner.session.loaders[request.split],
-                                          request.runner.session.device, request.runner.session.amp,
-                                          request.runner.session.channels_last)
-                return
-            sessions = [r.runner.session for r in group]
-            first = sessions[0]
+        """The cells' `split` evaluations as one fused forward of their current (e.g. sparse-view) weights: in the
+        group's training fused model when there is one (the next epoch loads the cells into it again), else in a
+        fused copy made for it. A group of one gets no result: its cell evaluates as a plain run."""
+        if len(group) == 1:
+            return
+        sessions = [r.runner.session for r in group]
+        first, cells = sessions[0], tuple(r.cell for r in group)
+        if cells in self.fused:
+            fused = self.fused[cells][0]
+            fused.load_cells([s.model.state_dict() for s in sessions])
+        else:
             fused = fuse_models([s.model for s in sessions], first.config.fused_route)
             if first.channels_last:
                 fused.to_channels_last()
-            results = evaluate_cells(fused, [s.loaders[r.split] for s, r in zip(sessions, group)], first.device,
-                                     first.amp)
-            for request, result in zip(group, results):
-                request.result = result
-        except Exception as exc:  # noqa: BLE001 - raised in each cell's thread
-            for request in group:
-                request.error = exc
+        results = evaluate_cells(fused, [s.loaders[r.split] for s, r in zip(sessions, group)], first.device,
+                                 first.amp)
+        for request, result in zip(group, results):
+            request.result = result
 
     def _fused_for(self, group: List[EpochRequest]) -> Tuple[object, FusedTrainStep]:
         """The fused model and step of these cells (kept while the same cells train together: the step's
@@ -253,9 +251,7 @@ class LockstepDriver:
             fused = fuse_models([s.model for s in sessions], config.fused_route)
             if first.channels_last:  # the convs laid out as the cells' own models (grouped, streams)
                 fused.to_channels_last()
-            layouts = ""
-            if fused.route == "grouped" and first.channels_last and first.device.type == "cuda":
-                layouts = self._tune_layouts(fused, first, len(group))
+            layouts = self._tune_layouts(fused, first, len(group)) if first.channels_last else ""
             step = FusedTrainStep(fused, first.step.masked_names, first.device, first.amp, config.momentum,
                                   [s.config.weight_decay for s in sessions], first.step.regularized,
                                   use_graph=config.cuda_graph,
@@ -273,12 +269,15 @@ class LockstepDriver:
     @staticmethod
     def _tune_layouts(fused, first, cells: int) -> str:
         """Each grouped conv computes in its faster layout (training/fused/layout.py), timed on a batch shaped as
-        the step's before the step captures its graph; returns the choice for the cells' logs."""
+        the step's before the step captures its graph; returns the choice for the cells' logs ("" where the tuner
+        does not apply: the CPU, routes without grouped convs)."""
         loader = first.loaders["train"]
         images = fused.stack_images([torch.zeros(loader.batch_size, *loader.images.shape[1:], device=first.device)
                                      for _ in range(cells)])
         with autocast(first.device, first.amp):
             chosen = tune_conv_layouts(fused, images)
+        if not chosen:
+            return ""
         nchw = sorted(name for name, (layout, _, _) in chosen.items() if layout == "contiguous")
         return (f"; grouped convs: {len(chosen) - len(nchw)} of {len(chosen)} compute channels_last"
                 + (f", NCHW: {', '.join(nchw)}" if nchw else ""))
