@@ -42,3 +42,12 @@ def time_ms(fn: Callable[[], Any], device: torch.device, warmup: int = 2, iters:
 def median_ms(fn: Callable[[], Any], device: torch.device, warmup: int = 2, iters: int = 5) -> float:
     """Median of `time_ms` (robust to one slow call, e.g. an allocator growth)."""
     return float(statistics.median(time_ms(fn, device, warmup, iters)))
+
+
+def steps_in_budget(minutes: float, elapsed_s: float, per_step_s: float, done: int, max_steps: int,
+                    share: float = 0.85) -> int:
+    """Total optimizer steps of a run that fit into `share` of a `minutes` budget: the `done` steps so far (taking
+    `elapsed_s` seconds) plus as many more of `per_step_s` seconds as the rest allows; at least `done`, at most
+    `max_steps`. The rest of the budget (1 - share) is left for evaluation and saving."""
+    left = minutes * 60 * share - elapsed_s
+    return max(done, min(max_steps, int(left / per_step_s) + done))

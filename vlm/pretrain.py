@@ -20,11 +20,13 @@ import torch
 
 from utils import checkpoint
 from utils.errors import CheckpointError, UsageError, run_cli
+from utils.timing import steps_in_budget
 from utils.tracking import progress
 from vlm.data import (VQACollator, batch_to, cifar10_vqa_splits, cifar10_vqa_tokenizer,
                       exact_match, vqa_accuracy, vqa_loader)
-from vlm.llava import build_llava, num_image_tokens, tiny_llava_config
+from vlm.llava import build_llava, llava_parts, num_image_tokens, tiny_llava_config
 from vlm.tokenizer import WordTokenizer
+from vlm.vision_pretrain import labelled_images, pretrain_vision
 
 FORMAT = "vlm-tiny-llava/1"
 # architecture flag -> (today's default, its value in a LlavaConfig); argparse defaults are None so that a flag
@@ -116,6 +118,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--weight_decay", type=float, default=0.05)
     for name, (default, _) in ARCHITECTURE.items():
         p.add_argument(f"--{name}", type=int, help=f"default {default}, or the --init checkpoint's")
+    p.add_argument("--vision_pretrain_steps", type=int, default=0,
+                   help="first train the tower + projector as a CIFAR-10 classifier for this many steps (at most, with "
+                   "--vision_pretrain_minutes; 0: none): the stand-in for LLaVA's pretrained CLIP (vlm/vision_pretrain.py)")
+    p.add_argument("--vision_pretrain_minutes", type=float, help="time budget of the vision pre-training")
+    p.add_argument("--vision_pretrain_batch_size", type=int, default=256)
+    p.add_argument("--vision_pretrain_lr", type=float, default=1e-3)
+    p.add_argument("--freeze_vision", action="store_true",
+                   help="keep the vision tower fixed while the projector and the LLM train (LLaVA-1.5's recipe)")
     p.add_argument("--train_images", type=int, default=45000)
     p.add_argument("--val_images", type=int, default=5000)
     p.add_argument("--eval_images", type=int, default=2000,
@@ -131,8 +141,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     for name in ("steps", "batch_size", *ARCHITECTURE, "train_images", "val_images", "eval_images", "eval_every"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name} {getattr(args, name)}: must be positive")
-    if args.minutes is not None and args.minutes <= 0:
-        raise UsageError(f"--minutes {args.minutes}: must be positive")
+    for name in ("minutes", "vision_pretrain_minutes", "vision_pretrain_batch_size", "vision_pretrain_lr"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise UsageError(f"--{name} {getattr(args, name)}: must be positive")
+    if args.vision_pretrain_steps < 0:
+        raise UsageError(f"--vision_pretrain_steps {args.vision_pretrain_steps}: must be 0 (none) or positive")
+    if args.vision_pretrain_minutes is not None and args.vision_pretrain_steps == 0:
+        raise UsageError(f"--vision_pretrain_minutes {args.vision_pretrain_minutes}: give --vision_pretrain_steps "
+                         f"too (the most steps it may take)")
     if args.lr <= 0 or args.warmup < 0:
         raise UsageError(f"--lr {args.lr} / --warmup {args.warmup}: lr must be positive, warmup not negative")
     return args
@@ -225,9 +241,18 @@ def pretrain(args: argparse.Namespace) -> dict:
         samples, VQACollator(tokenizer, tokens, args.image_size, with_answers=answers, raw_images=True),
         args.batch_size, shuffle, seed, workers=args.workers, drop_last=shuffle)
     val_loader = loader(val[:2 * min(len(val) // 2, args.eval_images)], False, False, 0)
+    vision_records, vision = [], None
+    if args.vision_pretrain_steps:
+        vision = pretrain_vision(model, labelled_images(train), labelled_images(val), image_size=args.image_size,
+                                 steps=args.vision_pretrain_steps, minutes=args.vision_pretrain_minutes,
+                                 batch_size=args.vision_pretrain_batch_size, lr=args.vision_pretrain_lr,
+                                 weight_decay=args.weight_decay, warmup=args.warmup, seed=args.seed, amp=amp,
+                                 record=vision_records.append, log=lambda line: print(line, flush=True))
+    if args.freeze_vision:
+        llava_parts(model).vision_tower.requires_grad_(False)
     # fused: one kernel per step for all parameters on CUDA (the tiny model has ~100 small tensors)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
     total = args.steps
     schedule = lambda step: min(1.0, (step + 1) / max(args.warmup, 1)) * 0.5 * (  # noqa: E731
         1 + math.cos(math.pi * min(step / total, 1.0)))
@@ -239,6 +264,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     bar = progress(range(total), total, "tiny llava", not args.no_progress)
     steps_iter = iter(bar)
     with open(metrics_path, "a" if same_folder else "w") as metrics:
+        metrics.writelines(json.dumps(record) + "\n" for record in vision_records)
         while step < total:
             # shuffles offset by the init's steps: a continued run does not replay the first run's batch order
             for batch in loader(train, True, True, args.seed + init_step + epoch):
@@ -259,8 +285,7 @@ def pretrain(args: argparse.Namespace) -> dict:
                     timer = time.time()
                 if step == 50 and args.minutes is not None:  # fit the run into the time budget
                     per_step = (time.time() - timer) / 40
-                    left = args.minutes * 60 * 0.85 - (time.time() - start)
-                    total = max(50, min(args.steps, int(left / per_step) + 50))
+                    total = steps_in_budget(args.minutes, time.time() - start, per_step, 50, args.steps)
                     print(f"{per_step * 1000:.1f} ms per step: training {total} steps", flush=True)
                 evaluating = step % args.eval_every == 0 or step == total
                 if step % 50 and not evaluating:
@@ -284,7 +309,8 @@ def pretrain(args: argparse.Namespace) -> dict:
     model_path = os.path.join(args.out, "tiny_llava.pt")
     summary = {"checkpoint": model_path, "steps": step, "total_steps": init_step + step, "init": init,
                "epochs_seen": round(step * args.batch_size / len(train), 3),
-               "train_seconds": round(seconds, 1), "final_loss": float(loss.detach()), "val": val_metrics,
+               "train_seconds": round(seconds, 1), "final_loss": float(loss.detach()), "vision_pretrain": vision,
+               "vision_frozen": bool(args.freeze_vision), "val": val_metrics,
                "test": test_metrics, "fingerprint": model_fingerprint(model), "args": vars(args),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     # atomic (temp file + rename): with --out the init's folder, the init file stays whole until this one is written
