@@ -11,7 +11,7 @@
 #     WORKERS=0 PRUNE_WORKERS=0 PRUNE_STEPS=5 PRUNE_BATCH=4 PRUNE_IMAGES=500 LIMIT=16 EVAL_BATCH=8 \
 #     TRAIN_IMAGES=500 bash run_scripts/vlm_cifar.sh
 # VISION_MINUTES=m first trains the tower + projector as a CIFAR-10 classifier for m minutes (the stand-in for
-# LLaVA's pretrained CLIP, vlm/vision_pretrain.py), then trains the LLaVA with the tower frozen (--freeze_vision).
+# LLaVA's pretrained CLIP, vlm/vision_pretrain.py); FREEZE_VISION=1 then keeps the tower fixed (--freeze_vision).
 # Longer training than one call allows (docs/vlm.md): INIT=path continues a saved tiny_llava.pt (train_tiny_llava.py
 # --init: its weights and sizes, a fresh optimizer cycle over this call's MINUTES; HIDDEN / LAYERS / VISION_LAYERS /
 # IMAGE_SIZE may be left unset, and one set to another size than the checkpoint's stops it with one line).
@@ -47,7 +47,8 @@ else
         --batch_size "$BATCH" --lr 2e-3 --warmup 200 "${SIZES[@]}" \
         --train_images "$TRAIN_IMAGES" --eval_every 100000 --eval_images "$LIMIT" --val_images 1000 \
         --workers "$WORKERS" --no_progress ${INIT:+--init "$INIT"} \
-        ${VISION_MINUTES:+--vision_pretrain_steps 100000 --vision_pretrain_minutes "$VISION_MINUTES" --freeze_vision}
+        ${VISION_MINUTES:+--vision_pretrain_steps 100000 --vision_pretrain_minutes "$VISION_MINUTES"} \
+        ${FREEZE_VISION:+--freeze_vision}
     BASE="$OUT/tiny_llava/tiny_llava.pt"
 fi
 
