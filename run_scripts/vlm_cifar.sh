@@ -27,6 +27,8 @@ HIDDEN=${HIDDEN:-128}; LAYERS=${LAYERS:-12}; VISION_LAYERS=${VISION_LAYERS:-4}; 
 WORKERS=${WORKERS:-8}; PRUNE_STEPS=${PRUNE_STEPS:-300}; PRUNE_BATCH=${PRUNE_BATCH:-32}
 LIMIT=${LIMIT:-1000}; EVAL_BATCH=${EVAL_BATCH:-100}; TRAIN_IMAGES=${TRAIN_IMAGES:-45000}
 LAYERS_PRUNED=${LAYERS_PRUNED:-[2,5,8]}; PRUNE_WORKERS=${PRUNE_WORKERS:-4}; PRUNE_IMAGES=${PRUNE_IMAGES:-5000}
+# the heads' keep ratios of the T̄ 50 % and 25 % runs (for LAYERS_PRUNED [2,5,8] of 12; [1,2,3] of 4: 0.74 / 0.26)
+KEEP50=${KEEP50:-0.78}; KEEP25=${KEEP25:-0.41}; BASELINE_LAYERS=${BASELINE_LAYERS:-2}  # random / FastV drop layer
 
 BASE_CHECKPOINT=${BASE_CHECKPOINT:-}; INIT=${INIT:-}
 
@@ -53,8 +55,8 @@ else
 fi
 
 # name, merge ratio, extra keys: T̄ = M (2 + 3r + 3r² + 4r³) / 12 for layers [2, 5, 8] of 12 and head keep ratio r
-for run in "t75 0.75" "t50 0.75 pruner_keep_ratio=0.78 pruner_sparsity_weight=100 lr_pruner=5e-3" \
-           "t25 0.75 pruner_keep_ratio=0.41 pruner_sparsity_weight=100 lr_pruner=5e-3"; do
+for run in "t75 0.75" "t50 0.75 pruner_keep_ratio=$KEEP50 pruner_sparsity_weight=100 lr_pruner=5e-3" \
+           "t25 0.75 pruner_keep_ratio=$KEEP25 pruner_sparsity_weight=100 lr_pruner=5e-3"; do
     set -- $run
     name=$1; ratio=$2; shift 2
     "$PYTHON" train_vlm_pruning.py --config configs/vision_token_pruning.yaml \
@@ -63,6 +65,7 @@ for run in "t75 0.75" "t50 0.75 pruner_keep_ratio=0.78 pruner_sparsity_weight=10
         discriminator_d_internal="$HIDDEN" lr_merger=1e-3 lr_pruner=1e-3 save_every="$PRUNE_STEPS" no_wandb=true \
         progress=false workers="$PRUNE_WORKERS" save_dir="$OUT/$name" "$@" ${EXTRA_KEYS:-}
     "$PYTHON" eval_vlm_pruning.py --checkpoint "$(ls "$OUT/$name"/checkpoint_*.pt | tail -1)" --cifar_vqa "$DATA" \
-        --modes origin soft hard --baselines random fastv --limit "$LIMIT" --batch_size "$EVAL_BATCH" \
+        --modes origin soft hard --baselines random fastv --baseline_layers $BASELINE_LAYERS --limit "$LIMIT" \
+        --batch_size "$EVAL_BATCH" \
         --max_new_tokens 3 --no_progress --output "$OUT/eval_$name.json"
 done
