@@ -4,6 +4,7 @@ the runner's own process, each in <--save_dir>/<cell name>, as sweep.py --execut
 test_vit (the streams route under auto) in fp32 follows its separate runs to about 1e-7 relative (docs/fused.md)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -179,6 +180,11 @@ def test_a_nan_cell_gives_the_exit_code_and_the_other_finishes(tmp_path, one_thr
     assert f"cell lr-0.05: exit code 0; run dir {tmp_path / 'g' / 'lr-0.05'}" in out
     assert os.path.isfile(paths.round_checkpoint(str(tmp_path / "g" / "lr-0.05"), 0))
     assert not os.path.exists(paths.round_checkpoint(str(tmp_path / "g" / "lr-1e6"), 0))
+    summary = [line for line in out.splitlines() if line.startswith("fused driver time: ")]
+    assert len(summary) == 1 and re.fullmatch(
+        r"fused driver time: [\d.]+ s training steps \([\d.]+ %\), [\d.]+ s cell <-> fused copies \([\d.]+ %\), "
+        r"[\d.]+ s fused evaluation \([\d.]+ %\), [\d.]+ s the cells' own code between epochs \([\d.]+ %\)",
+        summary[0])
 
 
 def test_extending_a_grid_resumes_old_cells_and_fuses_new_ones_when_they_meet(tmp_path, one_thread, capsys):

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from training.fused.cells import fusion_key
+from training.fused.clock import PhaseClock
 from training.fused.console import CellStream
 from training.fused.fuse import fuse_models
 from training.fused.evaluate import evaluate_cells
@@ -122,6 +123,7 @@ class LockstepDriver:
         self.turn = [threading.Event() for _ in argvs]
         self.back = threading.Event()
         self.fused: Dict[Tuple[int, ...], Tuple[object, FusedTrainStep]] = {}
+        self.clock = PhaseClock()  # where the group's time goes, printed when the run ends
 
     # ---- the cells' side ------------------------------------------------------------------
     def post(self, request: Union[EpochRequest, EvalRequest]) -> Optional[EpochResult]:
@@ -178,13 +180,16 @@ class LockstepDriver:
                 while self.requests:
                     group = self._next_group()
                     self._train_group(group)
-                    for request in group:
-                        del self.requests[request.cell]
-                        self._give_turn(request.cell)
+                    with self.clock.phase("cells"):
+                        for request in group:
+                            del self.requests[request.cell]
+                            self._give_turn(request.cell)
         finally:
             sys.stdout, sys.stderr = saved
             if set_here:
                 os.environ.pop("WANDB_REINIT", None)
+        if self.clock.summary():
+            print(self.clock.summary(), flush=True)
         for thread in threads:
             thread.join()
         return [1 if code is None else code for code in self.codes]
@@ -207,12 +212,16 @@ class LockstepDriver:
     def _train_group(self, group: List[Union[EpochRequest, EvalRequest]]) -> None:
         try:
             if isinstance(group[0], EvalRequest):
-                self._evaluate_group(group)
+                with self.clock.phase("evaluation"):
+                    self._evaluate_group(group)
                 return
             fused, step = self._fused_for(group)
-            load_group(fused, step, group)
-            stopped, seen = self._train_epoch(fused, step, group)
-            store_group(fused, step, group, stopped, seen)
+            with self.clock.phase("copies"):
+                load_group(fused, step, group)
+            with self.clock.phase("steps"):
+                stopped, seen = self._train_epoch(fused, step, group)
+            with self.clock.phase("copies"):
+                store_group(fused, step, group, stopped, seen)
         except Exception as exc:  # noqa: BLE001 - raised in each cell's thread: every cell exits with its line
             for request in group:
                 request.error = exc
