@@ -15,13 +15,20 @@
 # Longer training than one call allows (docs/vlm.md): INIT=path continues a saved tiny_llava.pt (train_tiny_llava.py
 # --init: its weights and sizes, a fresh optimizer cycle over this call's MINUTES; HIDDEN / LAYERS / VISION_LAYERS /
 # IMAGE_SIZE may be left unset, and one set to another size than the checkpoint's stops it with one line).
-# BASE_CHECKPOINT=path skips the tiny LLaVA training and prunes that file instead (INIT is then an error):
+# BASE_CHECKPOINT=path skips the tiny LLaVA training and prunes that file instead (INIT, MINUTES, BATCH, VISION_MINUTES
+# and FREEZE_VISION, which only the training reads, are then an error):
 #   OUT=runs/more INIT=runs/vlm_cifar/tiny_llava/tiny_llava.pt bash run_scripts/vlm_cifar.sh
 #   OUT=runs/prune BASE_CHECKPOINT=runs/more/tiny_llava/tiny_llava.pt bash run_scripts/vlm_cifar.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
 GIVEN_SIZES="${HIDDEN:+h}${LAYERS:+l}${VISION_LAYERS:+v}${IMAGE_SIZE:+i}"  # with INIT only these are passed on
+GIVEN_TRAINING="${MINUTES:+ MINUTES}${BATCH:+ BATCH}${VISION_MINUTES:+ VISION_MINUTES}${FREEZE_VISION:+ FREEZE_VISION}"
+case "${FREEZE_VISION:-0}" in
+    0) FREEZE_VISION= ;;
+    1) ;;
+    *) echo "error: FREEZE_VISION=$FREEZE_VISION: 1 (freeze the tower) or 0" >&2; exit 2 ;;
+esac
 DATA=${DATA:-data}; OUT=${OUT:-runs/vlm_cifar}; MINUTES=${MINUTES:-3.8}; IMAGE_SIZE=${IMAGE_SIZE:-336}
 HIDDEN=${HIDDEN:-128}; LAYERS=${LAYERS:-12}; VISION_LAYERS=${VISION_LAYERS:-4}; BATCH=${BATCH:-64}
 WORKERS=${WORKERS:-8}; PRUNE_STEPS=${PRUNE_STEPS:-300}; PRUNE_BATCH=${PRUNE_BATCH:-32}
@@ -37,6 +44,9 @@ if [ -n "$BASE_CHECKPOINT" ]; then
         echo "error: BASE_CHECKPOINT and INIT: give one (INIT trains, BASE_CHECKPOINT skips training)" >&2; exit 2
     fi
     if [ ! -f "$BASE_CHECKPOINT" ]; then echo "error: BASE_CHECKPOINT $BASE_CHECKPOINT: no such file" >&2; exit 2; fi
+    if [ -n "$GIVEN_TRAINING" ]; then
+        echo "error: BASE_CHECKPOINT skips the training, so$GIVEN_TRAINING would do nothing: drop them" >&2; exit 2
+    fi
     BASE="$BASE_CHECKPOINT"
     echo "pruning $BASE (BASE_CHECKPOINT: no tiny LLaVA training)"
 else

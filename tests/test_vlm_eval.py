@@ -250,9 +250,9 @@ def test_summary_table_rows_of_modes_and_baselines():
                "baselines": [{"name": "fastv", "target_budget": 100.04, "accuracy_hard": 0.25, **costs},
                              {"name": "random", "target_budget": 5, "skipped": "below the reachable minimum"}]}
     assert summary_table(results).splitlines() == [
-        "mode                accuracy      T̄  GFLOPs  prefill ms  KV MB",  # T̄: 1 column on a terminal
-        "hard                   0.500  100.0     2.5        12.3    3.2",
-        "fastv @ T̄ 100 hard     0.250  100.0     2.5        12.3    3.2",
+        "mode                accuracy       T̄  GFLOPs  prefill ms  KV MB",  # T̄: 1 column on a terminal
+        "hard                   0.500  100.04     2.5        12.3    3.2",  # 2 decimals where 1 would round
+        "fastv @ T̄ 100 hard     0.250  100.04     2.5        12.3    3.2",
         "random @ T̄ 5         skipped"]
 
 

@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 from vlm.data import cifar10_vqa  # noqa: E402
 from vlm.llava import build_llava, llava_parts, tiny_llava_config  # noqa: E402
-from vlm.pretrain import initial_model, main, parse_args  # noqa: E402
+from vlm.pretrain import load_tiny_llava, main  # noqa: E402
 from vlm.vision_pretrain import PAD, labelled_images, pretrain_vision, random_crop_flip  # noqa: E402
 
 ARCH = ["--hidden_size", "32", "--num_layers", "2", "--vision_hidden_size", "32", "--vision_layers", "1",
@@ -85,22 +85,33 @@ def test_cli_pretrains_then_freezes_the_tower(cifar10_root, tmp_path, one_thread
 
 
 def test_frozen_tower_keeps_its_weights(cifar10_root, tmp_path, one_thread):
-    out = tmp_path / "frozen"
-    assert main(["--data", cifar10_root, "--out", str(out), *TINY, *ARCH, "--steps", "2", "--freeze_vision"]) == 0
-    args = parse_args(["--data", cifar10_root, *ARCH])
-    torch.manual_seed(args.seed)
-    initial, _, _ = initial_model(args)  # the same seeded random init the run started from
-    from vlm.pretrain import load_tiny_llava
-    trained, _, _ = load_tiny_llava(str(out / "tiny_llava.pt"))
-    start, end = llava_parts(initial), llava_parts(trained)
+    first, second = tmp_path / "first", tmp_path / "frozen"
+    assert main(["--data", cifar10_root, "--out", str(first), *TINY, *ARCH, "--steps", "2"]) == 0
+    assert main(["--data", cifar10_root, "--out", str(second), *TINY, "--steps", "2", "--freeze_vision",
+                 "--init", str(first / "tiny_llava.pt")]) == 0
+    start, end = (llava_parts(load_tiny_llava(str(folder / "tiny_llava.pt"))[0]) for folder in (first, second))
     assert all(torch.equal(a, b) for a, b in zip(start.vision_tower.parameters(), end.vision_tower.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(start.projector.parameters(), end.projector.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(start.language_model.parameters(),
+                                                     end.language_model.parameters()))
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--vision_pretrain_steps", "-1"], "--vision_pretrain_steps -1: must be 0 (none) or positive"),
-    (["--vision_pretrain_minutes", "2"], "--vision_pretrain_minutes 2.0: give --vision_pretrain_steps too"),
-    (["--vision_pretrain_steps", "5", "--vision_pretrain_lr", "0"], "--vision_pretrain_lr 0.0: must be positive"),
+    (["--vision_pretrain_minutes", "2"], "--vision_pretrain_minutes 2: give --vision_pretrain_steps too"),
+    (["--vision_pretrain_steps", "5", "--vision_pretrain_lr", "0"],
+     "--vision_pretrain_lr 0.0: must be a positive finite number"),
+    (["--vision_pretrain_lr", "nan"], "--vision_pretrain_lr nan: must be a positive finite number"),
+    (["--lr", "nan"], "--lr nan: must be a positive finite number"),
+    (["--minutes", "inf"], "--minutes inf: must be a positive finite number"),
+    (["--vision_pretrain_steps", "5", "--vision_pretrain_minutes", "inf"],
+     "--vision_pretrain_minutes inf: must be a positive finite number"),
+    (["--weight_decay", "nan"], "--weight_decay nan: must be a finite number >= 0"),
+    (["--vision_pretrain_batch_size", "0"], "--vision_pretrain_batch_size 0: must be positive"),
+    (["--train_images", "500", "--vision_pretrain_steps", "5", "--vision_pretrain_batch_size", "1000"],
+     "--vision_pretrain_batch_size 1000: more than the --train_images 500"),
+    (["--train_images", "10", "--batch_size", "64"], "--batch_size 64: more than the 20 questions of --train_images 10"),
+    (["--freeze_vision"], "--freeze_vision: the tower would stay at its random init"),
 ])
 def test_bad_flags_one_line(tmp_path, capsys, flags, message):
     assert main(["--out", str(tmp_path / "x"), *flags]) == 2

@@ -102,7 +102,8 @@ def evaluate_vqa(model, loader, tokenizer: WordTokenizer, device, image_size: in
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     from utils.cli import OneLineParser
-    p = OneLineParser(description="Train a tiny LLaVA on the CIFAR-10 VQA set (whole model, random init or --init).")
+    p = OneLineParser(description="Train a tiny LLaVA on the CIFAR-10 VQA set (random init or --init; optionally "
+                      "a vision pre-training first and a frozen tower).")
     p.add_argument("--data", default="data", help="folder holding cifar-10-batches-py (materialise ../shared/data)")
     p.add_argument("--out", default="runs/tiny_llava")
     p.add_argument("--init", help="continue from the weights of this tiny_llava.pt (its architecture; architecture "
@@ -110,22 +111,30 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    "run's --steps (a new cycle). Keep --seed / --val_images / --train_images of the first run so the "
                    "held-out images stay held out")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps (at most, with --minutes)")
-    p.add_argument("--minutes", type=float, help="time budget: after 50 steps the step count is cut to what fits "
-                   "into 85%% of it (the rest is left for evaluation)")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--weight_decay", type=float, default=0.05)
+    p.add_argument("--minutes", type=float, help="time budget of the VQA training (the vision pre-training has its "
+                   "own): after 50 steps the step count is cut to what fits into 85%% of it (the rest is left for "
+                   "evaluation)")
+    p.add_argument("--batch_size", type=int, default=64, help="questions per step (default 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (default 1e-3)")
+    p.add_argument("--warmup", type=int, default=200, help="linear warmup steps before the cosine, of the VQA training "
+                   "and of the vision pre-training (default 200)")
+    p.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of both stages (default 0.05)")
     for name, (default, _) in ARCHITECTURE.items():
         p.add_argument(f"--{name}", type=int, help=f"default {default}, or the --init checkpoint's")
     p.add_argument("--vision_pretrain_steps", type=int, default=0,
-                   help="first train the tower + projector as a CIFAR-10 classifier for this many steps (at most, with "
-                   "--vision_pretrain_minutes; 0: none): the stand-in for LLaVA's pretrained CLIP (vlm/vision_pretrain.py)")
-    p.add_argument("--vision_pretrain_minutes", type=float, help="time budget of the vision pre-training")
-    p.add_argument("--vision_pretrain_batch_size", type=int, default=256)
-    p.add_argument("--vision_pretrain_lr", type=float, default=1e-3)
+                   help="before the VQA training, train the tower + projector as a CIFAR-10 classifier for this many "
+                   "steps (at most, with --vision_pretrain_minutes; default 0: none): the stand-in for LLaVA's "
+                   "pretrained CLIP (vlm/vision_pretrain.py; --warmup and --weight_decay apply)")
+    p.add_argument("--vision_pretrain_minutes", type=float, help="time budget of the vision pre-training, on top of "
+                   "--minutes (needs --vision_pretrain_steps, the most it may take): after 50 steps the step count is "
+                   "cut to what fits into 85%% of it")
+    p.add_argument("--vision_pretrain_batch_size", type=int, default=256,
+                   help="images per vision pre-training step (default 256; at most --train_images)")
+    p.add_argument("--vision_pretrain_lr", type=float, default=1e-3,
+                   help="AdamW peak learning rate of the vision pre-training (default 1e-3)")
     p.add_argument("--freeze_vision", action="store_true",
-                   help="keep the vision tower fixed while the projector and the LLM train (LLaVA-1.5's recipe)")
+                   help="keep the vision tower fixed while the projector and the LLM train (LLaVA-1.5's recipe); needs a "
+                   "trained tower: --vision_pretrain_steps, or an --init checkpoint")
     p.add_argument("--train_images", type=int, default=45000)
     p.add_argument("--val_images", type=int, default=5000)
     p.add_argument("--eval_images", type=int, default=2000,
@@ -138,20 +147,38 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--no_amp", action="store_true", help="no bf16 autocast on cuda")
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", *ARCHITECTURE, "train_images", "val_images", "eval_images", "eval_every"):
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """UsageError naming the flag for a value the run cannot use (before anything is read or written)."""
+    for name in ("steps", "batch_size", *ARCHITECTURE, "train_images", "val_images", "eval_images", "eval_every",
+                 "vision_pretrain_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UsageError(f"--{name} {getattr(args, name)}: must be positive")
-    for name in ("minutes", "vision_pretrain_minutes", "vision_pretrain_batch_size", "vision_pretrain_lr"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise UsageError(f"--{name} {getattr(args, name)}: must be positive")
+    for name in ("lr", "minutes", "vision_pretrain_minutes", "vision_pretrain_lr"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name} {value}: must be a positive finite number")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise UsageError(f"--weight_decay {args.weight_decay}: must be a finite number >= 0")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup {args.warmup}: must not be negative")
+    if args.batch_size > 2 * args.train_images:  # a training loader that drops its only partial batch yields nothing
+        raise UsageError(f"--batch_size {args.batch_size}: more than the {2 * args.train_images} questions of "
+                         f"--train_images {args.train_images} (2 per image)")
     if args.vision_pretrain_steps < 0:
         raise UsageError(f"--vision_pretrain_steps {args.vision_pretrain_steps}: must be 0 (none) or positive")
+    if args.vision_pretrain_steps and args.vision_pretrain_batch_size > args.train_images:
+        raise UsageError(f"--vision_pretrain_batch_size {args.vision_pretrain_batch_size}: more than the "
+                         f"--train_images {args.train_images}")
     if args.vision_pretrain_minutes is not None and args.vision_pretrain_steps == 0:
-        raise UsageError(f"--vision_pretrain_minutes {args.vision_pretrain_minutes}: give --vision_pretrain_steps "
+        raise UsageError(f"--vision_pretrain_minutes {args.vision_pretrain_minutes:g}: give --vision_pretrain_steps "
                          f"too (the most steps it may take)")
-    if args.lr <= 0 or args.warmup < 0:
-        raise UsageError(f"--lr {args.lr} / --warmup {args.warmup}: lr must be positive, warmup not negative")
-    return args
+    if args.freeze_vision and not args.vision_pretrain_steps and args.init is None:
+        raise UsageError("--freeze_vision: the tower would stay at its random init; pre-train it "
+                         "(--vision_pretrain_steps) or continue a trained model (--init)")
 
 
 def resolve_device(name: str) -> torch.device:
