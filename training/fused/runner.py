@@ -27,14 +27,13 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from training.fused.cells import fusion_key
 from training.fused.clock import PhaseClock
 from training.fused.console import CellStream
+from training.fused.requests import EpochRequest, EvalRequest
 from training.fused.fuse import fuse_models
 from training.fused.evaluate import evaluate_cells
 from training.fused.layout import tune_conv_layouts
@@ -45,42 +44,6 @@ from training.rounds import RoundRunner
 from training.step import autocast
 from utils.interrupts import StopRequest
 from utils.tracking import progress as progress_bar
-
-
-@dataclass
-class EpochRequest:
-    """One cell's epoch, posted by its thread: batches `first`.. of its training loader, `schedule(i)` ->
-    (lr, lambda) of batch i, `carried` (images, skipped batches) before `first`; the driver fills `result`
-    (or `error`, raised in the cell's thread)."""
-    cell: int
-    runner: "FusedCellRunner"
-    position: Tuple[int, int, int]  # round, epoch (0-based), first batch
-    schedule: Callable[[int], Tuple[float, float]]
-    carried: Tuple[int, int]
-    result: Optional[EpochResult] = None
-    error: Optional[BaseException] = None
-
-    @property
-    def key(self) -> tuple:
-        return ("train", self.position, fusion_key(self.runner.config))
-
-
-@dataclass
-class EvalRequest:
-    """One cell's evaluation of its `split` loader, posted by its thread after an epoch trained here: the
-    driver evaluates the group's cells as one fused forward (training/fused/evaluate.py) and fills `result`
-    (or `error`; it leaves `result` None for a group of one, which the cell then evaluates as a plain run). position: (round, epoch, batches of the epoch, evaluations since it) -- after the epoch's
-    training requests (round, epoch, first batch), before the next epoch's."""
-    cell: int
-    runner: "FusedCellRunner"
-    position: Tuple[int, int, int, int]
-    split: str
-    result: Optional[EpochResult] = None
-    error: Optional[BaseException] = None
-
-    @property
-    def key(self) -> tuple:
-        return ("eval", self.position, self.split, fusion_key(self.runner.config))
 
 
 class FusedCellRunner(RoundRunner):

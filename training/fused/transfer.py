@@ -17,7 +17,7 @@ from training.loop import EpochResult
 @torch.no_grad()
 def load_group(fused: FusedModel, step: FusedTrainStep, group: Sequence) -> None:
     """The cells' weights, masks, momentum and running sums into the fused tensors (in place). group: the
-    EpochRequests (training/fused/runner.py) of the cells, in the fused model's cell order."""
+    EpochRequests (training/fused/requests.py) of the cells, in the fused model's cell order."""
     steps = [r.runner.session.step for r in group]
     fused.load_cells([r.runner.session.model.state_dict() for r in group])
     step.start_round([RoundPlan(train_masks=dict(zip(s.masked_names, s.masks)),
