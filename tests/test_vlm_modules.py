@@ -206,3 +206,12 @@ def test_stages_on_a_tiny_llava():
         assert len(hidden) == 7 and hidden[-1].shape == (B, N + 9, D)
         masks = [attention_mask.bool()] * len(hidden)
         assert Discriminator(D)(hidden, masks).shape == (B,)
+
+
+def test_warmup_cosine_factors():
+    from vlm.schedule import warmup_cosine
+    assert [warmup_cosine(s, 100, 4) for s in (0, 1, 3)] == pytest.approx([0.25 * 1.0, 0.5 * 0.99975, 0.99778],
+                                                                          abs=1e-5)
+    assert warmup_cosine(50, 100, 4) == pytest.approx(0.5)
+    assert warmup_cosine(100, 100, 4) == pytest.approx(0.0) and warmup_cosine(150, 100, 4) == pytest.approx(0.0)
+    assert warmup_cosine(0, 10, 0) == pytest.approx(1.0)  # no warmup

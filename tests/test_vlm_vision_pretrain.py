@@ -12,7 +12,8 @@ pytest.importorskip("transformers")
 from vlm.data import cifar10_vqa  # noqa: E402
 from vlm.llava import build_llava, llava_parts, tiny_llava_config  # noqa: E402
 from vlm.pretrain import load_tiny_llava, main  # noqa: E402
-from vlm.vision_pretrain import PAD, labelled_images, pretrain_vision, random_crop_flip  # noqa: E402
+from data.loader import PAD, random_crop_flip  # noqa: E402 - the runner's augmentation, used by the pre-training
+from vlm.vision_pretrain import labelled_images, pretrain_vision  # noqa: E402
 
 ARCH = ["--hidden_size", "32", "--num_layers", "2", "--vision_hidden_size", "32", "--vision_layers", "1",
         "--image_size", "28"]

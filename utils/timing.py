@@ -4,7 +4,7 @@ Shared by the VLM cost report (vlm/cost.py) and the token-pruning speed benchmar
 """
 import statistics
 import time
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -51,3 +51,24 @@ def steps_in_budget(minutes: float, elapsed_s: float, per_step_s: float, done: i
     `max_steps`. The rest of the budget (1 - share) is left for evaluation and saving."""
     left = minutes * 60 * share - elapsed_s
     return max(done, min(max_steps, int(left / per_step_s) + done))
+
+
+class StepBudget:
+    """Fits a training loop into a time budget: call `after(step)` after each optimizer step (1-based count).
+    Steps 11-50 are timed (the device synchronised at both ends, so GPU work is timed, not its queueing); after
+    step 50 `after` returns (seconds per step, total steps that fit: `steps_in_budget` over the time since
+    construction), else None. `minutes` None: never returns a total (the loop runs its own step count)."""
+
+    def __init__(self, minutes: Optional[float], max_steps: int, device: torch.device):
+        self.minutes, self.max_steps, self.device = minutes, max_steps, torch.device(device)
+        self.start, self.timer = time.time(), None
+
+    def after(self, step: int) -> Optional[Tuple[float, int]]:
+        if step in (10, 50) and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if step == 10:
+            self.timer = time.time()
+        if step != 50 or self.minutes is None:
+            return None
+        per_step = (time.time() - self.timer) / 40
+        return per_step, steps_in_budget(self.minutes, time.time() - self.start, per_step, 50, self.max_steps)

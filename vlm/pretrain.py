@@ -20,11 +20,12 @@ import torch
 
 from utils import checkpoint
 from utils.errors import CheckpointError, UsageError, run_cli
-from utils.timing import steps_in_budget
+from utils.timing import StepBudget
 from utils.tracking import progress
 from vlm.data import (VQACollator, batch_to, cifar10_vqa_splits, cifar10_vqa_tokenizer,
                       exact_match, vqa_accuracy, vqa_loader)
 from vlm.llava import build_llava, llava_parts, num_image_tokens, tiny_llava_config
+from vlm.schedule import warmup_cosine
 from vlm.tokenizer import WordTokenizer
 from vlm.vision_pretrain import labelled_images, pretrain_vision
 
@@ -281,13 +282,13 @@ def pretrain(args: argparse.Namespace) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
     total = args.steps
-    schedule = lambda step: min(1.0, (step + 1) / max(args.warmup, 1)) * 0.5 * (  # noqa: E731
-        1 + math.cos(math.pi * min(step / total, 1.0)))
+    schedule = lambda step: warmup_cosine(step, total, args.warmup)  # noqa: E731 - reads `total` as it is cut
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     # continuing in the init's own folder appends to its metrics.jsonl, so that history is kept
     same_folder = init is not None and os.path.samefile(os.path.dirname(os.path.abspath(args.init)), args.out)
     start, step, epoch = time.time(), 0, 0
+    budget = StepBudget(args.minutes, args.steps, device)
     bar = progress(range(total), total, "tiny llava", not args.no_progress)
     steps_iter = iter(bar)
     with open(metrics_path, "a" if same_folder else "w") as metrics:
@@ -306,13 +307,9 @@ def pretrain(args: argparse.Namespace) -> dict:
                 scheduler.step()
                 step += 1
                 next(steps_iter, None)
-                if step in (10, 50) and device.type == "cuda":
-                    torch.cuda.synchronize(device)  # time the GPU's steps, not the CPU's queueing of them
-                if step == 10:
-                    timer = time.time()
-                if step == 50 and args.minutes is not None:  # fit the run into the time budget
-                    per_step = (time.time() - timer) / 40
-                    total = steps_in_budget(args.minutes, time.time() - start, per_step, 50, args.steps)
+                fitted = budget.after(step)  # fit the run into the time budget
+                if fitted:
+                    per_step, total = fitted
                     print(f"{per_step * 1000:.1f} ms per step: training {total} steps", flush=True)
                 evaluating = step % args.eval_every == 0 or step == total
                 if step % 50 and not evaluating:

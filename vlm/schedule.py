@@ -1,4 +1,6 @@
-"""Temperature schedule for the Gumbel relaxations of the merger and the pruner heads (SPEC §5)."""
+"""Schedules: the Gumbel temperature of the merger and the pruner heads (SPEC §5), and the learning-rate factor
+of the tiny LLaVA's training stages."""
+import math
 
 
 def temperature_at(progress: float, start: float = 1.0, end: float = 0.1, anneal_rate: float = 0.5) -> float:
@@ -19,3 +21,10 @@ def temperature_at(progress: float, start: float = 1.0, end: float = 0.1, anneal
     if progress >= anneal_rate:
         return float(end)
     return float(start + (end - start) * progress / anneal_rate)
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor of optimizer step `step` (0-based) of `total`: linear warmup over the first `warmup`
+    steps (factor (step + 1) / warmup), times a cosine from 1 to 0 over `total` (0 from `total` on). The tiny
+    LLaVA's VQA training (vlm/pretrain.py) and its vision pre-training (vlm/vision_pretrain.py)."""
+    return min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))

@@ -6,12 +6,12 @@ from random weights, and learning to see only through the language model's answe
 64 on an H100 left "what is in the picture?" at 46 % and "is there a {class}?" at chance. This stage stands in
 for the CLIP pre-training: the projected image features (`vlm.llava.image_features`, the tokens the LLM reads),
 mean-pooled over the N vision tokens, go through a linear classifier of the 10 classes, trained with
-cross-entropy under random crops (4 px padding) and flips; the classifier is then thrown away.
+cross-entropy under random crops (4 px padding) and flips (data.loader.random_crop_flip, the runner's
+augmentation); the classifier is then thrown away.
 `--freeze_vision` afterwards keeps the tower fixed while the projector and the LLM train (LLaVA-1.5's recipe).
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable, Optional
 
@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.timing import steps_in_budget
+from data.loader import random_crop_flip
+from utils.timing import StepBudget
 from vlm.data import CIFAR10_CLASSES, clip_pixel_values
 from vlm.llava import image_features, llava_parts
-
-PAD = 4  # random-crop padding in pixels of the 32-px image (the usual CIFAR augmentation)
-
+from vlm.schedule import warmup_cosine
 
 def labelled_images(samples) -> tuple:
     """(uint8 images [N, 3, H, W], long labels [N]) of the images of CIFAR-10 VQA samples (`cifar10_vqa`: two
@@ -33,24 +32,6 @@ def labelled_images(samples) -> tuple:
     images = torch.stack([sample.image for sample in what])
     labels = torch.tensor([CIFAR10_CLASSES.index(sample.answers[0]) for sample in what])
     return images, labels
-
-
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> uint8 [B, 3, H, W]: each image zero-padded by PAD pixels, cropped back to H x W at a
-    random offset and flipped left-right with probability 1/2 (offsets and flips from `generator`, which must
-    live on the images' device)."""
-    count, _, height, width = images.shape
-    device = images.device
-    padded = F.pad(images, (PAD, PAD, PAD, PAD))
-    dy = torch.randint(0, 2 * PAD + 1, (count, 1), device=device, generator=generator)
-    dx = torch.randint(0, 2 * PAD + 1, (count, 1), device=device, generator=generator)
-    flip = torch.rand(count, 1, device=device, generator=generator) < 0.5
-    cols = torch.arange(width, device=device).expand(count, width)
-    cols = torch.where(flip, width - 1 - cols, cols) + dx
-    rows = torch.arange(height, device=device).expand(count, height) + dy
-    batch = torch.arange(count, device=device)[:, None, None]
-    crops = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # [B, H, W, 3]
-    return crops.permute(0, 3, 1, 2).contiguous()
 
 
 class VisionClassifier(nn.Module):
@@ -111,11 +92,12 @@ def pretrain_vision(llava, train, val, *, image_size: int, steps: int, minutes: 
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     generator = torch.Generator(device=device).manual_seed(seed)
     total, step, order, start = steps, 0, torch.empty(0, dtype=torch.long, device=device), time.time()
+    budget = StepBudget(minutes, steps, device)
     while step < total:
         if len(order) < batch_size:  # a new epoch: a fresh permutation (the last partial batch is dropped)
             order = torch.randperm(len(labels), device=device, generator=generator)
         index, order = order[:batch_size], order[batch_size:]
-        scale = min(1.0, (step + 1) / max(warmup, 1)) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+        scale = warmup_cosine(step, total, warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr * scale
         pixels = clip_pixel_values(random_crop_flip(images[index], generator), image_size)
@@ -126,13 +108,9 @@ def pretrain_vision(llava, train, val, *, image_size: int, steps: int, minutes: 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         step += 1
-        if step in (10, 50) and device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step == 10:
-            timer = time.time()
-        if step == 50 and minutes is not None:
-            per_step = (time.time() - timer) / 40
-            total = steps_in_budget(minutes, time.time() - start, per_step, 50, steps)
+        fitted = budget.after(step)
+        if fitted:
+            per_step, total = fitted
             log(f"vision pre-training: {per_step * 1000:.1f} ms per step of {batch_size}: {total} steps")
         if step % 50 == 0 or step == total:
             record({"type": "vision_pretrain", "step": step, "loss": float(loss.detach()), "lr": lr * scale})
