@@ -36,7 +36,8 @@ def make_models(arch, seeds):
 
 @pytest.mark.parametrize("arch,train,route", [("res20s", True, "auto"), ("res20s", False, "auto"),
                                               ("test_vit", True, "auto"), ("res20s", True, "streams"),
-                                              ("res20s", False, "streams"), ("test_vit", True, "streams")])
+                                              ("res20s", False, "streams"), ("test_vit", True, "streams"),
+                                              ("test_vit", True, "grouped"), ("vit_tiny", False, "grouped")])
 def test_fused_forward_matches_each_model(arch, train, route):
     models = make_models(arch, [1, 2, 3])
     fused = fuse_models(models, route)
@@ -60,16 +61,16 @@ def test_fused_forward_matches_each_model(arch, train, route):
         assert int(fused.unfuse()[0]["bn1.num_batches_tracked"]) == (1 if train else 0)
 
 
-@pytest.mark.parametrize("arch", ["res20s", "test_vit"])
-def test_unfuse_round_trip_is_exact(arch):
+@pytest.mark.parametrize("arch,route", [("res20s", "auto"), ("test_vit", "auto"), ("test_vit", "grouped")])
+def test_unfuse_round_trip_is_exact(arch, route):
     models = make_models(arch, [4, 5])
-    fused = fuse_models(models)
+    fused = fuse_models(models, route)
     states = fused.unfuse()
     for state, model in zip(states, models):
         expected = model.state_dict()
         assert list(state) == list(expected)
         assert all(torch.equal(state[name], expected[name]) for name in expected)
-    again = fuse_models(make_models(arch, [6, 7]))
+    again = fuse_models(make_models(arch, [6, 7]), route)
     again.load_cells(states[::-1])
     for state, expected in zip(again.unfuse(), states[::-1]):
         assert all(torch.equal(state[name], expected[name]) for name in expected)
@@ -105,8 +106,11 @@ def test_refusals_name_the_problem():
         fuse_models([create_model("res20s", 10), create_model("res20s", 100)])
     with pytest.raises(ValueError, match="cannot update BatchNorm running statistics"):
         fuse_models(make_models("res20s", [1]), route="vmap")
-    with pytest.raises(ValueError, match=r"grouped fusion cannot widen .*LayerNorm"):
-        fuse_models(make_models("test_vit", [1]), route="grouped")
+    with pytest.raises(ValueError, match=r"^grouped fusion cannot widen stem.1 \(LayerNorm2d\).*use route='vmap'$"):
+        fuse_models(make_models("test_convnext", [1]), route="grouped")
+    with pytest.raises(ValueError, match=r"^grouped ViT fusion takes timm's plain ViT; this one has no class token, "
+                                         r"register tokens; use route='streams'$"):
+        fuse_models(make_models("test_vit2", [1]), route="grouped")
     with pytest.raises(ValueError, match="unknown fusion route 'hfta'"):
         fuse_models(make_models("res20s", [1]), route="hfta")
     fused = fuse_models(make_models("res20s", [1, 2]))
@@ -123,14 +127,14 @@ def held_tensors(step):
         yield from (v for v in values if isinstance(v, torch.Tensor))
 
 
-@pytest.mark.parametrize("arch", ["res20s", "test_vit"])
-def test_steps_keep_no_autograd_history(arch):
+@pytest.mark.parametrize("arch,route", [("res20s", "auto"), ("test_vit", "auto"), ("test_vit", "grouped")])
+def test_steps_keep_no_autograd_history(arch, route):
     """A kept tensor with a grad_fn (e.g. a view of a parameter made with grad enabled) holds the
     parameter's AccumulateGrad node, bound to the stream it was made on: CUDA graph capture of the
     backward then fails on the GPU. Neither the fused step nor the plain one may keep one."""
     models = make_models(arch, [1, 2])
     names = list(prunable_weights(models[0], exclude=dense_modules(models[0])))
-    fused = FusedTrainStep(fuse_models(models), names, CPU, "none", 0.9, [1e-4, 5e-4], regularized=True,
+    fused = FusedTrainStep(fuse_models(models, route), names, CPU, "none", 0.9, [1e-4, 5e-4], regularized=True,
                            use_graph=False)
     masks = {n: torch.ones_like(w) for n, w in prunable_weights(models[0], exclude=dense_modules(models[0])).items()}
     plain = TrainStep(models[0], masks, CPU, "none", 0.9, 1e-4, regularized=True, use_graph=False)
@@ -232,6 +236,7 @@ def cell_loader(train_set, cell, batch):
     ("res20s", torch.float64, 16, STEPS, 1e-9, 1e-9, "auto"),
     ("res20s", torch.float32, BATCH, 2, 1e-5, 1e-4, "auto"),
     ("test_vit", torch.float32, BATCH, STEPS, 1e-5, 1e-5, "auto"),
+    ("test_vit", torch.float32, BATCH, STEPS, 1e-5, 1e-5, "grouped"),
     ("res20s", torch.float64, 16, STEPS, 1e-9, 1e-9, "streams")])
 def test_fused_pair_trains_like_two_separate_runs(arch, dtype, batch, steps, tol, momentum_tol, route):
     train, _ = read_synthetic("")

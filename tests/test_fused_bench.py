@@ -85,9 +85,10 @@ worker_config(2, lambda: (lambda k: None), lambda s: None, lambda s: (time.time(
 
 def test_run_group_collects_rates_and_errors():
     results = concurrent.run_group(3, [sys.executable, "-c", WORKER], configs=3, timeout=60)
-    # windows of 0.5 s that overlap: the union is about 0.5 s (0.75 s of slack for a loaded 2-core machine, where
-    # 3 processes start staggered; one after another would be 1.5 s)
-    assert 3 * 64 / 1.25 < results[0]["img_s"] <= 3 * 64 / 0.5, results  # the whole record when it fails
+    # three windows of 0.5 s from the barrier on: their union is 0.5 s plus the spread of their starts (how far
+    # apart the processes left the barrier; on a loaded 2-core machine that varies, so it is read, not bounded)
+    spread = results[0]["start_spread_s"]
+    assert 0 <= spread < 5 and results[0]["img_s"] == pytest.approx(3 * 64 / (0.5 + spread)), results
     assert results[0]["sum_img_s"] == pytest.approx(3 * 64 / 0.5), results
     assert results[1] == {"error": "MemoryError('cell too big')"}, results
     # rank 2 exited after config 1: the parent tells ranks 0 and 1 to leave config 2's barrier at once

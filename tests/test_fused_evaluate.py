@@ -25,13 +25,13 @@ def loaders(cells, batches, batch, seed=0):
     return out
 
 
-@pytest.mark.parametrize("arch,route", [("res20s", "grouped"), ("test_vit", "streams")])
+@pytest.mark.parametrize("arch,route", [("res20s", "grouped"), ("test_vit", "streams"), ("test_vit", "grouped")])
 def test_each_cell_equals_its_plain_evaluation(arch, route):
     models = []
     for seed in (1, 2, 3):
         torch.manual_seed(seed)
         models.append(create_model(arch, 10).eval())
-    fused = fuse_models(models, "auto")
+    fused = fuse_models(models, route)
     assert fused.route == route
     data = loaders(3, 3, 8)
     results = evaluate_cells(fused, data, CPU)

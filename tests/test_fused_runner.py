@@ -234,11 +234,12 @@ def test_fused_entry_refuses_bad_cells_in_one_line(tmp_path, capsys):
     assert main(["--cells", str(bad)]) == 2
     assert capsys.readouterr().err == f"error: cell 1 ({tmp_path / 'b'}): --struct lowrank changes the model's " \
         "layers or forward, so its runs cannot be fused\n"
-    bad.write_text(json.dumps({"cells": [[*cell_argv(BASE, [], tmp_path / "a"), "--fused_route", "grouped"]]}))
-    assert main(["--cells", str(bad)]) == 2  # test_vit has LayerNorms: refused before any cell starts
+    bad.write_text(json.dumps({"cells": [[*cell_argv(BASE, [], tmp_path / "a"), "--fused_route", "grouped",
+                                          "--arch", "test_vit2"]]}))
+    assert main(["--cells", str(bad)]) == 2  # register tokens: refused before any cell starts
     assert capsys.readouterr().err == f"error: cell 0 ({tmp_path / 'a'}): --fused_route grouped with --arch " \
-        "test_vit: grouped fusion cannot widen <root> (VisionTransformer), blocks.0.norm1 (LayerNorm), " \
-        "blocks.0.norm2 (LayerNorm); use --fused_route auto or streams\n"
+        "test_vit2: grouped ViT fusion takes timm's plain ViT; this one has no class token, register tokens; " \
+        "use --fused_route auto or streams\n"
     bad.write_text(json.dumps({"cells": [cell_argv(BASE, [], tmp_path / "a")] * 2}))
     assert main(["--cells", str(bad)]) == 2
     assert capsys.readouterr().err.startswith("error: cell 1: the same run dir as cell 0")

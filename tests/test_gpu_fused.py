@@ -1,6 +1,6 @@
 """On CUDA: the graph-captured FusedTrainStep computes what the eager one computes, on every fusion route
-(grouped convolutions for res20s, also channels_last with tuned per-convolution layouts; vmap with CUDA SDPA
-for vit_tiny; one CUDA stream per cell for both), and every cell's masks hold."""
+(grouped convolutions for res20s, also channels_last with tuned per-convolution layouts; for vit_tiny the
+grouped ViT and vmap with CUDA SDPA; one CUDA stream per cell for both), and every cell's masks hold."""
 import warnings
 
 import pytest
@@ -64,7 +64,7 @@ def train(arch, graph, amp, steps, route="auto", channels_last=False, tuned=Fals
 
 
 @pytest.mark.parametrize("arch,route", [("res20s", "auto"), ("vit_tiny", "auto"), ("res20s", "streams"),
-                                        ("vit_tiny", "vmap")])
+                                        ("vit_tiny", "vmap"), ("vit_tiny", "grouped")])
 def test_fused_graph_replay_matches_eager(arch, route):
     torch.backends.cudnn.deterministic = True
     with warnings.catch_warnings(record=True) as caught:
@@ -79,10 +79,10 @@ def test_fused_graph_replay_matches_eager(arch, route):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("route", ["vmap", "auto"])
+@pytest.mark.parametrize("route", ["vmap", "auto", "grouped"])
 def test_vit_tiny_fused_bf16_graph_runs(route):
     """bf16 autocast picks the flash / memory-efficient SDPA kernels: vmap must batch and capture them (the
-    streams route, auto's choice for ViTs, runs them per cell)."""
+    streams route, auto's choice for ViTs, runs them per cell; the grouped route once over the N*B sequences)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loss_sum, correct, params = train("vit_tiny", graph=True, amp="bf16", steps=3, route=route)

@@ -53,10 +53,10 @@ def route_problem(config: RunConfig) -> Optional[str]:
     import torch
     from data import DATASETS
     from models import create_model
-    from training.fused.fuse import ROUTES
+    from training.fused.fuse import route_refusal
     with torch.device("meta"):
         model = create_model(config.arch, DATASETS[config.dataset].num_classes)
-    reason = ROUTES[config.fused_route].refusal(model)
+    reason = route_refusal(config.fused_route, model)
     if reason:
         return f"--fused_route {config.fused_route} with --arch {config.arch}: {reason}; use --fused_route auto or streams"
     return None

@@ -62,22 +62,22 @@ class FusedLinear(nn.Module):
         return out.transpose(0, 1).reshape(*lead, self.cells * self.out_features)
 
 
-def _grouped_conv(conv: nn.Conv2d, cells: int) -> LayoutConv2d:
+def grouped_conv(conv: nn.Conv2d, cells: int) -> LayoutConv2d:
     # LayoutConv2d: an nn.Conv2d (same parameters) whose compute layout training/fused/layout.py may tune
     return LayoutConv2d(cells * conv.in_channels, cells * conv.out_channels, conv.kernel_size, conv.stride,
                         conv.padding, conv.dilation, cells * conv.groups, conv.bias is not None, conv.padding_mode)
 
 
-def _wide_batchnorm(bn: nn.BatchNorm2d, cells: int) -> nn.BatchNorm2d:
+def wide_batchnorm(bn: nn.BatchNorm2d, cells: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(cells * bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
 
 
-def _fused_linear(linear: nn.Linear, cells: int) -> FusedLinear:
+def fused_linear(linear: nn.Linear, cells: int) -> FusedLinear:
     return FusedLinear(cells, linear.in_features, linear.out_features, linear.bias is not None)
 
 
 # exact types only: a subclass may change forward (e.g. a LoRA or masked Linear)
-GROUPED_LAYERS = {nn.Conv2d: _grouped_conv, nn.BatchNorm2d: _wide_batchnorm, nn.Linear: _fused_linear}
+GROUPED_LAYERS = {nn.Conv2d: grouped_conv, nn.BatchNorm2d: wide_batchnorm, nn.Linear: fused_linear}
 
 
 def _holds_tensors(module: nn.Module) -> bool:
@@ -98,6 +98,12 @@ class FusedModel(nn.Module, ABC):
     """
     route = "base"
     channels_last = False  # set by to_channels_last on the routes that lay convs out channels_last
+
+    @staticmethod
+    def claims(model: nn.Module) -> bool:
+        """Whether this class speaks for its route about `model` (a route may hold several classes, e.g. one
+        for CNNs and one for timm ViTs: the first that claims a model fuses it or refuses it)."""
+        return True
 
     @staticmethod
     def refusal(model: nn.Module) -> Optional[str]:
