@@ -56,9 +56,10 @@ class FusedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.cells, self.in_features).transpose(0, 1)  # [N, M, in]
-        out = torch.bmm(rows, self.weight.transpose(1, 2))
-        if self.bias is not None:
-            out = out + self.bias[:, None, :]
+        if self.bias is None:
+            out = torch.bmm(rows, self.weight.transpose(1, 2))
+        else:  # one kernel, and under autocast the output stays in the autocast dtype (as nn.Linear's does)
+            out = torch.baddbmm(self.bias[:, None, :], rows, self.weight.transpose(1, 2))
         return out.transpose(0, 1).reshape(*lead, self.cells * self.out_features)
 
 
