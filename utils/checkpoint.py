@@ -14,7 +14,7 @@ import os
 import subprocess
 import tempfile
 import warnings
-from typing import Iterable, Optional, Type
+from typing import Iterable, List, Optional, Tuple, Type
 
 import torch
 
@@ -84,6 +84,13 @@ def content_digest(value) -> str:
             digest.update(f"V{type(item).__name__}:{item!r};".encode())
     feed(value)
     return digest.hexdigest()
+
+
+def non_finite_tensors(named: Iterable[Tuple[str, object]]) -> List[str]:
+    """The names of the floating-point tensors among (name, value) pairs that hold a NaN or an infinity (values
+    that are not tensors are passed over): what must not be saved as a trained model."""
+    return [name for name, value in named if torch.is_tensor(value) and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())]
 
 
 def save(path: str, payload: dict) -> str:

@@ -19,6 +19,14 @@ class NumericalError(Exception):
     """The loss stopped being finite; the message names round, epoch and step."""
 
 
+def require_finite(value: float, where: str, advice: str) -> float:
+    """`value` when it is finite; NumericalError `<where>: loss <value> (the training diverged); <advice>`
+    otherwise."""
+    if value != value or value in (float("inf"), float("-inf")):
+        raise NumericalError(f"{where}: loss {value} (the training diverged); {advice}")
+    return value
+
+
 def first_sentence(exc: BaseException) -> str:
     """The first sentence of an exception's message, whole, for a one-line error (torch appends long advice to
     its errors); `TypeName, a N-character message` when that sentence is over 160 characters."""

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from utils import checkpoint
-from utils.errors import CheckpointError, UsageError
+from utils.errors import CheckpointError, NumericalError, UsageError
 from vlm.config import VLMPruningConfig, config_from_dict
 from vlm.llava import num_image_tokens
 from vlm.pretrain import load_tiny_llava, model_fingerprint
@@ -126,8 +126,12 @@ def _cpu_state(module: torch.nn.Module) -> dict:
 
 def save_checkpoint(path: str, config: VLMPruningConfig, backbone: Backbone, modules: dict, optimizers: dict,
                     step: int, rng: dict, extra: Optional[dict] = None) -> None:
+    states = {name: _cpu_state(m) for name, m in modules.items()}
+    bad = _non_finite(states)
+    if bad:  # the trainer never applies a non-finite step; this is the last line of defence
+        raise NumericalError(f"step {step}: non-finite weights in {', '.join(bad[:3])}; {path} not written")
     payload = {"format": FORMAT, "config": config.to_dict(), "fingerprint": backbone.fingerprint, "step": step,
-               "modules": {name: _cpu_state(m) for name, m in modules.items()},
+               "modules": states,
                "optimizers": {name: o.state_dict() for name, o in optimizers.items()}, "rng": rng,
                "extra": extra or {}}
     if config.tiny_random:
@@ -155,7 +159,19 @@ def check_same_model(path: str, payload: dict, fingerprint: dict) -> None:
                                   f"{fingerprint.get(key)})")
 
 
+def _non_finite(states: dict) -> List[str]:
+    """`module.key` of the non-finite floating-point tensors in {module: state_dict}."""
+    return checkpoint.non_finite_tensors((f"{name}.{key}", value) for name, state in states.items()
+                                         for key, value in state.items())
+
+
 def load_modules(path: str, payload: dict, modules: dict) -> None:
+    """Load the merger, pruner and discriminator weights of a checkpoint payload into `modules`. CheckpointError
+    (one line naming `path`) when they do not fit this config or hold a NaN / infinity (a diverged run's)."""
+    bad = _non_finite({name: payload["modules"].get(name, {}) for name in MODULES})
+    if bad:
+        raise CheckpointError(f"{path}: non-finite weights in {', '.join(bad[:3])}"
+                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''} (the training diverged)")
     for name in MODULES:
         try:
             modules[name].load_state_dict(payload["modules"][name])

@@ -17,7 +17,7 @@ from utils.errors import UsageError
 CHOICES = {"merger_type": ("simple", "question_aware"), "pruner_type": ("cross_attention", "simple"),
            "merge_positions": ("recount", "original"), "merge_assignment": ("all", "others"),
            "merge_similarity": ("dot", "cosine"),
-           "dataset": ("cifar10_vqa", "jsonl"), "dtype": ("float32", "bfloat16"),
+           "dataset": ("cifar10_vqa", "jsonl"), "dtype": ("float32", "bfloat16"), "nan_policy": ("stop", "skip_batch"),
            "wandb_mode": ("offline", "online", "disabled")}
 
 
@@ -73,6 +73,7 @@ class VLMPruningConfig:
     seed: int = 0
     device: str = "auto"                         # auto (cuda when present) | cpu | cuda[:i]
     amp: bool = True                             # bf16 autocast on cuda
+    nan_policy: str = "stop"                     # a non-finite loss or gradient: stop (exit 3) | skip_batch
     resume: bool = False
     progress: bool = True
     no_wandb: bool = False

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from utils import checkpoint
-from utils.errors import CheckpointError, UsageError, run_cli
+from utils.errors import CheckpointError, NumericalError, UsageError, error_line, require_finite, run_cli
 from utils.timing import StepBudget
 from utils.tracking import progress
 from vlm.data import (VQACollator, batch_to, cifar10_vqa_splits, cifar10_vqa_tokenizer,
@@ -314,7 +314,8 @@ def pretrain(args: argparse.Namespace) -> dict:
                 evaluating = step % args.eval_every == 0 or step == total
                 if step % 50 and not evaluating:
                     continue  # no host sync on the loss between records: the CPU queues the next steps
-                record = {"type": "step", "step": step, "total_steps": init_step + step, "loss": float(loss.detach()),
+                value = require_finite(float(loss.detach()), f"step {step}", "no tiny_llava.pt written; lower --lr")
+                record = {"type": "step", "step": step, "total_steps": init_step + step, "loss": value,
                           "lr": scheduler.get_last_lr()[0]}
                 if evaluating:
                     record.update({f"val_{k}": v for k, v in evaluate_vqa(model, val_loader, tokenizer, device,
@@ -328,6 +329,10 @@ def pretrain(args: argparse.Namespace) -> dict:
                     break
             epoch += 1
     seconds = time.time() - start
+    bad = checkpoint.non_finite_tensors(model.state_dict().items())
+    if bad:  # the loss is checked every 50 steps only: the weights may have gone after the last check
+        raise NumericalError(f"step {step}: non-finite weights in {', '.join(bad[:3])} (the training diverged); "
+                             f"no tiny_llava.pt written; lower --lr")
     val_metrics = evaluate_vqa(model, val_loader, tokenizer, device, args.image_size, amp)
     test_metrics = evaluate_vqa(model, loader(test, False, False, 0), tokenizer, device, args.image_size, amp)
     model_path = os.path.join(args.out, "tiny_llava.pt")
@@ -350,4 +355,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"test: exact match {test['exact_match']:.2f}% (what {test['what_accuracy']:.2f}%, "
               f"is there {test['is_there_accuracy']:.2f}%) on {test['samples']} questions; {summary['checkpoint']}")
 
-    return run_cli(lambda: pretrain(parse_args(argv)), report)
+    return run_cli(lambda: pretrain(parse_args(argv)), report, expected=[(NumericalError, error_line(3))])

@@ -6,6 +6,8 @@ task_loss_weight · CE(answer tokens) + merge sparsity (+ the pruner budget when
 + adv_loss_weight · adversarial updates the merger and
 the pruner (their own AdamW each); the discriminator's real/fake BCE on detached hidden states updates the
 discriminator (its own AdamW). The temperature anneals with `temperature_at` over the run.
+A step whose losses or gradients are not finite changes nothing (no optimizer steps); `nan_policy` stop then
+ends the run with exit 3 (the last checkpoint is the last good state), skip_batch goes on to the next batch.
 Writes to save_dir: checkpoint_<step>.pt (numbered, atomic), metrics.jsonl, log.txt; wandb mirrors the records.
 """
 import json
@@ -18,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from utils.checkpoint import remove_quietly
-from utils.errors import CheckpointError, UsageError, run_cli
+from utils.errors import CheckpointError, NumericalError, UsageError, error_line, run_cli
 from utils.seeding import capture_rng_state, restore_rng_state
 from utils.tracking import progress, read_records, wandb_row
 from vlm import checkpoints as ckpt
@@ -61,15 +63,24 @@ def compute_losses(model, modules: dict, batch: dict, config: VLMPruningConfig, 
 def train_step(model, modules: dict, optimizers: dict, batch: dict, config: VLMPruningConfig,
                temperature: float, amp: bool) -> dict:
     """One step: merger + pruner optimizers on the generator loss, then the discriminator optimizer on its
-    own loss (`backward`: each loss reaches only its own modules). Returns floats for the log."""
+    own loss (`backward`: each loss reaches only its own modules). Returns floats for the log, and `finite`:
+    False when a loss or a gradient was not finite, in which case no optimizer stepped."""
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         losses = compute_losses(model, modules, batch, config, temperature)
     backward(losses, modules)
-    for name in ckpt.MODULES:
-        optimizers[name].step()
-    return {name: float(value.detach()) for name, value in losses.items()}
+    finite = all_finite([losses["generator"], losses["discriminator"],
+                         *(p.grad for name in ckpt.MODULES for p in modules[name].parameters() if p.grad is not None)])
+    if finite:
+        for name in ckpt.MODULES:
+            optimizers[name].step()
+    return {**{name: float(value.detach()) for name, value in losses.items()}, "finite": finite}
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when every element of every tensor is finite (one device sync)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
 
 
 def backward(losses: dict, modules: dict) -> None:
@@ -189,6 +200,7 @@ def train(config: VLMPruningConfig) -> dict:
     amp = config.amp and device.type == "cuda"
     bar = progress(range(step, total), total - step, "vlm pruning", config.progress)
     bar_iter, record, last_path = iter(bar), {}, None
+    skipped = resume[1]["extra"].get("skipped_batches", 0) if resume is not None else 0
     try:
         while step < total:
             epoch, offset = divmod(step, per_epoch)
@@ -202,17 +214,24 @@ def train(config: VLMPruningConfig) -> dict:
                                              config.temperature_anneal_rate)
                 started = time.time()
                 losses = train_step(model, modules, optimizers, batch, config, temperature, amp)
+                if not losses.pop("finite"):
+                    skipped += 1
+                    if config.nan_policy == "stop":
+                        raise NumericalError(non_finite_message(step + 1, losses, last_path))
+                    log.info(f"step {step + 1}: non-finite loss or gradient, batch skipped (nan_policy skip_batch; "
+                             f"{skipped} so far)")
                 step += 1
                 next(bar_iter, None)
                 record = {"type": "step", "step": step, "epoch": epoch, "temperature": temperature,
                           "seconds": round(time.time() - started, 4), **{f"loss_{k}": v for k, v in losses.items()
                                                                          if k not in ("kept", "tokens")},
-                          "kept": losses["kept"], "tokens": losses["tokens"]}
+                          "kept": losses["kept"], "tokens": losses["tokens"], "skipped_batches": skipped}
                 log.record(record)
                 if step % config.save_every == 0 or step == total:
                     last_path = ckpt.checkpoint_path(config.save_dir, step)
                     ckpt.save_checkpoint(last_path, config, backbone, modules, optimizers, step,
-                                         capture_rng_state(), {"run_id": run_id, "temperature": temperature})
+                                         capture_rng_state(), {"run_id": run_id, "temperature": temperature,
+                                                               "skipped_batches": skipped})
                     remove_quietly(ckpt.numbered_checkpoints(config.save_dir)[config.keep_checkpoints:])
                     log.info(f"step {step}: task {losses['task']:.4f}  adv {losses['adversarial']:.4f}  "
                              f"disc {losses['discriminator']:.4f}  merge kept {losses['kept']:.1f}  "
@@ -221,6 +240,14 @@ def train(config: VLMPruningConfig) -> dict:
     finally:
         log.close()
     return {"step": step, "checkpoint": last_path, "last": record}
+
+
+def non_finite_message(step: int, losses: dict, last_path: Optional[str]) -> str:
+    """The one line of a run stopped by a non-finite loss or gradient at `step` (nothing of that step applied)."""
+    values = ", ".join(f"{name} {losses[name]:.4g}" for name in ("task", "sparsity", "adversarial", "discriminator"))
+    kept = f"the last checkpoint is {last_path}" if last_path else "no checkpoint was written yet"
+    return (f"step {step}: non-finite loss or gradient ({values}); the run stopped before applying it and "
+            f"{kept}. Lower lr_merger / lr_pruner / lr_discriminator, or nan_policy=skip_batch skips such batches")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -236,4 +263,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rest = rest[:at] + rest[at + 2:]
         return train(load_config(path, rest))
 
-    return run_cli(work, lambda result: print(f"done: step {result['step']}, checkpoint {result['checkpoint']}"))
+    return run_cli(work, lambda result: print(f"done: step {result['step']}, checkpoint {result['checkpoint']}"),
+                   expected=[(NumericalError, error_line(3))])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data.loader import random_crop_flip
+from utils.errors import require_finite
 from utils.timing import StepBudget
 from vlm.data import CIFAR10_CLASSES, clip_pixel_values
 from vlm.llava import image_features, llava_parts
@@ -113,7 +114,9 @@ def pretrain_vision(llava, train, val, *, image_size: int, steps: int, minutes: 
             per_step, total = fitted
             log(f"vision pre-training: {per_step * 1000:.1f} ms per step of {batch_size}: {total} steps")
         if step % 50 == 0 or step == total:
-            record({"type": "vision_pretrain", "step": step, "loss": float(loss.detach()), "lr": lr * scale})
+            value = require_finite(float(loss.detach()), f"vision pre-training step {step}",
+                                   "no tiny_llava.pt written; lower --vision_pretrain_lr")
+            record({"type": "vision_pretrain", "step": step, "loss": value, "lr": lr * scale})
     seconds = time.time() - start
     accuracy = classification_accuracy(classifier, val_images, val_labels, image_size, amp)
     log(f"vision pre-training: {step} steps in {seconds:.0f} s, val accuracy {accuracy:.2f}% "
