@@ -123,3 +123,59 @@ def test_tiny_llava_training_that_diverges_writes_no_model(cifar10_root, tmp_pat
     assert result.stderr.startswith("error: step 4: ") and "(the training diverged)" in result.stderr
     assert result.stderr.rstrip().endswith("no tiny_llava.pt written; lower --lr") and result.stderr.count("\n") == 1
     assert not (out / "tiny_llava.pt").exists() and not (out / "tiny_llava.json").exists()
+
+
+def test_gumbel_noise_stays_finite_when_the_sampler_returns_zero(monkeypatch):
+    from vlm.gumbel import gumbel_noise, gumbel_softmax_hard
+    from vlm.pruner_heads import keep_mask
+    torch.manual_seed(0)
+    noise = gumbel_noise(torch.empty(200_000))
+    assert noise.dtype == torch.float32 and float(noise.mean()) == pytest.approx(0.5772, abs=0.01)  # Euler's gamma
+    original = torch.Tensor.exponential_
+
+    def with_zeros(self, *args, **kwargs):  # the sampler's rare exact 0, on every 3rd element
+        out = original(self, *args, **kwargs)
+        out.view(-1)[::3] = 0.0
+        return out
+    monkeypatch.setattr(torch.Tensor, "exponential_", with_zeros)
+    noise = gumbel_noise(torch.empty(9))
+    assert torch.isfinite(noise).all() and float(noise.max()) == pytest.approx(87.34, abs=0.01)  # -log(tiny)
+    logits = torch.randn(4, 6, 2, requires_grad=True)
+    sample = gumbel_softmax_hard(logits, 0.1)
+    assert torch.isfinite(sample).all() and torch.equal(sample.sum(-1), torch.ones(4, 6))
+    sample[..., 0].sum().backward()
+    assert torch.isfinite(logits.grad).all()
+    assert torch.isfinite(keep_mask(torch.randn(3, 5), 0.1, training=True)).all()
+    from vlm.merger import LearnableTokenMerger
+    merger = LearnableTokenMerger(8, 12, d_internal=8).train()
+    assert torch.isfinite(merger(torch.randn(2, 12, 8), temperature=0.1).merged).all()
+
+
+def test_max_grad_norm_clips_each_module_before_its_step(vqa_jsonl, tmp_path, monkeypatch):
+    import dataclasses
+    from tests.test_vlm_train import _setup
+    config, backbone, modules, optimizers, batch = _setup(vqa_jsonl, tmp_path)
+    norms = {}
+    for name, optimizer in optimizers.items():
+        def step(*args, _name=name, _step=optimizer.step, **kwargs):
+            grads = [p.grad for p in modules[_name].parameters() if p.grad is not None]
+            norms[_name] = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            return _step(*args, **kwargs)
+        monkeypatch.setattr(optimizer, "step", step)
+    trainer.train_step(backbone.model, modules, optimizers, batch, config, temperature=0.5, amp=False)
+    unclipped = dict(norms)
+    assert min(unclipped.values()) > 1e-3, unclipped
+    clipped = dataclasses.replace(config, max_grad_norm=1e-3)
+    trainer.train_step(backbone.model, modules, optimizers, batch, clipped, temperature=0.5, amp=False)
+    assert set(norms) == set(ckpt.MODULES) and all(v == pytest.approx(1e-3, rel=1e-4) for v in norms.values()), norms
+
+
+@pytest.mark.parametrize("override,message", [
+    ("lr_pruner=nan", "lr_pruner nan: must be a finite number (command line)"),
+    ("temperature=inf", "temperature inf: must be a finite number (command line)"),
+    ("max_grad_norm=-1", "max_grad_norm -1.0: must be positive, or null for no clipping"),
+    ("nan_policy=ignore", "nan_policy 'ignore': choose one of stop, skip_batch (command line)")])
+def test_non_finite_or_bad_settings_are_refused_before_any_work(vqa_jsonl, tmp_path, capsys, override, message):
+    assert trainer.main(_args(vqa_jsonl, tmp_path / "run", override)) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not (tmp_path / "run").exists()

@@ -7,6 +7,7 @@ the wrong type raises UsageError naming the key and where it came from (exit 2, 
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ class VLMPruningConfig:
     device: str = "auto"                         # auto (cuda when present) | cpu | cuda[:i]
     amp: bool = True                             # bf16 autocast on cuda
     nan_policy: str = "stop"                     # a non-finite loss or gradient: stop (exit 3) | skip_batch
+    max_grad_norm: Optional[float] = None        # clip each module's gradient norm before its step; null: none
     resume: bool = False
     progress: bool = True
     no_wandb: bool = False
@@ -118,6 +120,8 @@ def _coerce(key: str, value, where: str):
     if not ok:
         raise UsageError(f"{key} {value!r}: expected {base.__name__} ({where})")
     value = float(value) if base is float else value
+    if base is float and not math.isfinite(value):
+        raise UsageError(f"{key} {value!r}: must be a finite number ({where})")
     if key in CHOICES and value not in CHOICES[key]:
         raise UsageError(f"{key} {value!r}: choose one of {', '.join(CHOICES[key])} ({where})")
     return value
@@ -200,6 +204,8 @@ def validate(config: VLMPruningConfig) -> VLMPruningConfig:
     for key, value in positive.items():
         if value <= 0:
             raise UsageError(f"{key} {value}: must be positive")
+    if config.max_grad_norm is not None and config.max_grad_norm <= 0:
+        raise UsageError(f"max_grad_norm {config.max_grad_norm}: must be positive, or null for no clipping")
     if not 0 < config.merge_ratio < 1:
         raise UsageError(f"merge_ratio {config.merge_ratio}: must be between 0 and 1 (exclusive)")
     if config.pruner_keep_ratio is not None and not 0 < config.pruner_keep_ratio <= 1:

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm.gumbel import gumbel_noise
 from vlm.pruner_heads import VisionPrunerHead, VisionPrunerHeadSimple
 
 
@@ -153,8 +154,8 @@ class LearnableTokenMerger(nn.Module):
             raise ValueError(f"temperature={temperature} must be positive")
         scores = self.importance(vision, question, question_mask)  # [B, N]
         perturbed = scores
-        if self.training:  # Gumbel(0, 1) noise = -log(Exp(1))
-            perturbed = scores - torch.empty_like(scores).exponential_().log()
+        if self.training:  # Gumbel(0, 1) noise, always finite
+            perturbed = scores + gumbel_noise(scores)
         top = perturbed.topk(self.num_centres + 1, dim=-1)  # [B, M + 1], descending
         centres = top.indices[:, :-1].sort(dim=-1).values  # [B, M]
         threshold = top.values[:, -2:].mean(dim=-1, keepdim=True).detach()  # between M-th and (M+1)-th

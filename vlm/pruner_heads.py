@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlm.gumbel import gumbel_softmax_hard
+
 # Logit given to positions outside `vision_mask`: finite (gradients stay finite, also in bf16) and far
 # below 0, so `keep_mask` drops them at eval and Gumbel noise cannot flip them in training.
 MASKED_LOGIT = -1.0e4
@@ -125,9 +127,9 @@ def _mask_logits(logits: torch.Tensor, vision_mask) -> torch.Tensor:
 def keep_mask(keep_logits: torch.Tensor, temperature: float, training: bool) -> torch.Tensor:
     """Keep decision per vision token: 1.0 = keep, 0.0 = drop; same shape [B, n] and dtype as the logits.
 
-    training=True: two-class Gumbel-softmax over (keep_logit, 0) at `temperature` (torch's
-    `F.gumbel_softmax(hard=True)`): the forward value is a hard 0/1 sample, the gradient is that of the
-    soft sample (straight-through). training=False: deterministic `(keep_logits > 0).float()`.
+    training=True: two-class Gumbel-softmax over (keep_logit, 0) at `temperature` (`vlm.gumbel.gumbel_softmax_hard`:
+    torch's `F.gumbel_softmax(hard=True)` with always-finite noise): the forward value is a hard 0/1 sample, the
+    gradient is that of the soft sample (straight-through). training=False: deterministic `(keep_logits > 0).float()`.
     Raises ValueError when temperature <= 0 in training.
     """
     if not training:
@@ -135,4 +137,4 @@ def keep_mask(keep_logits: torch.Tensor, temperature: float, training: bool) -> 
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive")
     two_class = torch.stack([keep_logits, torch.zeros_like(keep_logits)], dim=-1)
-    return F.gumbel_softmax(two_class, tau=temperature, hard=True)[..., 0]
+    return gumbel_softmax_hard(two_class, temperature)[..., 0]

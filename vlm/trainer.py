@@ -74,6 +74,8 @@ def train_step(model, modules: dict, optimizers: dict, batch: dict, config: VLMP
                          *(p.grad for name in ckpt.MODULES for p in modules[name].parameters() if p.grad is not None)])
     if finite:
         for name in ckpt.MODULES:
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(modules[name].parameters(), config.max_grad_norm)
             optimizers[name].step()
     return {**{name: float(value.detach()) for name, value in losses.items()}, "finite": finite}
 
