@@ -194,9 +194,11 @@ def test_graph_replay_equals_uncaptured_static(lengths):
     """Replays of one graph give each batch its own answer (a second batch, then the first again), equal to the
     same static prefill launched eagerly (capture=False: the same code and kernels, without the graph); the
     token counts and cache lengths are the eager pruned_forward's. Against pruned_forward itself the values
-    are compared on the CPU (test_static_equals_dynamic above; 1e-17 apart there in float64): on an H100 they
-    were 1e-8 and 1e-3 apart in float64 (merge centres 2e-6 from a tie in this random model, and the merger
-    ranks in float32), a difference between two eager paths, so not the graph's."""
+    are compared on the CPU (test_static_equals_dynamic above; 1e-17 apart there in float64). On an H100 the
+    graph and the uncaptured prefill were 1.4e-8 and 1e-3 apart in float64 while the merger still scored,
+    assigned and ranked in float32 (`.float()` rounded this float64 model's scores, whose merge centres are
+    2e-6 from a tie, and the kernels of a captured and an uncaptured float32 matmul may round differently);
+    it now computes in the model's precision when that is wider (`vlm.hard_drop.at_least_float32`)."""
     model, _, pruner = (m.double() for m in modules("cuda"))
     merger = LearnableTokenMerger(32, 576, d_internal=32, question_aware=True, assignment="others",
                                   similarity="cosine").eval().to("cuda", torch.float64)

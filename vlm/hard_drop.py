@@ -67,12 +67,19 @@ def padding_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """`x` in float32, or in its own dtype when that is wider (float64 stays float64): scores and rankings are
+    never computed below float32, nor rounded below the model's own precision (a float64 test model keeps
+    float64 rankings, so two runs cannot tie-break differently where float32 would round two scores together)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def top_k_keep(scores: torch.Tensor, vision_valid: torch.Tensor, keep_tokens) -> torch.Tensor:
     """Float [B, n] mask with 1 on the min(keep_tokens, valid count) highest-scoring valid tokens of each row.
 
     scores float [B, n]; vision_valid bool [B, n] (False on padded vision slots, never kept); keep_tokens an
     int, or a long tensor [B, 1] of per-row counts. Ties are broken by position (stable sort)."""
-    scores = scores.float().masked_fill(~vision_valid, float("-inf"))
+    scores = at_least_float32(scores).masked_fill(~vision_valid, float("-inf"))
     order = scores.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))

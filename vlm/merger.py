@@ -31,14 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm.gumbel import gumbel_noise
+from vlm.hard_drop import at_least_float32
 from vlm.pruner_heads import VisionPrunerHead, VisionPrunerHeadSimple
 
 
 @dataclass(frozen=True)
 class MergeOutput:
-    """merged [B, M, D] (input dtype); assignment [B, N, M] float32, rows sum to 1 over M;
-    centres long [B, M] (ascending token indices); kept float32 [B] (differentiable soft count);
-    num_centres int M; scores float32 [B, N] (importance logits, for logging and analysis)."""
+    """merged [B, M, D] (input dtype); assignment [B, N, M] float32 (float64 in a float64 model, as every float
+    here: `at_least_float32`), rows sum to 1 over M; centres long [B, M] (ascending token indices); kept
+    float32 [B] (differentiable soft count); num_centres int M; scores float32 [B, N] (importance logits, for
+    logging and analysis)."""
     merged: torch.Tensor
     assignment: torch.Tensor
     centres: torch.Tensor
@@ -99,7 +101,7 @@ def merge_features(assignment: torch.Tensor, vision: torch.Tensor) -> torch.Tens
     """Centre j's weighted mean Σ_i A_ij x_i / Σ_i A_ij, float32 [B, M, D], of assignment [B, N, M] and vision
     [B, N, D] (a centre's mass is clamped at 1e-6, so a centre given no weight comes out as zeros)."""
     mass = assignment.sum(dim=1).clamp_min(1e-6)  # [B, M]
-    return torch.einsum("bnm,bnd->bmd", assignment, vision.float()) / mass[..., None]
+    return torch.einsum("bnm,bnd->bmd", assignment, at_least_float32(vision)) / mass[..., None]
 
 
 class LearnableTokenMerger(nn.Module):
@@ -141,10 +143,10 @@ class LearnableTokenMerger(nn.Module):
             self.assign_key.weight.copy_(self.assign_query.weight)
 
     def importance(self, vision, question=None, question_mask=None) -> torch.Tensor:
-        """Importance logits s, float32 [B, N] (higher = more likely a centre)."""
+        """Importance logits s, float32 (or wider) [B, N] (higher = more likely a centre)."""
         if self.question_aware and question is None:
             raise ValueError("merger_type=question_aware needs the question embeddings (question=None given)")
-        return self.scorer(vision, question, question_mask).float()
+        return at_least_float32(self.scorer(vision, question, question_mask))
 
     def forward(self, vision, temperature: float, question=None, question_mask=None) -> MergeOutput:
         if vision.dim() != 3 or vision.shape[1:] != (self.num_tokens, self.dim):
@@ -164,8 +166,8 @@ class LearnableTokenMerger(nn.Module):
 
         centre_features = vision.gather(1, centres[..., None].expand(-1, -1, vision.shape[-1]))
         weight_dtype = self.assign_query.weight.dtype
-        query = self.assign_query(vision.to(weight_dtype)).float()  # [B, N, d]
-        key = self.assign_key(centre_features.to(weight_dtype)).float()  # [B, M, d]
+        query = at_least_float32(self.assign_query(vision.to(weight_dtype)))  # [B, N, d]
+        key = at_least_float32(self.assign_key(centre_features.to(weight_dtype)))  # [B, M, d]
         logits = SIMILARITIES[self.similarity](query, key) / temperature  # [B, N, M]
         assignment = ASSIGNMENTS[self.assignment](logits, centres)  # [B, N, M]
         merged = (merge_features(assignment, vision) * selection[..., None]).to(vision.dtype)
