@@ -81,7 +81,7 @@ def fused_step(arch: str, cells: int, device: torch.device, compiled: bool, chan
         models.append(create_model(arch, 10))
         masks = random_masks(prunable_weights(models[-1], exclude=dense_modules(models[-1])))
         plans.append(RoundPlan(train_masks=masks, final_masks=masks))
-    fused = fuse_models(models, route).to(device)
+    fused = fuse_models(models, route, compiled=compiled).to(device)
     convnet = any(isinstance(m, torch.nn.Conv2d) for m in models[0].modules())
     layout = "nchw"
     if channels_last and convnet and device.type == "cuda" and fused.route in ("grouped", "streams"):

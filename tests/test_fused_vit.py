@@ -87,3 +87,15 @@ def test_refusals_name_what_the_route_cannot_take():
     fused = fuse_models(vits([1, 2], dynamic_img_size=True), "grouped")  # timm's own PatchEmbed would take 40 px
     with pytest.raises(ValueError, match=r"^images of \(40, 40\) give 25 patches; the fused ViT was built for 16$"):
         fused(torch.zeros(2, 1, 3, 40, 40))
+
+
+def test_auto_takes_the_grouped_vit_route_when_the_step_compiles():
+    from models import create_model
+    from training.fused.fuse import auto_route
+    with torch.device("meta"):
+        vit, resnet, reg_tokens = (create_model(arch, 10) for arch in ("vit_tiny", "res20s", "test_vit2"))
+    assert [auto_route(vit, compiled) for compiled in (False, True)] == ["streams", "grouped"]
+    assert [auto_route(resnet, compiled) for compiled in (False, True)] == ["grouped", "grouped"]
+    assert auto_route(reg_tokens, compiled=True) == "streams"  # the grouped ViT route refuses register tokens
+    assert type(fuse_models(vits([1, 2]), compiled=True)).__name__ == "GroupedViTFusedModel"
+    assert fuse_models(vits([1, 2])).route == "streams"

@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fused_route", default=d.fused_route, choices=("auto", "grouped", "vmap", "streams"),
                    help="how fused training (sweep.py --executor fused, --fused_grid) runs its cells: grouped "
                    "(grouped convolutions; for timm ViTs batched Linears and one attention over all cells), vmap, "
-                   "or one CUDA stream per cell; auto: grouped for convnets, else streams (docs/fused.md)")
+                   "or one CUDA stream per cell; auto: grouped for convnets, and for timm ViTs when the step "
+                   "compiles; else streams (docs/fused.md)")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-exact resume on CPU)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--fused_grid", action="append", default=None, metavar="KEY=V1,V2",

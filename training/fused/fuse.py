@@ -24,12 +24,23 @@ def route_refusal(route: str, model: nn.Module) -> Optional[str]:
     return route_class(route, model).refusal(model)
 
 
-def fuse_models(models: Sequence[nn.Module], route: str = "auto") -> FusedModel:
+def auto_route(model: nn.Module, compiled: bool) -> str:
+    """The route `fuse_models(route="auto")` takes: grouped for convnets (every tensor-holding module a Conv2d,
+    BatchNorm2d or Linear); for timm's plain ViTs grouped when the step is torch.compiled, else streams; streams
+    for anything else. Measured on an H100 (8 vit_tiny cells, batch 128, benchmarks/results/fused_speed_vit_*):
+    streams 39.1k img/s and grouped 31.9k eager, grouped 57.4k compiled, against one run's 27.5k eager and
+    48.0k compiled (the runner compiles on CUDA by default, and the streams route is never compiled)."""
+    if GroupedFusedModel.refusal(model) is None:
+        return "grouped"
+    if compiled and GroupedViTFusedModel.claims(model) and GroupedViTFusedModel.refusal(model) is None:
+        return "grouped"
+    return "streams"
+
+
+def fuse_models(models: Sequence[nn.Module], route: str = "auto", compiled: bool = False) -> FusedModel:
     """One FusedModel holding copies of `models` (N >= 1 models of one architecture, same state keys
     and shapes); the models themselves are left untouched. `route`: "grouped", "vmap", "streams" or
-    "auto" (grouped when every tensor-holding module is a Conv2d, BatchNorm2d or Linear, else streams:
-    on an H100, 8 vit_tiny cells at batch 128 trained 1.42x one run on streams, 0.87x on vmap; timm ViTs
-    take the grouped route when asked for it: training/fused/vit.py).
+    "auto" (`auto_route`; `compiled`: whether the step that runs the fused model is torch.compiled).
     Raises ValueError for no models, differing architectures, or a route that cannot take them."""
     if not models:
         raise ValueError("fuse_models needs at least one model")
@@ -40,7 +51,7 @@ def fuse_models(models: Sequence[nn.Module], route: str = "auto") -> FusedModel:
             raise ValueError(f"model {i} differs from model 0 in type or state shapes: "
                              "cells must share one architecture")
     if route == "auto":
-        route = "streams" if GroupedFusedModel.refusal(models[0]) else "grouped"
+        route = auto_route(models[0], compiled)
     if route not in ROUTES:
         raise ValueError(f"unknown fusion route {route!r}; choose from auto, {', '.join(ROUTES)}")
     return route_class(route, models[0])(models)

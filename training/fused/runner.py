@@ -220,7 +220,8 @@ class LockstepDriver:
             first, config = sessions[0], sessions[0].config
             for session in sessions:  # train mode, as train_epoch sets it (cells that met mid-run may differ)
                 session.model.train()
-            fused = fuse_models([s.model for s in sessions], config.fused_route)
+            compiled = first.step.forward is not first.model  # the cells' own steps compile (--compile)
+            fused = fuse_models([s.model for s in sessions], config.fused_route, compiled=compiled)
             if first.channels_last:  # the convs laid out as the cells' own models (grouped, streams)
                 fused.to_channels_last()
             layouts = self._tune_layouts(fused, first, len(group)) if first.channels_last else ""
@@ -228,7 +229,7 @@ class LockstepDriver:
                                   [s.config.weight_decay for s in sessions], first.step.regularized,
                                   use_graph=config.cuda_graph,
                                   # streams: eager inside the graph (torch.compile of per-cell stream switches untested)
-                                  compile_model=first.step.forward is not first.model and fused.route != "streams",
+                                  compile_model=compiled and fused.route != "streams",
                                   skip_nonfinite=config.nan_policy == "skip_batch")
             step.log = group[0].runner.tracker.info
             self.fused[cells] = (fused, step)
