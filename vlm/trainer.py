@@ -201,7 +201,7 @@ def train(config: VLMPruningConfig) -> dict:
              f"{len(samples)} samples, {per_epoch} batches per epoch, device {device}")
     amp = config.amp and device.type == "cuda"
     bar = progress(range(step, total), total - step, "vlm pruning", config.progress)
-    bar_iter, record, last_path = iter(bar), {}, None
+    bar_iter, record, last_path = iter(bar), {}, resume[0] if resume is not None else None
     skipped = resume[1]["extra"].get("skipped_batches", 0) if resume is not None else 0
     try:
         while step < total:
@@ -253,7 +253,8 @@ def non_finite_message(step: int, losses: dict, last_path: Optional[str]) -> str
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """train_vlm_pruning.py [--config FILE] [key=value | --key value ...]; exit 2 on a usage error."""
+    """train_vlm_pruning.py [--config FILE] [key=value | --key value ...]; exit 2 on a usage error, 3 when a
+    non-finite loss or gradient stopped the run (nan_policy stop)."""
     def work() -> dict:
         path, rest = None, list(sys.argv[1:] if argv is None else argv)
         rest = [part for item in rest for part in (item.split("=", 1) if item.startswith("--config=") else [item])]
