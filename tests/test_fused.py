@@ -108,8 +108,8 @@ def test_refusals_name_the_problem():
         fuse_models(make_models("res20s", [1]), route="vmap")
     with pytest.raises(ValueError, match=r"^grouped fusion cannot widen stem.1 \(LayerNorm2d\).*use route='vmap'$"):
         fuse_models(make_models("test_convnext", [1]), route="grouped")
-    with pytest.raises(ValueError, match=r"^grouped ViT fusion takes timm's plain ViT; this one has no class token, "
-                                         r"register tokens; use route='streams'$"):
+    with pytest.raises(ValueError, match=r"^grouped ViT fusion takes timm's plain ViT; this one differs in: no class "
+                                         r"token; register tokens; use route='streams'$"):
         fuse_models(make_models("test_vit2", [1]), route="grouped")
     with pytest.raises(ValueError, match="unknown fusion route 'hfta'"):
         fuse_models(make_models("res20s", [1]), route="hfta")

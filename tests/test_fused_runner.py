@@ -238,7 +238,7 @@ def test_fused_entry_refuses_bad_cells_in_one_line(tmp_path, capsys):
                                           "--arch", "test_vit2"]]}))
     assert main(["--cells", str(bad)]) == 2  # register tokens: refused before any cell starts
     assert capsys.readouterr().err == f"error: cell 0 ({tmp_path / 'a'}): --fused_route grouped with --arch " \
-        "test_vit2: grouped ViT fusion takes timm's plain ViT; this one has no class token, register tokens; " \
+        "test_vit2: grouped ViT fusion takes timm's plain ViT; this one differs in: no class token; register tokens; " \
         "use --fused_route auto or streams\n"
     bad.write_text(json.dumps({"cells": [cell_argv(BASE, [], tmp_path / "a")] * 2}))
     assert main(["--cells", str(bad)]) == 2

@@ -76,13 +76,14 @@ def test_fused_layer_norm_normalises_each_cell_alone():
 def test_refusals_name_what_the_route_cannot_take():
     swiglu = vits([1], mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, mlp_ratio=2.0)[0]
     assert route_refusal("grouped", swiglu) == \
-        "grouped ViT fusion takes timm's plain ViT; this one has blocks.0.mlp (GluMlp), blocks.1.mlp (GluMlp)"
+        "grouped ViT fusion takes timm's plain ViT; this one differs in: blocks.0.mlp (GluMlp); blocks.1.mlp (GluMlp)"
     map_pool = vits([1], global_pool="map")[0]
-    assert route_refusal("grouped", map_pool).startswith("grouped ViT fusion takes timm's plain ViT; this one has "
-                                                         "global_pool 'map'")
+    assert route_refusal("grouped", map_pool).startswith("grouped ViT fusion takes timm's plain ViT; this one differs "
+                                                         "in: global_pool 'map'")
     assert route_refusal("grouped", vits([1], qk_norm=True)[0]) == "grouped ViT fusion takes timm's plain ViT; " \
-        "this one has blocks.0.attn (q/k norm or gate), blocks.1.attn (q/k norm or gate)"
-    assert route_refusal("grouped", vits([1], class_token=False, global_pool="avg")[0]).endswith("has no class token")
+        "this one differs in: blocks.0.attn (q/k norm or gate); blocks.1.attn (q/k norm or gate)"
+    no_class_token = vits([1], class_token=False, global_pool="avg")[0]
+    assert route_refusal("grouped", no_class_token).endswith("differs in: no class token")
     assert route_refusal("streams", map_pool) is None  # the way out the error names
     fused = fuse_models(vits([1, 2], dynamic_img_size=True), "grouped")  # timm's own PatchEmbed would take 40 px
     with pytest.raises(ValueError, match=r"^images of \(40, 40\) give 25 patches; the fused ViT was built for 16$"):

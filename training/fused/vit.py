@@ -132,7 +132,7 @@ class GroupedViTFusedModel(FusedModel):
         allowed = (nn.Conv2d, nn.Linear, LayerScale, VisionTransformer, *layer_norms)
         unsupported += [f"{name} ({type(module).__name__})" for name, module in model.named_modules()
                         if any(True for _ in module.parameters(recurse=False)) and type(module) not in allowed]
-        return (f"grouped ViT fusion takes timm's plain ViT; this one has {', '.join(unsupported[:3])}"
+        return (f"grouped ViT fusion takes timm's plain ViT; this one differs in: {'; '.join(unsupported[:3])}"
                 if unsupported else None)
 
     def __init__(self, models: Sequence[nn.Module]):
