@@ -11,7 +11,7 @@ import os
 import time
 from typing import Optional, Tuple
 
-from training.loop import EpochResult, nonfinite_tensors, step_line, train_epoch
+from training.loop import EpochResult, step_line, train_epoch
 from training.session import RoundProgress
 from utils import checkpoint, paths
 from utils.errors import NumericalError
@@ -109,7 +109,7 @@ class EpochTraining:
         if result.bad_step is not None:
             raise NumericalError(f"{where} step {result.bad_step}: the loss is not finite; {keep}, "
                                  f"or pass --nan_policy skip_batch")
-        broken = nonfinite_tensors(self.session.model)
+        broken = checkpoint.non_finite_tensors(self.session.model.state_dict().items())
         if broken:
             total = sum(1 for t in self.session.model.state_dict().values() if t.is_floating_point())
             raise NumericalError(f"{where}: {len(broken)} of {total} weight tensors are not finite "

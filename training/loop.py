@@ -11,7 +11,7 @@ images are global (local count x ranks) and evaluation sums its counts over the 
 """
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -60,15 +60,6 @@ def train_epoch(model: nn.Module, step: TrainStep, batches: Iterable[Tuple[torch
     loss_sum, correct, bad = step.read_epoch()
     return EpochResult(loss=loss_sum / max(seen, 1), accuracy=100.0 * correct / max(seen, 1), samples=seen,
                        bad_step=bad, skipped=skipped)
-
-
-@torch.no_grad()
-def nonfinite_tensors(model: nn.Module) -> List[str]:
-    """Names of the model's floating-point parameters and buffers holding a NaN or inf (one host sync)."""
-    floats = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
-    if not floats or bool(torch.stack([torch.isfinite(t).all() for _, t in floats]).all()):
-        return []
-    return [name for name, t in floats if not bool(torch.isfinite(t).all())]
 
 
 def format_duration(seconds: float) -> str:

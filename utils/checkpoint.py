@@ -86,11 +86,15 @@ def content_digest(value) -> str:
     return digest.hexdigest()
 
 
-def non_finite_tensors(named: Iterable[Tuple[str, object]]) -> List[str]:
+@torch.no_grad()
+def non_finite_tensors(named: Iterable[Tuple[object, object]]) -> List:
     """The names of the floating-point tensors among (name, value) pairs that hold a NaN or an infinity (values
-    that are not tensors are passed over): what must not be saved as a trained model."""
-    return [name for name, value in named if torch.is_tensor(value) and value.is_floating_point()
-            and not bool(torch.isfinite(value).all())]
+    that are not tensors are passed over), e.g. `model.state_dict().items()`: what must not be trained on or
+    saved as a model. One host sync when all are finite."""
+    floats = [(name, value) for name, value in named if torch.is_tensor(value) and value.is_floating_point()]
+    if not floats or bool(torch.stack([torch.isfinite(value).all() for _, value in floats]).all()):
+        return []
+    return [name for name, value in floats if not bool(torch.isfinite(value).all())]
 
 
 def save(path: str, payload: dict) -> str:

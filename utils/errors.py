@@ -1,4 +1,5 @@
 """Errors a user can act on: printed as one line, exit code 2, before work starts."""
+import math
 import re
 import sys
 from typing import Any, Callable, Optional, Sequence, Tuple, Type
@@ -22,7 +23,7 @@ class NumericalError(Exception):
 def require_finite(value: float, where: str, advice: str) -> float:
     """`value` when it is finite; NumericalError `<where>: loss <value> (the training diverged); <advice>`
     otherwise."""
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise NumericalError(f"{where}: loss {value} (the training diverged); {advice}")
     return value
 

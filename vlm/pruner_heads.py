@@ -134,7 +134,5 @@ def keep_mask(keep_logits: torch.Tensor, temperature: float, training: bool) -> 
     """
     if not training:
         return (keep_logits > 0).to(keep_logits.dtype)
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be positive")
     two_class = torch.stack([keep_logits, torch.zeros_like(keep_logits)], dim=-1)
     return gumbel_softmax_hard(two_class, temperature)[..., 0]

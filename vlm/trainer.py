@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from utils.checkpoint import remove_quietly
+from utils.checkpoint import non_finite_tensors, remove_quietly
 from utils.errors import CheckpointError, NumericalError, UsageError, error_line, run_cli
 from utils.seeding import capture_rng_state, restore_rng_state
 from utils.tracking import progress, read_records, wandb_row
@@ -82,7 +82,7 @@ def train_step(model, modules: dict, optimizers: dict, batch: dict, config: VLMP
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """True when every element of every tensor is finite (one device sync)."""
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+    return not non_finite_tensors(enumerate(tensors))
 
 
 def backward(losses: dict, modules: dict) -> None:

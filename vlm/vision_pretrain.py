@@ -26,6 +26,7 @@ from vlm.data import CIFAR10_CLASSES, clip_pixel_values
 from vlm.llava import image_features, llava_parts
 from vlm.schedule import warmup_cosine
 
+
 def labelled_images(samples) -> tuple:
     """(uint8 images [N, 3, H, W], long labels [N]) of the images of CIFAR-10 VQA samples (`cifar10_vqa`: two
     per image, the "what" question first, answered by the class name): the same split the VQA training sees."""

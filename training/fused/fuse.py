@@ -32,7 +32,7 @@ def auto_route(model: nn.Module, compiled: bool) -> str:
     48.0k compiled (the runner compiles on CUDA by default, and the streams route is never compiled)."""
     if GroupedFusedModel.refusal(model) is None:
         return "grouped"
-    if compiled and GroupedViTFusedModel.claims(model) and GroupedViTFusedModel.refusal(model) is None:
+    if compiled and GroupedViTFusedModel.refusal(model) is None:  # None only for a timm ViT it can take
         return "grouped"
     return "streams"
 
