@@ -139,9 +139,10 @@ def fused_runner(arch: str, batch: int, cells: int, device: torch.device, compil
         info["route"] = step.model.route  # the route taken (auto: grouped for convnets, streams otherwise)
         info["conv_layout"] = "tuned" if chosen else "model"  # tuning is a no-op on the CPU and other routes
         if chosen:
-            info["convs_channels_last"] = sum(layout == "channels_last" for layout, _, _ in chosen.values())
-            info["conv_us"] = {name: [layout, round(nhwc, 1), round(nchw, 1)]  # [layout, us NHWC, us NCHW]
-                               for name, (layout, nhwc, nchw) in chosen.items()}
+            info["conv_layouts"] = {layout: sum(c == layout for c, _ in chosen.values())
+                                    for layout in sorted({c for c, _ in chosen.values()})}
+            info["conv_us"] = {name: [layout, {k: round(v, 1) for k, v in us.items()}]  # [chosen, {layout: us}]
+                               for name, (layout, us) in chosen.items()}
     lrs, lambdas = [LR] * cells, [0.0] * cells
 
     def run_step(k):

@@ -10,8 +10,8 @@ from models import create_model
 from pruners.base import RoundPlan
 from pruners.masks import prunable_weights
 from training.fused import FusedTrainStep, fuse_models
-from training.fused.layout import (ConvInput, LayoutConv2d, choose_conv_layouts, conv_inputs, memory_format_of,
-                                   pick_layout, tune_conv_layouts)
+from training.fused.layout import (ConvInput, LayoutConv2d, block_diagonal, choose_conv_layouts, conv_inputs,
+                                   conv_layout_summary, memory_format_of, pick_layout, tune_conv_layouts)
 from training.fused.models import grouped_unsupported
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,10 +59,11 @@ def forward_backward(fused, images):
     return logits.detach(), {n: p.grad for n, p in fused.named_parameters()}, stats, formats
 
 
-# fp32: logits and BatchNorm statistics within 1e-6; a weight gradient, a sum over B*H*W positions taken in
-# another order by the other layout's kernel, within 1e-5 of its largest entry (measured 5e-6: res20s's conv1
-# gradient, entries about 1, differs by 3.6e-6); float64 shows the computation is the same (measured 1e-14).
-TOLERANCE = {torch.float32: (1e-6, 1e-5), torch.float64: (1e-12, 1e-12)}
+# fp32: logits and BatchNorm statistics within 2e-6 (measured 1.0e-6: block_diagonal's dense sums add the
+# zeros in another order); a weight gradient, a sum over B*H*W positions taken in another order by the other
+# layout's kernel, within 1e-5 of its largest entry (measured 8.8e-6 with block_diagonal, 5e-6 otherwise);
+# float64 shows the computation is the same (measured 2e-14).
+TOLERANCE = {torch.float32: (2e-6, 1e-5), torch.float64: (1e-12, 1e-12)}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -78,7 +79,7 @@ def test_each_layout_computes_the_default(model_format, dtype):
     assert memory_format_of(fused.model.conv1.weight) == model_format
     assert set(reference[3].values()) == {(model_format, model_format)}
     absolute, relative = TOLERANCE[dtype]
-    for layout in ("contiguous", "channels_last"):
+    for layout in ("contiguous", "channels_last", "block_diagonal"):
         model = copy.deepcopy(fused)
         for conv in convs(model).values():
             conv.compute_layout = layout
@@ -86,7 +87,7 @@ def test_each_layout_computes_the_default(model_format, dtype):
             assert list(cell) == list(state) and all(torch.equal(cell[k], state[k]) for k in cell)
         model.load_cells(cells_before)
         logits, grads, stats, formats = forward_backward(model, images)
-        same = layout == ("channels_last" if model_format == torch.channels_last else "contiguous")
+        same = layout == ("channels_last" if model_format == torch.channels_last else "contiguous")  # bit for bit
         assert torch.equal(logits, reference[0]) if same else (logits - reference[0]).abs().max() <= absolute
         for name, grad in grads.items():
             scale = reference[1][name].abs().max()
@@ -111,22 +112,59 @@ def test_layout_conv_is_a_conv2d_with_its_parameters():
     out = conv(x)
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert (out - plain(x)).abs().max() <= 1e-6
-    with pytest.raises(ValueError, match="compute_layout 'nhwc': choose None, channels_last, contiguous"):
+    with pytest.raises(ValueError, match="compute_layout 'nhwc': choose None, contiguous, channels_last, "
+                                         "block_diagonal$"):
         conv.compute_layout = "nhwc"
     assert conv.compute_layout == "contiguous"
+    conv.compute_layout = "block_diagonal"  # one dense conv of the block-diagonal weight
+    assert (conv(x) - plain(x)).abs().max() <= 1e-6 and conv(x).is_contiguous(memory_format=torch.channels_last)
+    for mode in ("reflect", "circular"):  # padding modes other than zeros pad first, then run unpadded
+        padded = LayoutConv2d(6, 8, 3, stride=2, padding=1, groups=2, padding_mode=mode)
+        reference = padded(x)
+        padded.compute_layout = "block_diagonal"
+        assert (padded(x) - reference).abs().max() <= 1e-6, mode
+    single = LayoutConv2d(6, 8, 3, padding=1)  # one group: nothing to make block-diagonal
+    assert single.layouts() == ["contiguous", "channels_last"]
+    with pytest.raises(ValueError, match="compute_layout 'block_diagonal': choose None, contiguous, channels_last$"):
+        single.compute_layout = "block_diagonal"
     # the cell model is what the grouped route checks (exact types): its own Conv2d stays supported
     assert grouped_unsupported(create_model("res20s", 10)) == []
 
 
 def test_pick_layout():
-    assert pick_layout(168.0, 366.0) == "channels_last"
-    assert pick_layout(862.0, 465.0) == "contiguous"
-    assert pick_layout(100.0, 100.0) == "contiguous"
+    assert pick_layout({"channels_last": 168.0, "contiguous": 366.0}) == "channels_last"
+    assert pick_layout({"channels_last": 862.0, "contiguous": 465.0}) == "contiguous"
+    assert pick_layout({"channels_last": 862.0, "contiguous": 465.0, "block_diagonal": 120.0}) == "block_diagonal"
+    assert pick_layout({"channels_last": 100.0, "contiguous": 100.0}) == "contiguous"  # a tie: LAYOUTS' order
+    assert pick_layout({"block_diagonal": 100.0, "channels_last": 100.0}) == "channels_last"
     for bad in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="expected a positive finite number"):
-            pick_layout(bad, 1.0)
-        with pytest.raises(ValueError, match="expected a positive finite number"):
-            pick_layout(1.0, bad)
+        with pytest.raises(ValueError, match=r"us \(contiguous\): expected a positive finite number"):
+            pick_layout({"channels_last": 1.0, "contiguous": bad})
+    with pytest.raises(ValueError, match="conv layout 'nhwc': expected one of contiguous, channels_last, block_diag"):
+        pick_layout({"nhwc": 1.0})
+    with pytest.raises(ValueError, match="no conv timings"):
+        pick_layout({})
+
+
+def test_block_diagonal_weight():
+    """[G*O, I, k, k] -> [G*O, G*I, k, k]: group g's block on the diagonal, zeros elsewhere; the gradient of
+    the grouped weight is the dense gradient's diagonal blocks."""
+    weight = torch.arange(2 * 3 * 2 * 1 * 1, dtype=torch.float64).view(6, 2, 1, 1).requires_grad_()
+    dense = block_diagonal(weight, 2)
+    assert dense.shape == (6, 4, 1, 1)
+    expected = torch.zeros(6, 4, dtype=torch.float64)
+    expected[:3, :2], expected[3:, 2:] = weight.detach()[:3, :, 0, 0], weight.detach()[3:, :, 0, 0]
+    assert torch.equal(dense[..., 0, 0], expected)
+    grad = torch.randn(6, 4, 1, 1, dtype=torch.float64)
+    dense.backward(grad)
+    assert torch.equal(weight.grad[:3], grad[:3, :2]) and torch.equal(weight.grad[3:], grad[3:, 2:])
+
+
+def test_conv_layout_summary():
+    chosen = {"a": ("channels_last", {}), "b": ("block_diagonal", {}), "c": ("channels_last", {}),
+              "d": ("contiguous", {}), "e": ("block_diagonal", {}), "f": ("channels_last", {})}
+    assert conv_layout_summary(chosen) == ("3 of 6 compute channels_last, block_diagonal: b, e, contiguous: d")
+    assert conv_layout_summary({"a": ("contiguous", {})}) == "1 of 1 compute contiguous"
 
 
 def test_tune_on_cpu_changes_nothing():
@@ -149,6 +187,8 @@ def test_choice_logic_with_a_fake_timer():
 
     def fake_us(conv, spec, layout, repeats):
         calls.append((conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, spec, layout, repeats))
+        if layout == "block_diagonal":  # wins for the strided convs only
+            return 50.0 if conv.stride == (2, 2) else 300.0
         nhwc_wins = spec.shape[-1] in (32, 8)
         return 100.0 if (layout == "channels_last") == nhwc_wins else 200.0
     inputs = conv_inputs(fused, images)
@@ -158,13 +198,17 @@ def test_choice_logic_with_a_fake_timer():
     chosen = choose_conv_layouts(fused, images, fake_us, repeats=7)
     assert set(chosen) == set(convs(fused)) == set(inputs)
     distinct = {c[:5] for c in calls}
-    assert len(calls) == 2 * len(distinct) and {c[-1] for c in calls} == {7}
+    assert len(calls) == 3 * len(distinct) and {c[-1] for c in calls} == {7}  # 2 groups: block_diagonal too
     assert len(distinct) == 8  # res20s: stem, 3 stage convs, 2 strided 3x3 and 2 1x1 shortcuts (issue 15's table)
-    for name, (layout, us_nhwc, us_nchw) in chosen.items():
-        expected = "channels_last" if inputs[name].shape[-1] in (32, 8) else "contiguous"
+    for name, (layout, us) in chosen.items():
+        strided = convs(fused)[name].stride == (2, 2)
+        expected = "block_diagonal" if strided else "channels_last" if inputs[name].shape[-1] in (32, 8) else "contiguous"
         assert layout == expected == convs(fused)[name].compute_layout
-        assert min(us_nhwc, us_nchw) == 100.0 and max(us_nhwc, us_nchw) == 200.0
-    assert {name: conv.compute_layout for name, conv in convs(fused).items()}["model.layers.4.conv1"] == "contiguous"
+        assert sorted(us) == ["block_diagonal", "channels_last", "contiguous"]
+        assert min(us["channels_last"], us["contiguous"]) == 100.0 and max(us["channels_last"], us["contiguous"]) == 200.0
+    layouts = {name: conv.compute_layout for name, conv in convs(fused).items()}
+    assert layouts["model.layers.4.conv1"] == "contiguous" and layouts["model.layers.3.shortcut.0"] == "block_diagonal"
+    assert list(layouts.values()).count("block_diagonal") == 4
     assert all(torch.equal(v, fused.state_dict()[k]) for k, v in state.items())  # weights, BN statistics
     assert all(p.grad is None for p in fused.parameters()) and fused.training and fused.model.bn1.training
 

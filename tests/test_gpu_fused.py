@@ -36,7 +36,7 @@ def make(arch, graph, amp, route="auto", channels_last=False, tuned=False):
     if tuned is True:  # as the runner does: each grouped conv in its faster layout, timed before the capture
         with autocast(CUDA, amp):
             chosen = tune_conv_layouts(fused, fused.stack_images([torch.zeros(32, 3, 32, 32, device=CUDA)] * 2))
-        assert len(chosen) == 21 and all(us > 0 for _, nhwc, nchw in chosen.values() for us in (nhwc, nchw))
+        assert len(chosen) == 21 and all(len(us) == 3 and min(us.values()) > 0 for _, us in chosen.values())
     elif tuned:  # {module name: layout} chosen before: the same kernels in every run of a test
         for name, layout in tuned.items():
             fused.get_submodule(name).compute_layout = layout

@@ -1,17 +1,23 @@
-"""Per-convolution memory layout on the grouped fused route (issue 15; docs/fused.md). cuDNN's grouped convs
+"""Per-convolution compute layout on the grouped fused route (issue 15; docs/fused.md). cuDNN's grouped convs
 are faster in channels_last for some shapes, in NCHW for others (H100, 8 res20s cells, bf16, fwd + bwd: 16>16 k3
-s1 32x32 168 vs 366 us, 16>32 k3 s2 862 vs 465 us): a model-wide layout loses either way. `LayoutConv2d` computes
-in a layout of its own and returns its input's; `tune_conv_layouts` times each conv both ways, keeps the faster."""
+s1 32x32 168 vs 366 us, 16>32 k3 s2 862 vs 465 us), and for strided and 1x1 convs both lose to one dense conv
+whose weight is block-diagonal (zeros between the groups: N times the FLOPs, but cuDNN's dense kernels): a
+model-wide choice loses either way. `LayoutConv2d` computes in a layout of its own and returns its input's
+memory format; `tune_conv_layouts` times each conv every way it can compute, keeps the fastest."""
 import copy
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tokens.graphed import capture
 from utils.timing import median_ms
 
-LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+# compute layout -> the memory format its conv runs in; a tie between timings goes to the earlier one
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+           "block_diagonal": torch.channels_last}
+MAX_DENSE_GROUPS = 32  # block_diagonal's weight holds `groups` times the grouped weight's numbers
 
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
@@ -21,14 +27,26 @@ def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv weight [G*O, I, kH, kW] (G = `groups`) as the dense weight [G*O, G*I, kH, kW] with group
+    g's [O, I] block at rows g*O.., columns g*I.. and zeros elsewhere: conv2d(x, dense) equals conv2d(x, weight,
+    groups=G). Differentiable: the gradient of `weight` is the dense gradient's diagonal blocks."""
+    rows, inputs = weight.shape[:2]
+    eye = torch.eye(groups, device=weight.device, dtype=weight.dtype).view(groups, 1, groups, 1, 1, 1)
+    blocks = weight.view(groups, rows // groups, 1, inputs, *weight.shape[2:]) * eye
+    return blocks.reshape(rows, groups * inputs, *weight.shape[2:])
+
+
 class LayoutConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters `weight` / `bias`, shapes and storage) that may compute in its own layout.
 
     `compute_layout`: None (nn.Conv2d's forward, bit for bit), "channels_last" or "contiguous": input
     [B, C_in, H, W] and weight [C_out, C_in / groups, kH, kW] are copied (differentiably; the parameter
     and, through AccumulateGrad, its grad keep their own strides) into that format, where the conv runs
-    (cuDNN's NHWC kernels when either is channels_last); the output [B, C_out, H', W'] comes back in the
-    input's format (`memory_format_of`). Setting another value raises ValueError."""
+    (cuDNN's NHWC kernels when either is channels_last); "block_diagonal" (2 to MAX_DENSE_GROUPS groups):
+    one dense channels_last conv of the `block_diagonal` weight, the same sums plus exact zeros. The output
+    [B, C_out, H', W'] comes back in the input's format (`memory_format_of`). Setting a value the conv cannot
+    compute in raises ValueError."""
     _compute_layout: Optional[str] = None
 
     @property
@@ -37,15 +55,28 @@ class LayoutConv2d(nn.Conv2d):
 
     @compute_layout.setter
     def compute_layout(self, layout: Optional[str]) -> None:
-        if layout is not None and layout not in LAYOUTS:
-            raise ValueError(f"compute_layout {layout!r}: choose None, {', '.join(LAYOUTS)}")
+        if layout is not None and layout not in self.layouts():
+            raise ValueError(f"compute_layout {layout!r}: choose None, {', '.join(self.layouts())}")
         self._compute_layout = layout
+
+    def layouts(self) -> Sequence[str]:
+        """The compute layouts this conv offers (block_diagonal only with 2 to MAX_DENSE_GROUPS groups)."""
+        return [layout for layout in LAYOUTS
+                if layout != "block_diagonal" or 1 < self.groups <= MAX_DENSE_GROUPS]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._compute_layout is None:
             return super().forward(x)
         fmt = LAYOUTS[self._compute_layout]
-        out = self._conv_forward(x.contiguous(memory_format=fmt), self.weight.contiguous(memory_format=fmt), self.bias)
+        inputs = x.contiguous(memory_format=fmt)
+        if self._compute_layout != "block_diagonal":
+            out = self._conv_forward(inputs, self.weight.contiguous(memory_format=fmt), self.bias)
+        else:
+            weight = block_diagonal(self.weight, self.groups).contiguous(memory_format=fmt)
+            padding = self.padding
+            if self.padding_mode != "zeros":
+                inputs, padding = F.pad(inputs, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
+            out = F.conv2d(inputs, weight, self.bias, self.stride, padding, self.dilation, 1)
         return out.contiguous(memory_format=memory_format_of(x))
 
 
@@ -57,7 +88,7 @@ class ConvInput(NamedTuple):
     needs_grad: bool
 
 
-Choices = Dict[str, Tuple[str, float, float]]  # module name -> (layout, us channels_last, us contiguous)
+Choices = Dict[str, Tuple[str, Dict[str, float]]]  # module name -> (layout chosen, {layout: us fwd + bwd})
 
 
 def conv_inputs(fused: nn.Module, images: torch.Tensor) -> Dict[str, ConvInput]:
@@ -84,12 +115,17 @@ def conv_inputs(fused: nn.Module, images: torch.Tensor) -> Dict[str, ConvInput]:
     return seen
 
 
-def pick_layout(us_channels_last: float, us_contiguous: float) -> str:
-    """The faster layout of two timings (us; a tie: "contiguous"). ValueError unless both are positive, finite."""
-    for us in (us_channels_last, us_contiguous):
-        if not 0 < us < float("inf"):
-            raise ValueError(f"conv timing {us!r} us: expected a positive finite number")
-    return "channels_last" if us_channels_last < us_contiguous else "contiguous"
+def pick_layout(us: Dict[str, float]) -> str:
+    """The fastest layout of {layout: us} (a tie: the earlier in LAYOUTS). ValueError unless every timing is a
+    positive finite number and every layout one of LAYOUTS."""
+    for layout, value in us.items():
+        if layout not in LAYOUTS:
+            raise ValueError(f"conv layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+        if not 0 < value < float("inf"):
+            raise ValueError(f"conv timing {value!r} us ({layout}): expected a positive finite number")
+    if not us:
+        raise ValueError("no conv timings to pick from")
+    return min(us, key=lambda layout: (us[layout], list(LAYOUTS).index(layout)))
 
 
 def graph_fwd_bwd_us(conv: LayoutConv2d, spec: ConvInput, layout: str, repeats: int) -> float:
@@ -120,7 +156,7 @@ def graph_fwd_bwd_us(conv: LayoutConv2d, spec: ConvInput, layout: str, repeats: 
 def choose_conv_layouts(fused: nn.Module, images: torch.Tensor,
                         time_us: Callable[[LayoutConv2d, ConvInput, str, int], float], repeats: int) -> Choices:
     """`tune_conv_layouts` with the timer `time_us(conv, input, layout, repeats) -> us` given (any device):
-    each distinct (conv configuration, weight format, ConvInput) is timed once per layout."""
+    each distinct (conv configuration, weight format, ConvInput) is timed once per layout it offers."""
     convs, timings, chosen = dict(fused.named_modules()), {}, {}
     for name, spec in conv_inputs(fused, images).items():
         conv = convs[name]
@@ -128,9 +164,9 @@ def choose_conv_layouts(fused: nn.Module, images: torch.Tensor,
                conv.groups, conv.bias is not None, conv.padding_mode, conv.weight.dtype,
                memory_format_of(conv.weight), spec)
         if key not in timings:
-            timings[key] = tuple(time_us(conv, spec, layout, repeats) for layout in LAYOUTS)  # NHWC, then NCHW
-        conv.compute_layout = pick_layout(*timings[key])
-        chosen[name] = (conv.compute_layout, *timings[key])
+            timings[key] = {layout: time_us(conv, spec, layout, repeats) for layout in conv.layouts()}
+        conv.compute_layout = pick_layout(timings[key])
+        chosen[name] = (conv.compute_layout, dict(timings[key]))
     return chosen
 
 
@@ -139,10 +175,21 @@ def tune_conv_layouts(fused: nn.Module, images: torch.Tensor, repeats: int = 20)
 
     `images` [N, B, C, H, W] as the step gets them (dtype, device, memory format; values do not matter).
     Call it under the step's autocast (training.step.autocast) before a FusedTrainStep captures or compiles.
-    Each distinct conv (`conv_inputs`) is timed fwd + bwd in both layouts, conversion copies included
+    Each distinct conv (`conv_inputs`) is timed fwd + bwd in each layout it offers, conversion copies included
     (`graph_fwd_bwd_us`); weights, grads and BatchNorm statistics are unchanged. Returns {module name:
-    (layout, us channels_last, us contiguous)}; on the CPU, or without LayoutConv2d (other routes), {}
+    (layout chosen, {layout: us})}; on the CPU, or without LayoutConv2d (other routes), {}
     and nothing changes. Errors of CUDA graph capture propagate."""
     if images.device.type != "cuda" or not any(isinstance(m, LayoutConv2d) for m in fused.modules()):
         return {}
     return choose_conv_layouts(fused, images, graph_fwd_bwd_us, repeats)
+
+
+def conv_layout_summary(chosen: Choices) -> str:
+    """One line for a log: how many convs compute in each layout, naming those outside the most common one,
+    e.g. "20 of 21 compute channels_last, block_diagonal: model.layers.3.shortcut.0"."""
+    by_layout: Dict[str, list] = {}
+    for name, (layout, _) in chosen.items():
+        by_layout.setdefault(layout, []).append(name)
+    common = max(by_layout, key=lambda layout: len(by_layout[layout]))
+    others = [f"{layout}: {', '.join(sorted(names))}" for layout, names in by_layout.items() if layout != common]
+    return ", ".join([f"{len(by_layout[common])} of {len(chosen)} compute {common}", *others])

@@ -36,7 +36,7 @@ from training.fused.console import CellStream
 from training.fused.requests import EpochRequest, EvalRequest
 from training.fused.fuse import fuse_models
 from training.fused.evaluate import evaluate_cells
-from training.fused.layout import tune_conv_layouts
+from training.fused.layout import conv_layout_summary, tune_conv_layouts
 from training.fused.step import FusedTrainStep
 from training.fused.transfer import load_group, store_group
 from training.loop import EpochResult, step_line
@@ -251,9 +251,7 @@ class LockstepDriver:
             chosen = tune_conv_layouts(fused, images)
         if not chosen:
             return ""
-        nchw = sorted(name for name, (layout, _, _) in chosen.items() if layout == "contiguous")
-        return (f"; grouped convs: {len(chosen) - len(nchw)} of {len(chosen)} compute channels_last"
-                + (f", NCHW: {', '.join(nchw)}" if nchw else ""))
+        return "; grouped convs: " + conv_layout_summary(chosen)
 
     def _train_epoch(self, fused, step: FusedTrainStep, group: List[EpochRequest]) -> Tuple[Optional[int], int]:
         """The group's batches from the shared first one on; returns (batches done when a stop ended the
