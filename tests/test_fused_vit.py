@@ -2,12 +2,12 @@
 the N models compute, for the ViT variants it takes, and refuse the others in one line."""
 import pytest
 import torch
-from timm.layers import SwiGLUPacked
+from timm.layers import DropPath, SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 
 from training.fused import fuse_models
 from training.fused.fuse import route_refusal
-from training.fused.vit import FusedLayerNorm
+from training.fused.vit import FusedDropPath, FusedLayerNorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,10 +25,11 @@ def vits(seeds, **kwargs):
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"init_values": 0.1, "global_pool": "avg", "fc_norm": True},
-                                    {"global_pool": "avg", "fc_norm": False, "qkv_bias": False}])
+                                    {"global_pool": "avg", "fc_norm": False, "qkv_bias": False},
+                                    {"drop_path_rate": 0.2, "patch_drop_rate": 0.25}])
 def test_fused_vit_variants_match_each_model(kwargs):
-    models = vits([1, 2, 3], **kwargs)
-    fused = fuse_models(models, "grouped")
+    models = [model.eval() for model in vits([1, 2, 3], **kwargs)]  # eval: no dropout, DropPath, PatchDropout
+    fused = fuse_models(models, "grouped").eval()
     assert type(fused).__name__ == "GroupedViTFusedModel" and fused.route == "grouped"
     images = torch.randn(3, 5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -60,17 +61,37 @@ def test_gradients_reach_each_cell_as_in_its_own_model():
             assert (tensor.grad[index[i]] - own).abs().max() <= 1e-5 * (1 + own.abs().max()), (i, name)
 
 
+def test_random_drops_are_drawn_per_cell_and_sample():
+    """DropPath keeps each (cell, sample) with probability 1 - p on its own (scaled by 1 / keep); PatchDropout
+    keeps its share of each cell's patches; the training forward runs."""
+    drop = FusedDropPath(DropPath(0.5)).train()
+    out = drop(torch.ones(2, 4000, 3, 5))
+    kept = out[:, :, 0, 0]
+    assert set(out.unique().tolist()) == {0.0, 2.0} and torch.equal(out, out[:, :, :1, :1].expand_as(out))
+    assert abs(float((kept > 0).float().mean()) - 0.5) < 0.03 and not torch.equal(kept[0], kept[1])
+    assert torch.equal(drop.eval()(out), out)
+    models = vits([1, 2], drop_path_rate=0.2, patch_drop_rate=0.5)
+    fused = fuse_models(models, "grouped").train()
+    assert type(fused.model.blocks[1].drop_path1) is FusedDropPath
+    logits = fused(torch.randn(2, 3, 3, 32, 32))
+    assert logits.shape == (2, 3, 10) and torch.isfinite(logits).all()
+
+
 def test_fused_layer_norm_normalises_each_cell_alone():
     norm = torch.nn.LayerNorm(4)
-    fused = FusedLayerNorm(2, norm)
-    fused.weight.data = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0, 1.0, 1.0, 1.0])
-    fused.bias.data = torch.zeros(8)
     x = torch.tensor([[0.0, 1.0, 2.0, 3.0, 100.0, 100.0, 100.0, 101.0]])
-    out = fused(x)
     first = torch.nn.functional.layer_norm(x[:, :4], (4,), eps=norm.eps) * torch.tensor([1.0, 2.0, 3.0, 4.0])
-    second = torch.nn.functional.layer_norm(x[:, 4:], (4,), eps=norm.eps)
-    assert torch.allclose(out, torch.cat([first, second], dim=1), atol=1e-6)
-    assert float(second[0, 3]) == pytest.approx(3 ** 0.5, rel=1e-4)  # cell 1's statistics, not the whole row's
+    second = torch.nn.functional.layer_norm(x[:, 4:], (4,), eps=norm.eps) + 0.5
+    assert float(second[0, 3]) == pytest.approx(3 ** 0.5 + 0.5, rel=1e-4)  # cell 1's statistics, not the row's
+    for stacked in (False, True):
+        fused = FusedLayerNorm(2, norm, stacked=stacked)
+        fused.weight.data = torch.tensor([1.0, 2.0, 3.0, 4.0, 1.0, 1.0, 1.0, 1.0])
+        fused.bias.data = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+        if stacked:  # [N, 1, D]: each cell's row, each cell's weight and bias
+            out = fused(x.view(2, 1, 4))
+            assert torch.allclose(out, torch.stack([first, second]), atol=1e-6)
+        else:  # [1, N*D]: cell-major features
+            assert torch.allclose(fused(x), torch.cat([first, second], dim=1), atol=1e-6)
 
 
 def test_refusals_name_what_the_route_cannot_take():

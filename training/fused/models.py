@@ -44,23 +44,28 @@ def cell_index(fused_shape: torch.Size, cell_shape: torch.Size, cells: int, cell
 
 
 class FusedLinear(nn.Module):
-    """N Linear layers as one batched matmul: [..., N*in] -> [..., N*out], weight [N, out, in],
-    bias [N, out] (cell-major features, as the grouped route's flattened channels are)."""
+    """N Linear layers as one batched matmul, weight [N, out, in], bias [N, out]. Activations cell-major
+    in the features, [..., N*in] -> [..., N*out] (as the grouped route's flattened channels are), or with
+    `stacked` the cells along dim 0, [N, ..., in] -> [N, ..., out] (no transposing copies)."""
 
-    def __init__(self, cells: int, in_features: int, out_features: int, bias: bool):
+    def __init__(self, cells: int, in_features: int, out_features: int, bias: bool, stacked: bool = False):
         super().__init__()
-        self.cells, self.in_features, self.out_features = cells, in_features, out_features
+        self.cells, self.in_features, self.out_features, self.stacked = cells, in_features, out_features, stacked
         self.weight = nn.Parameter(torch.empty(cells, out_features, in_features))
         self.bias = nn.Parameter(torch.empty(cells, out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        rows = x.reshape(-1, self.cells, self.in_features).transpose(0, 1)  # [N, M, in]
+        if self.stacked:
+            rows = x.reshape(self.cells, -1, self.in_features)  # [N, M, in]
+        else:
+            rows = x.reshape(-1, self.cells, self.in_features).transpose(0, 1)
         if self.bias is None:
             out = torch.bmm(rows, self.weight.transpose(1, 2))
         else:  # one kernel, and under autocast the output stays in the autocast dtype (as nn.Linear's does)
             out = torch.baddbmm(self.bias[:, None, :], rows, self.weight.transpose(1, 2))
-        return out.transpose(0, 1).reshape(*lead, self.cells * self.out_features)
+        if self.stacked:
+            return out.view(*x.shape[:-1], self.out_features)
+        return out.transpose(0, 1).reshape(*x.shape[:-1], self.cells * self.out_features)
 
 
 def grouped_conv(conv: nn.Conv2d, cells: int) -> LayoutConv2d:
@@ -73,8 +78,8 @@ def wide_batchnorm(bn: nn.BatchNorm2d, cells: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(cells * bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
 
 
-def fused_linear(linear: nn.Linear, cells: int) -> FusedLinear:
-    return FusedLinear(cells, linear.in_features, linear.out_features, linear.bias is not None)
+def fused_linear(linear: nn.Linear, cells: int, stacked: bool = False) -> FusedLinear:
+    return FusedLinear(cells, linear.in_features, linear.out_features, linear.bias is not None, stacked)
 
 
 # exact types only: a subclass may change forward (e.g. a LoRA or masked Linear)

@@ -1,17 +1,18 @@
-"""The grouped route for timm VisionTransformers: N ViTs as one model of N-times-wide tokens.
+"""The grouped route for timm VisionTransformers: N ViTs as one model whose activations hold the cells along
+dim 0.
 
-Activations run as [B, T, N*D] (cell-major features, as the grouped CNN route's channels): the patch
-embedding is one grouped Conv2d, every Linear a batched matmul (`FusedLinear`), every LayerNorm normalises
-each cell's D features on their own (`FusedLayerNorm`), LayerScale multiplies by the N cells' gammas laid
-end to end, and attention runs once over the N*B sequences ([N*B, heads, T, head_dim] into
-`F.scaled_dot_product_attention`, so the fused flash / memory-efficient kernels take all cells at once).
-Elementwise ops (GELU, residual adds, dropout) need no change. Unlike the vmap route this runs the
-attention in the autocast dtype, and unlike the streams route it is one stream of large kernels that
-torch.compile can fuse further.
+Tokens run as [N, B, T, D]: the patch embedding is one grouped Conv2d (its [B, N*D, h, w] output laid out
+cell-major once), every Linear a batched matmul over the cells (`FusedLinear`, stacked), every LayerNorm
+normalises each cell's D features with that cell's weight (`FusedLayerNorm`), LayerScale multiplies by each
+cell's gamma, and attention runs once over the N*B sequences ([N*B, heads, T, head_dim] views of the qkv
+output into `F.scaled_dot_product_attention`, so the fused flash / memory-efficient kernels take all cells at
+once, and no activation is transposed or copied between layers). Elementwise ops (GELU, residual adds,
+dropout) need no change. Unlike the vmap route this runs the attention in the autocast dtype, and unlike the
+streams route it is one stream of large kernels that torch.compile can fuse further.
 
-What differs from N separate runs: the random draws of dropout and DropPath (DropPath drops sample b in
-every cell at once; each cell still drops a sample with probability p). Every other number is the one a
-separate forward computes (tests/test_fused_vit.py).
+What differs from N separate runs: the random draws of dropout, DropPath and PatchDropout (each cell and
+sample draws its own, from the one generator). Every other number is the one a separate forward computes
+(tests/test_fused_vit.py).
 
 Supported: timm's `VisionTransformer` with a class token (no register tokens), position embeddings added
 after the class token is joined (`no_embed_class=False`), `global_pool` "token" or "avg", no attention
@@ -28,68 +29,103 @@ import torch.nn.functional as F
 from training.fused.models import FusedModel, fused_linear, grouped_conv
 
 
-class FusedLayerNorm(nn.Module):
-    """N LayerNorms over D features as one module: [..., N*D] -> [..., N*D], each cell's D features
-    normalised on their own; weight and bias [N*D] (cell i's at [i*D:(i+1)*D])."""
+def cell_view(parameter: torch.Tensor, cells: int, dims: int) -> torch.Tensor:
+    """A per-cell vector [N*D] as [N, 1, ..., 1, D], broadcasting against stacked activations of `dims` dims."""
+    return parameter.view(cells, *([1] * (dims - 2)), -1)
 
-    def __init__(self, cells: int, norm: nn.LayerNorm):
+
+class FusedLayerNorm(nn.Module):
+    """N LayerNorms over D features as one module, weight and bias [N*D] (cell i's at [i*D:(i+1)*D]).
+    Stacked activations [N, ..., D] -> [N, ..., D] (each cell's weight), or with `stacked=False` cell-major
+    features [..., N*D] -> [..., N*D] (each cell's D features normalised on their own)."""
+
+    def __init__(self, cells: int, norm: nn.LayerNorm, stacked: bool = True):
         super().__init__()
         (self.features,) = norm.normalized_shape
-        self.cells, self.eps = cells, norm.eps
+        self.cells, self.eps, self.stacked = cells, norm.eps, stacked
         self.weight = nn.Parameter(torch.empty(cells * self.features)) if norm.elementwise_affine else None
         self.bias = (nn.Parameter(torch.empty(cells * self.features))
                      if norm.elementwise_affine and norm.bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        out = F.layer_norm(x.reshape(*lead, self.cells, self.features), (self.features,), eps=self.eps)
-        out = out.reshape(*lead, self.cells * self.features)
+        if not self.stacked:  # [..., N*D]: a stacked view with the cells second to last
+            lead = x.shape[:-1]
+            out = self._stacked(x.reshape(*lead, self.cells, self.features).movedim(-2, 0))
+            return out.movedim(0, -2).reshape(*lead, self.cells * self.features)
+        return self._stacked(x)
+
+    def _stacked(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x, (self.features,), eps=self.eps)
+        if self.weight is not None and self.bias is not None:  # one kernel
+            return torch.addcmul(cell_view(self.bias, self.cells, x.dim()), out,
+                                 cell_view(self.weight, self.cells, x.dim()))
         if self.weight is not None:
-            out = out * self.weight
+            return out * cell_view(self.weight, self.cells, x.dim())
         if self.bias is not None:
-            out = out + self.bias
+            return out + cell_view(self.bias, self.cells, x.dim())
         return out
 
 
+class FusedLayerScale(nn.Module):
+    """timm's LayerScale for N cells: x [N, ..., D] * each cell's gamma (stored end to end, [N*D])."""
+
+    def __init__(self, cells: int, scale: nn.Module):
+        super().__init__()
+        self.cells, self.inplace = cells, getattr(scale, "inplace", False)
+        self.gamma = nn.Parameter(scale.gamma.detach().new_empty(cells * scale.gamma.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gamma = cell_view(self.gamma, self.cells, x.dim())
+        return x.mul_(gamma) if self.inplace else x * gamma
+
+
+class FusedDropPath(nn.Module):
+    """timm's DropPath for stacked activations [N, B, ...]: each (cell, sample) kept with probability
+    1 - `drop_prob` (and scaled by 1 / keep with `scale_by_keep`), as in N separate runs."""
+
+    def __init__(self, drop: nn.Module):
+        super().__init__()
+        self.drop_prob, self.scale_by_keep = float(drop.drop_prob), bool(getattr(drop, "scale_by_keep", True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty(*x.shape[:2], *([1] * (x.dim() - 2))).bernoulli_(keep)
+        return x * (mask / keep if keep > 0.0 and self.scale_by_keep else mask)
+
+
 class FusedAttention(nn.Module):
-    """timm's `Attention` for N cells: x [B, T, N*D] -> [B, T, N*D]. `qkv` and `proj` are FusedLinears
-    (the cell's parameter names); the N*B sequences go through one scaled_dot_product_attention with
-    the cell's 1/sqrt(head_dim) scale and attention dropout."""
+    """timm's `Attention` for N cells: x [N, B, T, D] -> [N, B, T, D]. `qkv` and `proj` are stacked
+    FusedLinears (the cell's parameter names); the N*B sequences go through one scaled_dot_product_attention
+    (q, k, v are views of the qkv output) with the cell's 1/sqrt(head_dim) scale and attention dropout."""
 
     def __init__(self, cells: int, attention: nn.Module):
         super().__init__()
         self.cells, self.num_heads = cells, attention.num_heads
         self.head_dim = attention.qkv.out_features // (3 * self.num_heads)
         self.scale = float(getattr(attention, "scale", self.head_dim ** -0.5))
-        self.qkv = fused_linear(attention.qkv, cells)
-        self.proj = fused_linear(attention.proj, cells)
+        self.qkv = fused_linear(attention.qkv, cells, stacked=True)
+        self.proj = fused_linear(attention.proj, cells, stacked=True)
         self.attn_drop, self.proj_drop = attention.attn_drop, attention.proj_drop
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 **_) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("fused ViT attention takes no attention mask")
-        batch, tokens, _ = x.shape
-        qkv = self.qkv(x).view(batch, tokens, self.cells, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(3, 2, 0, 4, 1, 5).reshape(3, self.cells * batch, self.num_heads, tokens,
-                                                       self.head_dim).unbind(0)
+        cells, batch, tokens, features = x.shape
+        qkv = self.qkv(x).view(cells * batch, tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [N*B, H, T, d] each
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0,
                                              scale=self.scale)
-        # [N*B, H, T, d] -> [B, T, N, H, d] -> cell-major features
-        out = out.view(self.cells, batch, self.num_heads, tokens, self.head_dim).permute(1, 3, 0, 2, 4)
-        return self.proj_drop(self.proj(out.reshape(batch, tokens, -1)))
-
-
-def _widen_layer_scale(scale: nn.Module, cells: int) -> nn.Module:
-    wide = copy.deepcopy(scale)  # same forward (x * gamma), gamma [N*D]
-    wide.gamma = nn.Parameter(scale.gamma.detach().new_empty(cells * scale.gamma.shape[0]))
-    return wide
+        out = out.transpose(1, 2).reshape(cells, batch, tokens, self.num_heads * self.head_dim)
+        return self.proj_drop(self.proj(out))
 
 
 def _vit_types():
-    from timm.layers import LayerNorm, LayerScale, Mlp
+    from timm.layers import DropPath, LayerNorm, LayerScale, Mlp
     from timm.models.vision_transformer import Attention, Block, VisionTransformer
-    return VisionTransformer, Block, Attention, Mlp, LayerScale, (nn.LayerNorm, LayerNorm)
+    return VisionTransformer, Block, Attention, Mlp, LayerScale, DropPath, (nn.LayerNorm, LayerNorm)
 
 
 def _identity(module: Optional[nn.Module]) -> bool:
@@ -108,7 +144,7 @@ class GroupedViTFusedModel(FusedModel):
 
     @staticmethod
     def refusal(model: nn.Module) -> Optional[str]:
-        VisionTransformer, Block, Attention, Mlp, LayerScale, layer_norms = _vit_types()
+        VisionTransformer, Block, Attention, Mlp, LayerScale, _, layer_norms = _vit_types()
         if not isinstance(model, VisionTransformer):
             return f"{type(model).__name__} is not a timm VisionTransformer"
         unsupported = []
@@ -140,21 +176,24 @@ class GroupedViTFusedModel(FusedModel):
         reason = self.refusal(models[0])
         if reason:
             raise ValueError(f"{reason}; use route='streams'")
-        _, _, Attention, _, LayerScale, layer_norms = _vit_types()
+        _, _, Attention, _, LayerScale, DropPath, layer_norms = _vit_types()
         model = copy.deepcopy(models[0])
         cells, reference = self.cells, model.pos_embed
         for name, module in list(model.named_modules()):
+            stacked = not name.startswith("patch_embed.")  # the patch embedding's output is [B, T, N*D]
             if type(module) is Attention:
                 wide = FusedAttention(cells, module)
             elif type(module) is nn.Conv2d:
                 wide = grouped_conv(module, cells)
             elif type(module) is nn.Linear and not isinstance(model.get_submodule(name.rpartition(".")[0]),
                                                               FusedAttention):
-                wide = fused_linear(module, cells)
+                wide = fused_linear(module, cells, stacked)
             elif type(module) in layer_norms:  # timm's LayerNorm: nn.LayerNorm with an optional fast kernel
-                wide = FusedLayerNorm(cells, module)
+                wide = FusedLayerNorm(cells, module, stacked)
             elif type(module) is LayerScale:
-                wide = _widen_layer_scale(module, cells)
+                wide = FusedLayerScale(cells, module)
+            elif type(module) is DropPath:
+                wide = FusedDropPath(module)
             else:
                 continue
             model.set_submodule(name, wide.to(reference.device, reference.dtype))
@@ -167,24 +206,20 @@ class GroupedViTFusedModel(FusedModel):
     def _fused_tensors(self) -> Dict[str, torch.Tensor]:
         return dict(self.model.state_dict(keep_vars=True))
 
-    def _cell_major(self, stacked: torch.Tensor) -> torch.Tensor:
-        """[N, T, D] -> [1, T, N*D]."""
-        return stacked.permute(1, 0, 2).reshape(1, stacked.shape[1], -1)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [N, B, C, H, W] -> logits [N, B, classes]."""
         cells, batch = images.shape[:2]
         m = self.model
         x = m.patch_embed(images.transpose(0, 1).reshape(batch, cells * images.shape[2], *images.shape[3:]))
-        x = x.reshape(batch, -1, x.shape[-1])  # [B, T, N*D] (dynamic_img_size models return [B, h, w, N*D])
+        x = x.reshape(batch, -1, cells, x.shape[-1] // cells)  # [B, T, N, D] (dynamic_img_size: [B, h, w, N*D])
         if x.shape[1] + 1 != m.pos_embed.shape[1]:
             raise ValueError(f"images of {tuple(images.shape[3:])} give {x.shape[1]} patches; the fused ViT "
                              f"was built for {m.pos_embed.shape[1] - 1}")
-        x = torch.cat([self._cell_major(m.cls_token).expand(batch, -1, -1), x], dim=1)
-        x = m.pos_drop(x + self._cell_major(m.pos_embed))
-        x = m.norm_pre(m.patch_drop(x))
-        x = m.norm(m.blocks(x))
+        x = torch.cat([m.cls_token[:, None].expand(-1, batch, -1, -1), x.permute(2, 0, 1, 3)], dim=2)
+        x = m.pos_drop(x + m.pos_embed[:, None])  # [N, B, T, D]
+        if not isinstance(m.patch_drop, nn.Identity):  # timm's PatchDropout takes [B, T, D]: each sequence its own
+            x = m.patch_drop(x.flatten(0, 1)).unflatten(0, (cells, batch))
+        x = m.norm(m.blocks(m.norm_pre(x)))
         prefix = 0 if getattr(m, "pool_include_prefix", False) else m.num_prefix_tokens
-        x = x[:, 0] if m.global_pool == "token" else x[:, prefix:].mean(dim=1)
-        logits = m.head(m.head_drop(m.fc_norm(x)))  # [B, N*classes]
-        return logits.view(batch, cells, -1).transpose(0, 1)
+        x = x[:, :, 0] if m.global_pool == "token" else x[:, :, prefix:].mean(dim=2)
+        return m.head(m.head_drop(m.fc_norm(x)))  # [N, B, classes]
