@@ -4,7 +4,7 @@
 # origin / soft / hard evaluation next to random-drop and FastV at the learned T̄. Outputs under $OUT:
 # tiny_llava/ (tiny_llava.json), t75/ t50/ t25/ (checkpoints), eval_t75.json eval_t50.json eval_t25.json.
 #   DATA=data OUT=runs/vlm_cifar bash run_scripts/vlm_cifar.sh          # 6 min 18 s on one H200
-# EXTRA_KEYS adds config overrides to every pruning run, e.g. the merge the CPU diagnosis favours (docs/vlm.md):
+# BUDGETS picks the pruning runs and their order (default "t75 t50 t25"). EXTRA_KEYS adds config overrides to every pruning run, e.g. the merge the CPU diagnosis favours (docs/vlm.md):
 #   EXTRA_KEYS="merge_similarity=cosine merge_assignment=others merge_positions=original" bash run_scripts/vlm_cifar.sh
 # A CPU smoke run (67 s on 2 cores; IMAGE_SIZE=112 gives 64 vision tokens instead of 576):
 #   OMP_NUM_THREADS=1 DATA=data OUT=/tmp/vlm_small MINUTES=0.5 IMAGE_SIZE=112 HIDDEN=32 VISION_LAYERS=2 BATCH=8 \
@@ -38,6 +38,11 @@ LAYERS_PRUNED=${LAYERS_PRUNED:-[2,5,8]}; PRUNE_WORKERS=${PRUNE_WORKERS:-4}; PRUN
 KEEP50=${KEEP50:-0.78}; KEEP25=${KEEP25:-0.41}; BASELINE_LAYERS=${BASELINE_LAYERS:-2}  # random / FastV drop layer
 
 BASE_CHECKPOINT=${BASE_CHECKPOINT:-}; INIT=${INIT:-}
+BUDGETS=${BUDGETS:-t75 t50 t25}  # which pruning runs, in this order (e.g. BUDGETS="t25" for the smallest alone)
+for name in $BUDGETS; do
+    case "$name" in t75|t50|t25) ;; *) echo "error: BUDGETS: $name is not one of t75 t50 t25" >&2; exit 2 ;; esac
+done
+if [ -z "${BUDGETS// /}" ]; then echo "error: BUDGETS is empty: name one or more of t75 t50 t25" >&2; exit 2; fi
 
 if [ -n "$BASE_CHECKPOINT" ]; then
     if [ -n "$INIT" ]; then
@@ -65,10 +70,11 @@ else
 fi
 
 # name, merge ratio, extra keys: T̄ = M (2 + 3r + 3r² + 4r³) / 12 for layers [2, 5, 8] of 12 and head keep ratio r
-for run in "t75 0.75" "t50 0.75 pruner_keep_ratio=$KEEP50 pruner_sparsity_weight=100 lr_pruner=5e-3" \
-           "t25 0.75 pruner_keep_ratio=$KEEP25 pruner_sparsity_weight=100 lr_pruner=5e-3"; do
-    set -- $run
-    name=$1; ratio=$2; shift 2
+declare -A SETTINGS=([t75]="0.75" [t50]="0.75 pruner_keep_ratio=$KEEP50 pruner_sparsity_weight=100 lr_pruner=5e-3"
+                     [t25]="0.75 pruner_keep_ratio=$KEEP25 pruner_sparsity_weight=100 lr_pruner=5e-3")
+for name in $BUDGETS; do
+    set -- ${SETTINGS[$name]}
+    ratio=$1; shift
     "$PYTHON" train_vlm_pruning.py --config configs/vision_token_pruning.yaml \
         --base_checkpoint "$BASE" data="$DATA" train_images="$PRUNE_IMAGES" steps="$PRUNE_STEPS" \
         batch_size="$PRUNE_BATCH" merge_ratio="$ratio" "pruning_layers=$LAYERS_PRUNED" pruner_d_internal="$HIDDEN" \

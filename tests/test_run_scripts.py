@@ -47,3 +47,15 @@ def test_a_branch_replays_its_resume_from_so_resume_sweep_restarts_the_branch(tm
     assert flags[flags.index("--resume_from") + 1] == str(tmp_path / "p" / "1checkpoint.pth.tar")
     assert "--resume" not in flags and "--save_dir" not in flags
     assert parse_config(flags) == config
+
+
+def test_vlm_cifar_script_refuses_bad_budgets_before_any_work(tmp_path):
+    """BUDGETS names the pruning runs of run_scripts/vlm_cifar.sh: a wrong or empty one stops it in one line
+    (exit 2) before the training starts, and nothing is written."""
+    script = os.path.join(ROOT, "run_scripts", "vlm_cifar.sh")
+    for budgets, message in (("t25 t10", "error: BUDGETS: t10 is not one of t75 t50 t25"),
+                             (" ", "error: BUDGETS is empty: name one or more of t75 t50 t25")):
+        env = dict(os.environ, BUDGETS=budgets, OUT=str(tmp_path / "out"), DATA=str(tmp_path / "none"))
+        done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr.strip() == message, done.stderr
+    assert not (tmp_path / "out").exists()
