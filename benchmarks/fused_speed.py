@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -139,8 +140,7 @@ def fused_runner(arch: str, batch: int, cells: int, device: torch.device, compil
         info["route"] = step.model.route  # the route taken (auto: grouped for convnets, streams otherwise)
         info["conv_layout"] = "tuned" if chosen else "model"  # tuning is a no-op on the CPU and other routes
         if chosen:
-            info["conv_layouts"] = {layout: sum(c == layout for c, _ in chosen.values())
-                                    for layout in sorted({c for c, _ in chosen.values()})}
+            info["conv_layouts"] = dict(sorted(Counter(layout for layout, _ in chosen.values()).items()))
             info["conv_us"] = {name: [layout, {k: round(v, 1) for k, v in us.items()}]  # [chosen, {layout: us}]
                                for name, (layout, us) in chosen.items()}
     lrs, lambdas = [LR] * cells, [0.0] * cells

@@ -4,7 +4,8 @@
 # origin / soft / hard evaluation next to random-drop and FastV at the learned T̄. Outputs under $OUT:
 # tiny_llava/ (tiny_llava.json), t75/ t50/ t25/ (checkpoints), eval_t75.json eval_t50.json eval_t25.json.
 #   DATA=data OUT=runs/vlm_cifar bash run_scripts/vlm_cifar.sh          # 6 min 18 s on one H200
-# BUDGETS picks the pruning runs and their order (default "t75 t50 t25"). EXTRA_KEYS adds config overrides to every pruning run, e.g. the merge the CPU diagnosis favours (docs/vlm.md):
+# BUDGETS picks the pruning runs and their order (default "t75 t50 t25"). EXTRA_KEYS adds config overrides to
+# every pruning run, e.g. the merge the CPU diagnosis favours (docs/vlm.md):
 #   EXTRA_KEYS="merge_similarity=cosine merge_assignment=others merge_positions=original" bash run_scripts/vlm_cifar.sh
 # A CPU smoke run (67 s on 2 cores; IMAGE_SIZE=112 gives 64 vision tokens instead of 576):
 #   OMP_NUM_THREADS=1 DATA=data OUT=/tmp/vlm_small MINUTES=0.5 IMAGE_SIZE=112 HIDDEN=32 VISION_LAYERS=2 BATCH=8 \

@@ -48,22 +48,17 @@ class FusedLayerNorm(nn.Module):
                      if norm.elementwise_affine and norm.bias is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.stacked:  # [..., N*D]: a stacked view with the cells second to last
-            lead = x.shape[:-1]
-            out = self._stacked(x.reshape(*lead, self.cells, self.features).movedim(-2, 0))
-            return out.movedim(0, -2).reshape(*lead, self.cells * self.features)
-        return self._stacked(x)
-
-    def _stacked(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.layer_norm(x, (self.features,), eps=self.eps)
+        # stacked: [N, ..., D], the cells' affine as [N, 1, ..., 1, D]; else a [..., N, D] view, affine [N, D]
+        cells = x if self.stacked else x.reshape(*x.shape[:-1], self.cells, self.features)
+        dims = cells.dim() if self.stacked else 2
+        out = F.layer_norm(cells, (self.features,), eps=self.eps)
         if self.weight is not None and self.bias is not None:  # one kernel
-            return torch.addcmul(cell_view(self.bias, self.cells, x.dim()), out,
-                                 cell_view(self.weight, self.cells, x.dim()))
-        if self.weight is not None:
-            return out * cell_view(self.weight, self.cells, x.dim())
-        if self.bias is not None:
-            return out + cell_view(self.bias, self.cells, x.dim())
-        return out
+            out = torch.addcmul(cell_view(self.bias, self.cells, dims), out, cell_view(self.weight, self.cells, dims))
+        elif self.weight is not None:
+            out = out * cell_view(self.weight, self.cells, dims)
+        elif self.bias is not None:
+            out = out + cell_view(self.bias, self.cells, dims)
+        return out if self.stacked else out.reshape(x.shape)
 
 
 class FusedLayerScale(nn.Module):
@@ -80,19 +75,15 @@ class FusedLayerScale(nn.Module):
 
 
 class FusedDropPath(nn.Module):
-    """timm's DropPath for stacked activations [N, B, ...]: each (cell, sample) kept with probability
-    1 - `drop_prob` (and scaled by 1 / keep with `scale_by_keep`), as in N separate runs."""
+    """timm's DropPath (`drop`, kept as is) for stacked activations [N, B, ...]: run over the N*B sequences,
+    so each (cell, sample) is kept with probability 1 - drop_prob on its own, as in N separate runs."""
 
     def __init__(self, drop: nn.Module):
         super().__init__()
-        self.drop_prob, self.scale_by_keep = float(drop.drop_prob), bool(getattr(drop, "scale_by_keep", True))
+        self.drop = drop
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty(*x.shape[:2], *([1] * (x.dim() - 2))).bernoulli_(keep)
-        return x * (mask / keep if keep > 0.0 and self.scale_by_keep else mask)
+        return self.drop(x.flatten(0, 1)).view_as(x)
 
 
 class FusedAttention(nn.Module):
