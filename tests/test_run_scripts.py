@@ -3,6 +3,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from conftest import ROOT
 from utils.cli import parse_config
 from utils.replay_flags import flags_for
@@ -59,3 +61,34 @@ def test_vlm_cifar_script_refuses_bad_budgets_before_any_work(tmp_path):
         done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and done.stderr.strip() == message, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_fused_bench_script_refuses_bad_parts_and_device_before_any_work(tmp_path):
+    """run_scripts/fused_bench.sh: PARTS names its parts, DEVICE cuda or cpu; anything else stops it in one line
+    (exit 2) before any measurement, and nothing is written."""
+    script = os.path.join(ROOT, "run_scripts", "fused_bench.sh")
+    for env_vars, message in (({"PARTS": "compile speed"}, "error: PARTS: speed is not one of compile runner table"),
+                              ({"PARTS": " "}, "error: PARTS is empty: name one or more of compile runner table"),
+                              ({"DEVICE": "tpu"}, "error: DEVICE=tpu: cuda or cpu")):
+        env = dict(os.environ, OUT=str(tmp_path / "out"), **env_vars)
+        done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and done.stderr.strip() == message, done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_fused_bench_runner_part_on_the_cpu(tmp_path):
+    """The runner part end to end on synthetic data: one plain run and 8 fused cells, each with its own run dir
+    and checkpoint, summarised from their metrics.jsonl into runner.json."""
+    env = dict(os.environ, OUT=str(tmp_path), DEVICE="cpu", DATASET="synthetic", PARTS="runner", EPOCHS="1", BATCH="64",
+               OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    done = subprocess.run(["bash", os.path.join(ROOT, "run_scripts", "fused_bench.sh")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.load(open(tmp_path / "runner.json"))
+    cells = summary["cells_images_per_second"]
+    assert sorted(cells) == [f"seed-{i}" for i in range(1, 9)] and all(rate > 0 for rate in cells.values())
+    assert summary["fused_images_per_second"] == sum(cells.values()) > 0 and summary["plain_images_per_second"] > 0
+    assert all((tmp_path / "runner" / "fused" / name / "0checkpoint.pth.tar").is_file() for name in cells)
+    assert (tmp_path / "runner" / "plain" / "0checkpoint.pth.tar").is_file()
+    assert "8 fused cells" in done.stdout
