@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Issue 15's measurements of fused training (training/fused, docs/fused.md) on one GPU, in one command; JSON and
-# logs under $OUT. PARTS picks the parts and their order (default "compile runner table"):
+# logs under $OUT. PARTS picks the parts and their order (default "compile runner sweep table"):
 #   compile  8 fused cells at batch 128 against one run, eager and --compile, res20s then vit_tiny
 #            (compile.json, compile_vit.json, eager.json): the headline rows of the README's Sweeps table
 #   runner   main_imp_fillback.py --fused_grid seed=1..8 against one plain run, res20s, 3 epochs of round 0 on
 #            CIFAR-10 in $DATA (runner_fused.log, runner_plain.log, runner.json: the last epoch's images/s per
 #            cell and the plain run's, from each run's metrics.jsonl)
+#   sweep    the issue's end-to-end number: a real 3 criteria x 2 rates x 20-round res20s sweep.py run fused and
+#            one cell at a time, 1 epoch a round, extrapolated to 20 epochs a round with the measured epoch time
+#            (benchmarks/sweep_wallclock.py; sweep_wallclock.json; about 8 minutes on an H100 by the runner's rates)
 #   table    1, 2, 4, 8, 16 fused cells at batch 128 and 512 next to one run and N separate processes, with the
 #            3 criteria x 2 rates x 20-round sweep estimate (table.json; the longest part)
 #   OUT=benchmarks/results/fused_h200 bash run_scripts/fused_bench.sh
@@ -15,17 +18,17 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
-OUT=${OUT:-runs/fused_bench}; PARTS=${PARTS:-compile runner table}; DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-runs/fused_bench}; PARTS=${PARTS:-compile runner sweep table}; DEVICE=${DEVICE:-cuda}
 DATA=${DATA:-data}; DATASET=${DATASET:-cifar10}; STEPS=${STEPS:-15}; WARMUP=${WARMUP:-3}; EPOCHS=${EPOCHS:-3}
 case "$DEVICE" in
     cuda|cpu) ;;
     *) echo "error: DEVICE=$DEVICE: cuda or cpu" >&2; exit 2 ;;
 esac
-[ -n "${PARTS// /}" ] || { echo "error: PARTS is empty: name one or more of compile runner table" >&2; exit 2; }
+[ -n "${PARTS// /}" ] || { echo "error: PARTS is empty: name one or more of compile runner sweep table" >&2; exit 2; }
 for part in $PARTS; do
     case "$part" in
-        compile|runner|table) ;;
-        *) echo "error: PARTS: $part is not one of compile runner table" >&2; exit 2 ;;
+        compile|runner|sweep|table) ;;
+        *) echo "error: PARTS: $part is not one of compile runner sweep table" >&2; exit 2 ;;
     esac
 done
 mkdir -p "$OUT"
@@ -66,6 +69,10 @@ print(f"runner: one run {plain:,.0f} img/s, {len(cells)} fused cells {sum(cells.
       f"({sum(cells.values()) / plain:.2f}x), last epoch")
 EOF
         ;;
+    sweep)
+        sweep=(); [ "$DEVICE" = cpu ] && sweep=(--rounds 1 --grid rate=0.2,0.3 --target_epochs 3)
+        "$PYTHON" -m benchmarks.sweep_wallclock --out "$OUT/sweep_wallclock.json" --root "$OUT/sweeps" "${sweep[@]}" \
+            -- --dataset "$DATASET" --data "$DATA" --batch_size "$BATCH" ;;
     table)
         table=(--archs res20s,vit_tiny --cells 1,2,4,8,16 --batch_sizes 128,512 --max_processes 8)
         [ "$DEVICE" = cpu ] && table=(--archs res20s,test_vit --cells 1,2 --batch_sizes 8 --max_processes 2)

@@ -67,8 +67,8 @@ def test_fused_bench_script_refuses_bad_parts_and_device_before_any_work(tmp_pat
     """run_scripts/fused_bench.sh: PARTS names its parts, DEVICE cuda or cpu; anything else stops it in one line
     (exit 2) before any measurement, and nothing is written."""
     script = os.path.join(ROOT, "run_scripts", "fused_bench.sh")
-    for env_vars, message in (({"PARTS": "compile speed"}, "error: PARTS: speed is not one of compile runner table"),
-                              ({"PARTS": " "}, "error: PARTS is empty: name one or more of compile runner table"),
+    for env_vars, message in (({"PARTS": "compile speed"}, "error: PARTS: speed is not one of compile runner sweep table"),
+                              ({"PARTS": " "}, "error: PARTS is empty: name one or more of compile runner sweep table"),
                               ({"DEVICE": "tpu"}, "error: DEVICE=tpu: cuda or cpu")):
         env = dict(os.environ, OUT=str(tmp_path / "out"), **env_vars)
         done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)

@@ -1,0 +1,75 @@
+"""benchmarks/sweep_wallclock.py: the extrapolation's arithmetic, the epoch times it reads, its refusals, and (slow)
+a real fused and one-at-a-time sweep on synthetic data."""
+import json
+
+import pytest
+
+from benchmarks.sweep_wallclock import extrapolated_hours, main, parse_args, steady_epoch_seconds
+from utils.errors import UsageError
+
+
+def test_extrapolation_adds_the_missing_epochs_of_every_sequential_process():
+    # 600 s measured; 20 rounds x (20 - 1) missing epochs; processes of 2 s and 3 s one after another
+    assert extrapolated_hours(600.0, [2.0, 3.0], rounds=20, epochs=1, target_epochs=20) == pytest.approx(
+        (600 + 20 * 19 * 5) / 3600)
+    assert extrapolated_hours(600.0, [2.0], rounds=20, epochs=4, target_epochs=4) == pytest.approx(600 / 3600)
+    with pytest.raises(ValueError, match="target_epochs >= epochs"):
+        extrapolated_hours(1.0, [1.0], rounds=1, epochs=3, target_epochs=2)
+    with pytest.raises(ValueError, match="at least one process"):
+        extrapolated_hours(1.0, [], rounds=1, epochs=1, target_epochs=2)
+
+
+def write_metrics(path, epoch_seconds):
+    records = [{"type": "epoch", "round": 0, "epoch": i + 1, "epoch_seconds": s} for i, s in enumerate(epoch_seconds)]
+    records.append({"type": "round", "round": 0})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_steady_epoch_seconds_leaves_the_first_epoch_out(tmp_path):
+    assert steady_epoch_seconds(write_metrics(tmp_path / "a.jsonl", [30.0, 2.0, 4.0, 3.0])) == 3.0
+    assert steady_epoch_seconds(write_metrics(tmp_path / "b.jsonl", [30.0])) == 30.0  # the only epoch
+    empty = write_metrics(tmp_path / "c.jsonl", [])
+    with pytest.raises(UsageError, match=r"c\.jsonl: no epoch record"):
+        steady_epoch_seconds(empty)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--target_epochs", "1", "--epochs", "2"], r"^--target_epochs 1: must be at least --epochs \(2\)$"),
+    (["--executors", "fused,slurm"], r"^--executors fused,slurm: choose fused, local or fused,local$"),
+    (["--rounds", "0"], r"^--rounds 0: must be at least 1$"),
+    (["--", "--arch", "res20s", "--epochs", "3"], r"^runner flags: --epochs are set by the benchmark"),
+    (["--", "--save_dir=x", "--pruning_times=2"], r"^runner flags: --pruning_times, --save_dir are set by"),
+])
+def test_refusals(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_args(["--out", "x.json", *argv])
+
+
+def test_defaults_and_runner_flags_after_the_separator():
+    args, runner = parse_args(["--out", "x.json", "--", "--dataset", "synthetic"])
+    assert args.grid == ["criteria=remain,magnitude,l1", "rate=0.2,0.3"] and args.executors == ["fused", "local"]
+    assert (args.rounds, args.epochs, args.target_epochs, args.fuse) == (20, 1, 20, 8)
+    assert runner == ["--dataset", "synthetic"]
+
+
+@pytest.mark.slow
+def test_fused_and_local_sweeps_on_synthetic_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "w.json"
+    code = main(["--out", str(out), "--root", str(tmp_path / "runs"), "--rounds", "1", "--grid", "rate=0.2,0.3",
+                 "--target_epochs", "3", "--", "--dataset", "synthetic", "--batch_size", "128"])
+    assert code == 0
+    record = json.loads(out.read_text())
+    fused, local = record["sweeps"]["fused"], record["sweeps"]["local"]
+    assert (fused["cells"], fused["processes"], local["cells"], local["processes"]) == (2, 1, 2, 2)
+    assert set(fused["epoch_seconds_per_cell"]) == {"rate-0.2", "rate-0.3"}
+    # one epoch a round measured, 3 wanted: 1 round x 2 more epochs of each sequential process
+    for sweep in (fused, local):
+        assert sweep["hours_at_target"] == pytest.approx(
+            (sweep["wall_seconds"] + 2 * sum(sweep["epoch_seconds_per_process"])) / 3600)
+    assert fused["epoch_seconds_per_process"] == [max(fused["epoch_seconds_per_cell"].values())]
+    assert record["fused_speedup"] == pytest.approx(local["hours_at_target"] / fused["hours_at_target"])
+    for cell in ("rate-0.2", "rate-0.3"):
+        assert (tmp_path / "runs" / "wallclock_fused" / cell / "0checkpoint.pth.tar").is_file()
+        assert (tmp_path / "runs" / "wallclock_local" / cell / "0checkpoint.pth.tar").is_file()
