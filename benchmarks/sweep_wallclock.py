@@ -83,6 +83,12 @@ def run_sweep(executor: str, args, runner_flags: List[str]) -> Dict[str, object]
                                                   args.target_epochs)}
 
 
+def device_name() -> str:
+    """The GPU the runs trained on (the runner takes CUDA when there is one), else "cpu"."""
+    import torch
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -97,6 +103,9 @@ def parse_args(argv=None):
     p.add_argument("--fuse", type=int, default=8, help="most cells a fused group (sweep.py --fuse)")
     p.add_argument("--executors", default="fused,local", help="sweeps to run: fused, local or both")
     p.add_argument("--root", default="runs", help="where the two sweeps' folders go (wallclock_<executor>)")
+    p.add_argument("--merge", metavar="JSON", help="an earlier output of this benchmark, measured with the same "
+                                                    "flags, whose sweeps join this one's (e.g. the local sweep "
+                                                    "run in another session: --executors fused --merge local.json)")
     args = p.parse_args(argv[:split])
     args.grid = args.grid or ["criteria=remain,magnitude,l1", "rate=0.2,0.3"]
     args.executors = [e for e in args.executors.split(",") if e]
@@ -106,7 +115,7 @@ def parse_args(argv=None):
     if args.target_epochs < args.epochs:
         raise UsageError(f"--target_epochs {args.target_epochs}: must be at least --epochs ({args.epochs})")
     unknown = [e for e in args.executors if e not in ("fused", "local")]
-    if unknown or not args.executors:
+    if unknown or not (args.executors or args.merge):
         raise UsageError(f"--executors {','.join(args.executors)}: choose fused, local or fused,local")
     banned = [f for f in ("--pruning_times", "--epochs", "--save_dir", "--resume")
               if any(given == f or given.startswith(f + "=") for given in argv[split + 1:])]
@@ -115,14 +124,37 @@ def parse_args(argv=None):
     return args, argv[split + 1:]
 
 
+SHARED_FLAGS = ("grid", "rounds", "epochs", "target_epochs", "fuse")  # what a merged file must have measured alike
+
+
+def merged_sweeps(path: str, flags: dict, runner_flags: List[str], executors: Sequence[str]) -> Dict[str, dict]:
+    """The sweeps of an earlier output `path`, checked to be measured as this run's (SHARED_FLAGS and the runner
+    flags); UsageError naming the file and what differs, or an executor measured in both."""
+    try:
+        with open(path) as handle:
+            earlier = json.load(handle)
+        sweeps, their_flags, their_runner = earlier["sweeps"], earlier["flags"], earlier["runner_flags"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--merge {path}: not an output of this benchmark ({type(exc).__name__})") from None
+    differ = [key for key in SHARED_FLAGS if their_flags.get(key) != flags[key]]
+    differ += ["runner flags"] if their_runner != runner_flags else []
+    if differ:
+        raise UsageError(f"--merge {path}: measured with other {', '.join(differ)} than this run")
+    both = sorted(set(sweeps) & set(executors))
+    if both:
+        raise UsageError(f"--merge {path}: already has the {', '.join(both)} sweep this run measures")
+    return sweeps
+
+
 def run(argv=None) -> int:
     args, runner_flags = parse_args(argv)
     runner_flags = runner_flags or ["--dataset", "cifar10"]
     runner_flags = [*runner_flags, *([] if "--arch" in runner_flags else ["--arch", "res20s"]), "--no_wandb"]
+    flags = {k: v for k, v in vars(args).items() if k != "out"}
+    earlier = merged_sweeps(args.merge, flags, runner_flags, args.executors) if args.merge else {}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    results = {executor: run_sweep(executor, args, runner_flags) for executor in args.executors}
-    record = {"flags": {k: v for k, v in vars(args).items() if k != "out"}, "runner_flags": runner_flags,
-              "sweeps": results}
+    results = {**earlier, **{executor: run_sweep(executor, args, runner_flags) for executor in args.executors}}
+    record = {"device": device_name(), "flags": flags, "runner_flags": runner_flags, "sweeps": results}
     print(f"{'executor':8s}  cells  processes  measured wall s ({args.rounds} rounds x {args.epochs} epochs)  "
           f"epoch s per process  hours at {args.target_epochs} epochs a round")
     for executor, r in results.items():

@@ -8,7 +8,9 @@
 #            cell and the plain run's, from each run's metrics.jsonl)
 #   sweep    the end-to-end number: a real 3 criteria x 2 rates x 20-round res20s sweep.py run fused and
 #            one cell at a time, 1 epoch a round, extrapolated to 20 epochs a round with the measured epoch time
-#            (benchmarks/sweep_wallclock.py; sweep_wallclock.json; about 8 minutes on an H100 by the runner's rates)
+#            (benchmarks/sweep_wallclock.py; sweep_wallclock.json; by the runner's rates about 3 minutes fused and
+#            7-10 one at a time on an H100). SWEEP_EXECUTORS=local (or fused) runs one of the two, and
+#            MERGE=<an earlier sweep_wallclock.json> adds the other's measurement (two calls of a 10-minute limit)
 #   table    1, 2, 4, 8, 16 fused cells at batch 128 and 512 next to one run and N separate processes, with the
 #            3 criteria x 2 rates x 20-round sweep estimate (table.json; the longest part)
 #   OUT=benchmarks/results/fused_h200 bash run_scripts/fused_bench.sh
@@ -71,8 +73,9 @@ EOF
         ;;
     sweep)
         sweep=(); [ "$DEVICE" = cpu ] && sweep=(--rounds 1 --grid rate=0.2,0.3 --target_epochs 3)
+        [ -n "${MERGE:-}" ] && sweep+=(--merge "$MERGE")
         "$PYTHON" -m benchmarks.sweep_wallclock --out "$OUT/sweep_wallclock.json" --root "$OUT/sweeps" "${sweep[@]}" \
-            -- --dataset "$DATASET" --data "$DATA" --batch_size "$BATCH" ;;
+            --executors "${SWEEP_EXECUTORS:-fused,local}" -- --dataset "$DATASET" --data "$DATA" --batch_size "$BATCH" ;;
     table)
         table=(--archs res20s,vit_tiny --cells 1,2,4,8,16 --batch_sizes 128,512 --max_processes 8)
         [ "$DEVICE" = cpu ] && table=(--archs res20s,test_vit --cells 1,2 --batch_sizes 8 --max_processes 2)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks.sweep_wallclock import extrapolated_hours, main, parse_args, steady_epoch_seconds
+from benchmarks.sweep_wallclock import extrapolated_hours, main, merged_sweeps, parse_args, steady_epoch_seconds
 from utils.errors import UsageError
 
 
@@ -44,6 +44,24 @@ def test_steady_epoch_seconds_leaves_the_first_epoch_out(tmp_path):
 def test_refusals(argv, message):
     with pytest.raises(UsageError, match=message):
         parse_args(["--out", "x.json", *argv])
+
+
+def test_merge_takes_the_sweeps_of_a_file_measured_alike(tmp_path):
+    args, runner = parse_args(["--out", "x.json", "--executors", "fused", "--", "--dataset", "synthetic"])
+    flags = {k: v for k, v in vars(args).items() if k != "out"}
+    earlier = tmp_path / "local.json"
+    local = {"wall_seconds": 10.0, "cells": 6, "processes": 6, "epoch_seconds_per_process": [1.0] * 6}
+    earlier.write_text(json.dumps({"flags": dict(flags, executors=["local"]), "runner_flags": runner,
+                                   "sweeps": {"local": local}}))
+    assert merged_sweeps(str(earlier), flags, runner, ["fused"]) == {"local": local}
+    with pytest.raises(UsageError, match=r"local\.json: already has the local sweep this run measures$"):
+        merged_sweeps(str(earlier), flags, runner, ["fused", "local"])
+    with pytest.raises(UsageError, match=r"local\.json: measured with other rounds, runner flags than this run$"):
+        merged_sweeps(str(earlier), dict(flags, rounds=5), ["--dataset", "cifar10"], ["fused"])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"^--merge .*bad\.json: not an output of this benchmark \(KeyError\)$"):
+        merged_sweeps(str(tmp_path / "bad.json"), flags, runner, ["fused"])
+    assert parse_args(["--out", "x.json", "--executors", "", "--merge", str(earlier)])[0].executors == []
 
 
 def test_defaults_and_runner_flags_after_the_separator():
