@@ -15,12 +15,14 @@
 #            3 criteria x 2 rates x 20-round sweep estimate (table.json; the longest part)
 #   OUT=benchmarks/results/fused_h200 bash run_scripts/fused_bench.sh
 #   OUT=/tmp/f DEVICE=cpu DATASET=synthetic PARTS="compile runner" bash run_scripts/fused_bench.sh   # CPU smoke run
+# The run dirs of the runner and sweep parts go under $RUNS (default runs/fused_bench_runs), not $OUT.
 # STEPS / WARMUP: timed and untimed steps per row (default 15 / 3); EPOCHS: the runner's epochs (default 3). The CPU
 # smoke run takes 2 cells of 8 images, eager, and a small test ViT.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
-OUT=${OUT:-runs/fused_bench}; PARTS=${PARTS:-compile runner sweep table}; DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-runs/fused_bench}; RUNS=${RUNS:-runs/fused_bench_runs}; DEVICE=${DEVICE:-cuda}
+PARTS=${PARTS:-compile runner sweep table}
 DATA=${DATA:-data}; DATASET=${DATASET:-cifar10}; STEPS=${STEPS:-15}; WARMUP=${WARMUP:-3}; EPOCHS=${EPOCHS:-3}
 case "$DEVICE" in
     cuda|cpu) ;;
@@ -51,19 +53,19 @@ for part in $PARTS; do
     runner)
         common=(--dataset "$DATASET" --data "$DATA" --arch res20s --pruning_times 1 --epochs "$EPOCHS" --rate 0.2
                 --batch_size "$BATCH" --no_wandb --print_freq 50)
-        rm -rf "$OUT/runner"
-        "$PYTHON" main_imp_fillback.py "${common[@]}" --seed 1 --save_dir "$OUT/runner/plain" \
+        rm -rf "$RUNS/runner"
+        "$PYTHON" main_imp_fillback.py "${common[@]}" --seed 1 --save_dir "$RUNS/runner/plain" \
             > "$OUT/runner_plain.log" 2>&1
-        "$PYTHON" main_imp_fillback.py "${common[@]}" --save_dir "$OUT/runner/fused" \
+        "$PYTHON" main_imp_fillback.py "${common[@]}" --save_dir "$RUNS/runner/fused" \
             --fused_grid seed=1,2,3,4,5,6,7,8 > "$OUT/runner_fused.log" 2>&1
-        "$PYTHON" - "$OUT" <<'EOF'
+        "$PYTHON" - "$OUT" "$RUNS" <<'EOF'
 import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
+out, runs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 def last_rate(run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r["images_per_second"] for r in records if "images_per_second" in r][-1]
-plain = last_rate(out / "runner" / "plain")
-cells = {d.name: last_rate(d) for d in sorted((out / "runner" / "fused").iterdir()) if (d / "metrics.jsonl").exists()}
+plain = last_rate(runs / "runner" / "plain")
+cells = {d.name: last_rate(d) for d in sorted((runs / "runner" / "fused").iterdir()) if (d / "metrics.jsonl").exists()}
 summary = {"plain_images_per_second": plain, "cells_images_per_second": cells,
            "fused_images_per_second": sum(cells.values()), "fused_over_plain": sum(cells.values()) / plain}
 (out / "runner.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -74,8 +76,9 @@ EOF
     sweep)
         sweep=(); [ "$DEVICE" = cpu ] && sweep=(--rounds 1 --grid rate=0.2,0.3 --target_epochs 3)
         [ -n "${MERGE:-}" ] && sweep+=(--merge "$MERGE")
-        "$PYTHON" -m benchmarks.sweep_wallclock --out "$OUT/sweep_wallclock.json" --root "$OUT/sweeps" "${sweep[@]}" \
-            --executors "${SWEEP_EXECUTORS:-fused,local}" -- --dataset "$DATASET" --data "$DATA" --batch_size "$BATCH" ;;
+        "$PYTHON" -m benchmarks.sweep_wallclock --out "$OUT/sweep_wallclock.json" --root "$RUNS/sweeps" "${sweep[@]}" \
+            --executors "${SWEEP_EXECUTORS:-fused,local}" \
+            -- --dataset "$DATASET" --data "$DATA" --batch_size "$BATCH" ;;
     table)
         table=(--archs res20s,vit_tiny --cells 1,2,4,8,16 --batch_sizes 128,512 --max_processes 8)
         [ "$DEVICE" = cpu ] && table=(--archs res20s,test_vit --cells 1,2 --batch_sizes 8 --max_processes 2)

@@ -67,7 +67,8 @@ def test_fused_bench_script_refuses_bad_parts_and_device_before_any_work(tmp_pat
     """run_scripts/fused_bench.sh: PARTS names its parts, DEVICE cuda or cpu; anything else stops it in one line
     (exit 2) before any measurement, and nothing is written."""
     script = os.path.join(ROOT, "run_scripts", "fused_bench.sh")
-    for env_vars, message in (({"PARTS": "compile speed"}, "error: PARTS: speed is not one of compile runner sweep table"),
+    for env_vars, message in (({"PARTS": "compile speed"},
+                               "error: PARTS: speed is not one of compile runner sweep table"),
                               ({"PARTS": " "}, "error: PARTS is empty: name one or more of compile runner sweep table"),
                               ({"DEVICE": "tpu"}, "error: DEVICE=tpu: cuda or cpu")):
         env = dict(os.environ, OUT=str(tmp_path / "out"), **env_vars)
@@ -80,12 +81,14 @@ def test_fused_bench_script_refuses_bad_parts_and_device_before_any_work(tmp_pat
 def test_fused_bench_runner_part_on_the_cpu(tmp_path):
     """The runner part end to end on synthetic data: one plain run and 8 fused cells, each with its own run dir
     and checkpoint, summarised from their metrics.jsonl into runner.json."""
-    env = dict(os.environ, OUT=str(tmp_path), DEVICE="cpu", DATASET="synthetic", PARTS="runner", EPOCHS="1", BATCH="64",
+    env = dict(os.environ, OUT=str(tmp_path / "out"), RUNS=str(tmp_path), DEVICE="cpu", DATASET="synthetic",
+               PARTS="runner", EPOCHS="1", BATCH="64",
                OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     done = subprocess.run(["bash", os.path.join(ROOT, "run_scripts", "fused_bench.sh")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.load(open(tmp_path / "runner.json"))
+    summary = json.load(open(tmp_path / "out" / "runner.json"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["runner.json", "runner_fused.log", "runner_plain.log"]
     cells = summary["cells_images_per_second"]
     assert sorted(cells) == [f"seed-{i}" for i in range(1, 9)] and all(rate > 0 for rate in cells.values())
     assert summary["fused_images_per_second"] == sum(cells.values()) > 0 and summary["plain_images_per_second"] > 0
