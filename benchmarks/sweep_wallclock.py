@@ -55,6 +55,19 @@ def steady_epoch_seconds(metrics_path: str) -> float:
     return statistics.median(seconds[1:] or seconds)
 
 
+def fused_groups(sweep_dir: str, cells: Sequence[str]) -> List[List[str]]:
+    """The cells (run dir names) of each process a fused sweep ran: the groups sweep.py wrote to
+    `<sweep_dir>/fused/<group>.json` (each member's `--save_dir`), and every other cell alone."""
+    folder, groups = os.path.join(sweep_dir, "fused"), []
+    names = sorted(n for n in os.listdir(folder) if not n.endswith(".results.json")) if os.path.isdir(folder) else []
+    for name in names:
+        with open(os.path.join(folder, name)) as handle:
+            commands = json.load(handle)["cells"]
+        groups.append([os.path.basename(c[c.index("--save_dir") + 1].rstrip("/")) for c in commands])
+    grouped = {cell for group in groups for cell in group}
+    return groups + [[cell] for cell in cells if cell not in grouped]
+
+
 def run_sweep(executor: str, args, runner_flags: List[str]) -> Dict[str, object]:
     """One sweep of the grid with `executor`; its wall clock, cells and per-process epoch seconds."""
     name = f"wallclock_{executor}"
@@ -72,10 +85,9 @@ def run_sweep(executor: str, args, runner_flags: List[str]) -> Dict[str, object]
     sweep_dir = os.path.join(args.root, name)
     cells = sorted(d for d in os.listdir(sweep_dir) if os.path.isfile(os.path.join(sweep_dir, d, "metrics.jsonl")))
     epoch = {cell: steady_epoch_seconds(os.path.join(sweep_dir, cell, "metrics.jsonl")) for cell in cells}
-    # one process per fused group of up to --fuse cells, one per local cell. A fused cell's epoch spans the group's
-    # fused epoch and the validations of the cells before it (they take turns): the group's epoch is the longest
-    groups = [cells[i:i + args.fuse] for i in range(0, len(cells), args.fuse)] if executor == "fused" else \
-        [[cell] for cell in cells]
+    # one process per fused group, one per local cell. A fused cell's epoch spans the group's fused epoch and the
+    # validations of the cells before it (they take turns): the group's epoch is its longest
+    groups = fused_groups(sweep_dir, cells) if executor == "fused" else [[cell] for cell in cells]
     process_seconds = [max(epoch[c] for c in group) for group in groups]
     return {"wall_seconds": wall, "cells": len(cells), "processes": len(groups),
             "epoch_seconds_per_process": process_seconds, "epoch_seconds_per_cell": epoch,

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from benchmarks.sweep_wallclock import extrapolated_hours, main, merged_sweeps, parse_args, steady_epoch_seconds
+from benchmarks.sweep_wallclock import (extrapolated_hours, fused_groups, main, merged_sweeps, parse_args,
+                                        steady_epoch_seconds)
 from utils.errors import UsageError
 
 
@@ -32,6 +33,15 @@ def test_steady_epoch_seconds_leaves_the_first_epoch_out(tmp_path):
     empty = write_metrics(tmp_path / "c.jsonl", [])
     with pytest.raises(UsageError, match=r"c\.jsonl: no epoch record"):
         steady_epoch_seconds(empty)
+
+
+def test_fused_groups_are_read_from_the_sweeps_group_files(tmp_path):
+    (tmp_path / "fused").mkdir()
+    commands = [["--rate", "0.2", "--save_dir", str(tmp_path / "a")], ["--save_dir", str(tmp_path / "b") + "/"]]
+    (tmp_path / "fused" / "fused-a-and-1-more.json").write_text(json.dumps({"cells": commands}))
+    (tmp_path / "fused" / "fused-a-and-1-more.results.json").write_text("{}")
+    assert fused_groups(str(tmp_path), ["a", "b", "c"]) == [["a", "b"], ["c"]]  # c could not be fused: alone
+    assert fused_groups(str(tmp_path / "none"), ["a"]) == [["a"]]
 
 
 @pytest.mark.parametrize("argv, message", [
