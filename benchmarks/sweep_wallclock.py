@@ -28,8 +28,11 @@ import sys
 import time
 from typing import Dict, List, Sequence
 
+from benchmarks.fused_sweep import faster_or_slower
 from benchmarks.output import save
-from utils.errors import UsageError, run_cli
+from tokens.clip_paths import PathError, check_writable
+from utils.cli import parse_config
+from utils.errors import UsageError, error_line, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,21 +71,40 @@ def fused_groups(sweep_dir: str, cells: Sequence[str]) -> List[List[str]]:
     return groups + [[cell] for cell in cells if cell not in grouped]
 
 
-def run_sweep(executor: str, args, runner_flags: List[str]) -> Dict[str, object]:
-    """One sweep of the grid with `executor`; its wall clock, cells and per-process epoch seconds."""
-    name = f"wallclock_{executor}"
-    shutil.rmtree(os.path.join(args.root, name), ignore_errors=True)
+class SweepFailed(Exception):
+    """A sweep sweep.py accepted ended with a non-zero exit code (a cell crashed or diverged)."""
+
+
+def sweep_command(executor: str, args, runner_flags: List[str], dry_run: bool = False) -> List[str]:
+    """The sweep.py command of the `executor` sweep (its folder: <root>/wallclock_<executor>)."""
     command = [sys.executable, os.path.join(ROOT, "sweep.py"), *[f"--grid={g}" for g in args.grid],
-               "--root", args.root, "--name", name, "--executor", executor]
+               "--root", args.root, "--name", f"wallclock_{executor}", "--executor", executor]
+    command += ["--dry_run"] if dry_run else []
     command += ["--fuse", str(args.fuse)] if executor == "fused" else ["--parallel", "1"]
-    command += ["--", *runner_flags, "--pruning_times", str(args.rounds), "--epochs", str(args.epochs)]
+    return command + ["--", *runner_flags, "--pruning_times", str(args.rounds), "--epochs", str(args.epochs)]
+
+
+def check_sweep(executor: str, args, runner_flags: List[str]) -> None:
+    """sweep.py --dry_run of the sweep (it writes and launches nothing): UsageError with sweep.py's own line when
+    it refuses the grid or the runner flags, before any earlier measurement is removed."""
+    done = subprocess.run(sweep_command(executor, args, runner_flags, dry_run=True), cwd=ROOT, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        line = ((done.stderr or done.stdout).strip().splitlines() or ["no message"])[-1]
+        raise UsageError(f"sweep.py refuses the {executor} sweep: {line.removeprefix('error: ')}")
+
+
+def run_sweep(executor: str, args, runner_flags: List[str]) -> Dict[str, object]:
+    """One sweep of the grid with `executor` (the previous one in its folder removed first); its wall clock,
+    cells and per-process epoch seconds."""
+    sweep_dir = os.path.join(args.root, f"wallclock_{executor}")
+    shutil.rmtree(sweep_dir, ignore_errors=True)
     started = time.time()
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(sweep_command(executor, args, runner_flags), cwd=ROOT, capture_output=True, text=True)
     wall = time.time() - started
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise UsageError(f"the {executor} sweep failed (exit {done.returncode}): {' | '.join(tail)}")
-    sweep_dir = os.path.join(args.root, name)
+        raise SweepFailed(f"the {executor} sweep failed (exit {done.returncode}): {' | '.join(tail)}")
     cells = sorted(d for d in os.listdir(sweep_dir) if os.path.isfile(os.path.join(sweep_dir, d, "metrics.jsonl")))
     epoch = {cell: steady_epoch_seconds(os.path.join(sweep_dir, cell, "metrics.jsonl")) for cell in cells}
     # one process per fused group, one per local cell. A fused cell's epoch spans the group's fused epoch and the
@@ -95,10 +117,18 @@ def run_sweep(executor: str, args, runner_flags: List[str]) -> Dict[str, object]
                                                   args.target_epochs)}
 
 
-def device_name() -> str:
-    """The GPU the runs trained on (the runner takes CUDA when there is one), else "cpu"."""
+def has_flag(flags: Sequence[str], name: str) -> bool:
+    """Whether `name` is among runner `flags`, as `--name value` or `--name=value`."""
+    return any(flag == name or flag.startswith(name + "=") for flag in flags)
+
+
+def device_name(runner_flags: Sequence[str]) -> str:
+    """What the runs trained on: "cpu" when the runner flags say --device cpu or there is no GPU, else the GPU's
+    name (the runner's default device takes CUDA when there is one)."""
     import torch
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if parse_config(list(runner_flags)).device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    return torch.cuda.get_device_name()
 
 
 def parse_args(argv=None):
@@ -119,6 +149,11 @@ def parse_args(argv=None):
                                                     "flags, whose sweeps join this one's (e.g. the local sweep "
                                                     "run in another session: --executors fused --merge local.json)")
     args = p.parse_args(argv[:split])
+    try:
+        check_writable(args.out, "--out", create_folders=True)
+    except PathError as exc:
+        raise UsageError(str(exc)) from None
+    args.root = os.path.abspath(args.root)  # sweep.py runs in the repository: the same folder either way
     args.grid = args.grid or ["criteria=remain,magnitude,l1", "rate=0.2,0.3"]
     args.executors = [e for e in args.executors.split(",") if e]
     for flag in ("rounds", "epochs", "fuse"):
@@ -129,44 +164,79 @@ def parse_args(argv=None):
     unknown = [e for e in args.executors if e not in ("fused", "local")]
     if unknown or not (args.executors or args.merge):
         raise UsageError(f"--executors {','.join(args.executors)}: choose fused, local or fused,local")
-    banned = [f for f in ("--pruning_times", "--epochs", "--save_dir", "--resume")
-              if any(given == f or given.startswith(f + "=") for given in argv[split + 1:])]
-    if banned:
-        raise UsageError(f"runner flags: {', '.join(banned)} are set by the benchmark (--rounds, --epochs)")
+    banned = {"--pruning_times": "--rounds", "--epochs": "--epochs", "--save_dir": "--root", "--resume": "--root"}
+    given = [f for f in banned if has_flag(argv[split + 1:], f)]
+    if given:
+        ours = ", ".join(dict.fromkeys(banned[f] for f in given))
+        raise UsageError(f"runner flags: {', '.join(given)} are set by the benchmark (use its {ours})")
     return args, argv[split + 1:]
 
 
 SHARED_FLAGS = ("grid", "rounds", "epochs", "target_epochs", "fuse")  # what a merged file must have measured alike
 
 
-def merged_sweeps(path: str, flags: dict, runner_flags: List[str], executors: Sequence[str]) -> Dict[str, dict]:
-    """The sweeps of an earlier output `path`, checked to be measured as this run's (SHARED_FLAGS and the runner
-    flags); UsageError naming the file and what differs, or an executor measured in both."""
+SWEEP_KEYS = ("wall_seconds", "cells", "processes", "epoch_seconds_per_process", "hours_at_target")
+
+
+def read_merge(path: str) -> dict:
+    """An earlier output of this benchmark; UsageError naming the file when it is missing, a folder, or not one."""
+    if not os.path.exists(path):
+        raise UsageError(f"--merge {path}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"--merge {path}: is a folder, expected a sweep_wallclock JSON file")
     try:
         with open(path) as handle:
             earlier = json.load(handle)
-        sweeps, their_flags, their_runner = earlier["sweeps"], earlier["flags"], earlier["runner_flags"]
+        sweeps = earlier["sweeps"]
+        ok = isinstance(earlier["flags"], dict) and isinstance(earlier["runner_flags"], list) and isinstance(
+            earlier["device"], str) and isinstance(sweeps, dict) and all(
+            isinstance(s, dict) and all(k in s for k in SWEEP_KEYS) for s in sweeps.values())
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"--merge {path}: not an output of this benchmark ({type(exc).__name__})") from None
-    differ = [key for key in SHARED_FLAGS if their_flags.get(key) != flags[key]]
-    differ += ["runner flags"] if their_runner != runner_flags else []
+    if not ok:
+        raise UsageError(f"--merge {path}: not an output of this benchmark (its sweeps lack {', '.join(SWEEP_KEYS)})")
+    return earlier
+
+
+def merged_sweeps(path: str, flags: dict, runner_flags: List[str], executors: Sequence[str],
+                  device: str) -> Dict[str, dict]:
+    """The sweeps of an earlier output `path`, checked to be measured as this run's: SHARED_FLAGS, the runner
+    flags (compared as the runner parses them: order does not matter) and the device (when this run measures a
+    sweep); UsageError naming the file and what differs, or an executor measured in both."""
+    earlier = read_merge(path)
+    differ = [key for key in SHARED_FLAGS if earlier["flags"].get(key) != flags[key]]
+    try:
+        same_runner = parse_config(list(earlier["runner_flags"])) == parse_config(list(runner_flags))
+    except UsageError:
+        same_runner = False
+    differ += [] if same_runner else ["runner flags"]
+    differ += ["device"] if executors and earlier["device"] != device else []
     if differ:
         raise UsageError(f"--merge {path}: measured with other {', '.join(differ)} than this run")
-    both = sorted(set(sweeps) & set(executors))
+    both = sorted(set(earlier["sweeps"]) & set(executors))
     if both:
         raise UsageError(f"--merge {path}: already has the {', '.join(both)} sweep this run measures")
-    return sweeps
+    return earlier["sweeps"]
 
 
 def run(argv=None) -> int:
     args, runner_flags = parse_args(argv)
     runner_flags = runner_flags or ["--dataset", "cifar10"]
-    runner_flags = [*runner_flags, *([] if "--arch" in runner_flags else ["--arch", "res20s"]), "--no_wandb"]
+    runner_flags = [*runner_flags, *([] if has_flag(runner_flags, "--arch") else ["--arch", "res20s"]), "--no_wandb"]
     flags = {k: v for k, v in vars(args).items() if k != "out"}
-    earlier = merged_sweeps(args.merge, flags, runner_flags, args.executors) if args.merge else {}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    for executor in args.executors:
+        check_sweep(executor, args, runner_flags)
+    device = device_name(runner_flags)
+    earlier = merged_sweeps(args.merge, flags, runner_flags, args.executors, device) if args.merge else {}
+    if args.merge and not args.executors:
+        device = read_merge(args.merge)["device"]
+    folder = os.path.dirname(os.path.abspath(args.out))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: cannot create its folder {folder} ({exc.strerror})") from None
     results = {**earlier, **{executor: run_sweep(executor, args, runner_flags) for executor in args.executors}}
-    record = {"device": device_name(), "flags": flags, "runner_flags": runner_flags, "sweeps": results}
+    record = {"device": device, "flags": flags, "runner_flags": runner_flags, "sweeps": results}
     print(f"{'executor':8s}  cells  processes  measured wall s ({args.rounds} rounds x {args.epochs} epochs)  "
           f"epoch s per process  hours at {args.target_epochs} epochs a round")
     for executor, r in results.items():
@@ -178,13 +248,13 @@ def run(argv=None) -> int:
         record["fused_speedup"] = ratio
         measured = results["local"]["wall_seconds"] / results["fused"]["wall_seconds"]
         record["fused_speedup_measured"] = measured
-        print(f"fused: {ratio:.2f}x faster at {args.target_epochs} epochs a round ({measured:.2f}x in the measured "
-              f"sweeps)")
+        print(f"fused: {faster_or_slower(ratio)} at {args.target_epochs} epochs a round "
+              f"({faster_or_slower(measured)} in the measured sweeps)")
     return save(record, args.out, indent=1)
 
 
 def main(argv=None) -> int:
-    return run_cli(lambda: run(argv))
+    return run_cli(lambda: run(argv), expected=[(SweepFailed, error_line(1))])
 
 
 if __name__ == "__main__":

@@ -63,35 +63,48 @@ def test_vlm_cifar_script_refuses_bad_budgets_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_fused_bench_script_refuses_bad_parts_and_device_before_any_work(tmp_path):
-    """run_scripts/fused_bench.sh: PARTS names its parts, DEVICE cuda or cpu; anything else stops it in one line
-    (exit 2) before any measurement, and nothing is written."""
+def test_fused_bench_script_refuses_bad_settings_before_any_work(tmp_path):
+    """run_scripts/fused_bench.sh: every setting is checked first (the runner part's flags by the runner's own
+    parser); anything wrong stops it in one line (exit 2) before any measurement, and nothing is written."""
     script = os.path.join(ROOT, "run_scripts", "fused_bench.sh")
-    for env_vars, message in (({"PARTS": "compile speed"},
-                               "error: PARTS: speed is not one of compile runner sweep table"),
-                              ({"PARTS": " "}, "error: PARTS is empty: name one or more of compile runner sweep table"),
-                              ({"DEVICE": "tpu"}, "error: DEVICE=tpu: cuda or cpu")):
-        env = dict(os.environ, OUT=str(tmp_path / "out"), **env_vars)
-        done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 2 and done.stderr.strip() == message, done.stderr
-    assert not (tmp_path / "out").exists()
+    cases = [({"PARTS": "compile speed"}, [], "error: PARTS: speed is not one of compile runner sweep table"),
+             ({"PARTS": ""}, [], "error: PARTS is empty: name one or more of compile runner sweep table"),
+             ({"DEVICE": "tpu"}, [], "error: DEVICE=tpu: cuda or cpu"),
+             ({"STEPS": "abc"}, [], "error: STEPS=abc: a positive whole number"),
+             ({"DEVICE": "cpu", "EPOCHS": "0"}, [], "error: EPOCHS=0: a positive whole number"),
+             ({"SWEEP_EXECUTORS": "fussed"}, [], "error: SWEEP_EXECUTORS=fussed: fused, local or fused,local"),
+             ({"MERGE": "nope.json"}, [], f"error: MERGE={tmp_path}/nope.json: no such file"),
+             ({}, ["--epochs", "1"], "error: fused_bench.sh takes no arguments (settings are environment variables: "
+                                     "OUT, PARTS, ...)")]
+    for env_vars, args, message in cases:
+        env = dict(os.environ, OUT="out", RUNS="runs", **env_vars)
+        done = subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True, timeout=60,
+                              cwd=tmp_path)
+        assert done.returncode == 2 and done.stderr.strip() == message, (env_vars, done.stderr)
+    env = dict(os.environ, OUT="out", RUNS="runs", DEVICE="cpu", DATASET="cifar1O", PARTS="compile runner")
+    done = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines[0].startswith("error: --dataset") and lines[-1] == (
+        "error: the runner part's flags (DATASET, DATA, BATCH, EPOCHS) were refused, see the line above"), done.stderr
+    assert sorted(os.listdir(tmp_path)) == []  # no OUT, no RUNS
 
 
 @pytest.mark.slow
 def test_fused_bench_runner_part_on_the_cpu(tmp_path):
-    """The runner part end to end on synthetic data: one plain run and 8 fused cells, each with its own run dir
-    and checkpoint, summarised from their metrics.jsonl into runner.json."""
-    env = dict(os.environ, OUT=str(tmp_path / "out"), RUNS=str(tmp_path), DEVICE="cpu", DATASET="synthetic",
-               PARTS="runner", EPOCHS="1", BATCH="64",
+    """The runner part end to end on synthetic data: one plain run and 2 fused cells (the CPU size), each with its
+    own run dir and checkpoint, summarised from their metrics.jsonl into runner.json; relative OUT and RUNS are
+    taken from the caller's folder."""
+    env = dict(os.environ, OUT="out", RUNS="runs", DEVICE="cpu", DATASET="synthetic", PARTS="runner",
                OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     done = subprocess.run(["bash", os.path.join(ROOT, "run_scripts", "fused_bench.sh")], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.load(open(tmp_path / "out" / "runner.json"))
     assert sorted(os.listdir(tmp_path / "out")) == ["runner.json", "runner_fused.log", "runner_plain.log"]
     cells = summary["cells_images_per_second"]
-    assert sorted(cells) == [f"seed-{i}" for i in range(1, 9)] and all(rate > 0 for rate in cells.values())
+    assert sorted(cells) == ["seed-1", "seed-2"] and all(rate > 0 for rate in cells.values())
     assert summary["fused_images_per_second"] == sum(cells.values()) > 0 and summary["plain_images_per_second"] > 0
-    assert all((tmp_path / "runner" / "fused" / name / "0checkpoint.pth.tar").is_file() for name in cells)
-    assert (tmp_path / "runner" / "plain" / "0checkpoint.pth.tar").is_file()
-    assert "8 fused cells" in done.stdout
+    runs = tmp_path / "runs" / "runner"
+    assert all((runs / "fused" / name / "0checkpoint.pth.tar").is_file() for name in cells)
+    assert (runs / "plain" / "0checkpoint.pth.tar").is_file()
+    assert "2 fused cells" in done.stdout

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from benchmarks.sweep_wallclock import (extrapolated_hours, fused_groups, main, merged_sweeps, parse_args,
-                                        steady_epoch_seconds)
+from benchmarks.fused_sweep import faster_or_slower
+from benchmarks.sweep_wallclock import (check_sweep, device_name, extrapolated_hours, fused_groups, has_flag, main,
+                                        merged_sweeps, parse_args, steady_epoch_seconds)
 from utils.errors import UsageError
 
 
@@ -48,30 +49,85 @@ def test_fused_groups_are_read_from_the_sweeps_group_files(tmp_path):
     (["--target_epochs", "1", "--epochs", "2"], r"^--target_epochs 1: must be at least --epochs \(2\)$"),
     (["--executors", "fused,slurm"], r"^--executors fused,slurm: choose fused, local or fused,local$"),
     (["--rounds", "0"], r"^--rounds 0: must be at least 1$"),
-    (["--", "--arch", "res20s", "--epochs", "3"], r"^runner flags: --epochs are set by the benchmark"),
-    (["--", "--save_dir=x", "--pruning_times=2"], r"^runner flags: --pruning_times, --save_dir are set by"),
+    (["--", "--arch", "res20s", "--epochs", "3"],
+     r"^runner flags: --epochs are set by the benchmark \(use its --epochs\)$"),
+    (["--", "--save_dir=x", "--pruning_times=2"],
+     r"^runner flags: --pruning_times, --save_dir are set by the benchmark \(use its --rounds, --root\)$"),
 ])
 def test_refusals(argv, message):
     with pytest.raises(UsageError, match=message):
         parse_args(["--out", "x.json", *argv])
 
 
+def test_out_is_checked_before_any_work(tmp_path):
+    with pytest.raises(UsageError, match=r"^--out .*: is a folder, expected a file path$"):
+        parse_args(["--out", str(tmp_path)])
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match=r"^--out .*file/w\.json: folder .*file does not exist$"):
+        parse_args(["--out", str(tmp_path / "file" / "w.json")])
+    args, runner = parse_args(["--out", str(tmp_path / "w.json"), "--root", str(tmp_path), "--grid", "rate=0.2",
+                               "--", "--dataset", "synthetic"])
+    check_sweep("local", args, runner)  # accepted: the dry run wrote nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_runner_flags_in_either_form():
+    assert has_flag(["--dataset", "synthetic", "--arch=test_vit"], "--arch")
+    assert has_flag(["--arch", "x"], "--arch") and not has_flag(["--arch_width", "2"], "--arch")
+    assert device_name(["--dataset", "synthetic", "--device", "cpu"]) == "cpu"
+    assert device_name(["--dataset", "synthetic", "--device=cpu"]) == "cpu"
+    assert (faster_or_slower(2.5), faster_or_slower(0.8)) == ("2.50x faster", "1.25x slower")
+
+
+def test_a_refused_sweep_removes_no_earlier_measurement(tmp_path):
+    """sweep.py --dry_run checks the grid and runner flags first: a typo stops the benchmark in one line and the
+    folder of the earlier sweep stays as it was."""
+    earlier = tmp_path / "wallclock_local" / "rate-0.2"
+    earlier.mkdir(parents=True)
+    (earlier / "metrics.jsonl").write_text("{}\n")
+    args, runner = parse_args(["--out", str(tmp_path / "w.json"), "--root", str(tmp_path), "--grid", "rate=0.2",
+                               "--", "--dataset", "synthetic", "--epoch", "2"])
+    with pytest.raises(UsageError, match=r"^sweep\.py refuses the local sweep: runner flags: --epoch: unknown flag"):
+        check_sweep("local", args, runner)
+    assert (earlier / "metrics.jsonl").read_text() == "{}\n"
+    assert main(["--out", str(tmp_path / "w.json"), "--root", str(tmp_path), "--executors", "local",
+                 "--grid", "rate=0.2", "--", "--dataset", "synthetic", "--epoch", "2"]) == 2
+    assert (earlier / "metrics.jsonl").read_text() == "{}\n" and not (tmp_path / "w.json").exists()
+
+
+def write_output(path, flags, runner, sweeps, device="NVIDIA H200"):
+    path.write_text(json.dumps({"device": device, "flags": flags, "runner_flags": runner, "sweeps": sweeps}))
+    return str(path)
+
+
 def test_merge_takes_the_sweeps_of_a_file_measured_alike(tmp_path):
-    args, runner = parse_args(["--out", "x.json", "--executors", "fused", "--", "--dataset", "synthetic"])
+    args, runner = parse_args(["--out", "x.json", "--executors", "fused", "--", "--dataset", "synthetic",
+                               "--batch_size", "64"])
     flags = {k: v for k, v in vars(args).items() if k != "out"}
-    earlier = tmp_path / "local.json"
-    local = {"wall_seconds": 10.0, "cells": 6, "processes": 6, "epoch_seconds_per_process": [1.0] * 6}
-    earlier.write_text(json.dumps({"flags": dict(flags, executors=["local"]), "runner_flags": runner,
-                                   "sweeps": {"local": local}}))
-    assert merged_sweeps(str(earlier), flags, runner, ["fused"]) == {"local": local}
+    local = {"wall_seconds": 10.0, "cells": 6, "processes": 6, "epoch_seconds_per_process": [1.0] * 6,
+             "hours_at_target": 0.1}
+    # the runner flags in another order are the same run
+    earlier = write_output(tmp_path / "local.json", dict(flags, executors=["local"]),
+                           ["--batch_size", "64", "--dataset", "synthetic"], {"local": local})
+    assert merged_sweeps(earlier, flags, runner, ["fused"], "NVIDIA H200") == {"local": local}
+    assert merged_sweeps(earlier, flags, runner, [], "cpu") == {"local": local}  # nothing measured here
     with pytest.raises(UsageError, match=r"local\.json: already has the local sweep this run measures$"):
-        merged_sweeps(str(earlier), flags, runner, ["fused", "local"])
-    with pytest.raises(UsageError, match=r"local\.json: measured with other rounds, runner flags than this run$"):
-        merged_sweeps(str(earlier), dict(flags, rounds=5), ["--dataset", "cifar10"], ["fused"])
-    (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(UsageError, match=r"^--merge .*bad\.json: not an output of this benchmark \(KeyError\)$"):
-        merged_sweeps(str(tmp_path / "bad.json"), flags, runner, ["fused"])
-    assert parse_args(["--out", "x.json", "--executors", "", "--merge", str(earlier)])[0].executors == []
+        merged_sweeps(earlier, flags, runner, ["fused", "local"], "NVIDIA H200")
+    with pytest.raises(UsageError, match=r"local\.json: measured with other rounds, runner flags, device than this "
+                                         r"run$"):
+        merged_sweeps(earlier, dict(flags, rounds=5), ["--dataset", "cifar10"], ["fused"], "NVIDIA H100 80GB HBM3")
+    for name, text, why in (("bad.json", "{}", r"not an output of this benchmark \(KeyError\)"),
+                            ("list.json", json.dumps({"device": "cpu", "flags": {}, "runner_flags": [],
+                                                      "sweeps": [1]}), "not an output of this benchmark"),
+                            ("README.md", "# not JSON", r"not an output of this benchmark \(JSONDecodeError\)")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UsageError, match=rf"^--merge .*{name.replace('.', '[.]')}: {why}"):
+            merged_sweeps(str(tmp_path / name), flags, runner, ["fused"], "cpu")
+    with pytest.raises(UsageError, match=r"^--merge .*nope\.json: no such file$"):
+        merged_sweeps(str(tmp_path / "nope.json"), flags, runner, ["fused"], "cpu")
+    with pytest.raises(UsageError, match=r"^--merge .*: is a folder, expected a sweep_wallclock JSON file$"):
+        merged_sweeps(str(tmp_path), flags, runner, ["fused"], "cpu")
+    assert parse_args(["--out", "x.json", "--executors", "", "--merge", earlier])[0].executors == []
 
 
 def test_defaults_and_runner_flags_after_the_separator():
