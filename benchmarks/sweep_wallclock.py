@@ -30,6 +30,7 @@ from typing import Dict, List, Sequence
 
 from benchmarks.fused_sweep import faster_or_slower
 from benchmarks.output import save
+from benchmarks.runner_rates import epoch_records, run_dirs
 from tokens.clip_paths import PathError, check_writable
 from utils.cli import parse_config
 from utils.errors import UsageError, error_line, run_cli
@@ -47,14 +48,10 @@ def extrapolated_hours(wall_seconds: float, epoch_seconds: Sequence[float], roun
     return (wall_seconds + rounds * (target_epochs - epochs) * sum(epoch_seconds)) / 3600
 
 
-def steady_epoch_seconds(metrics_path: str) -> float:
+def steady_epoch_seconds(run_dir: str) -> float:
     """Median epoch_seconds of a run's metrics.jsonl without its first epoch (compilation, graph capture);
     the first epoch's when it is the only one. Raises UsageError naming the file when it has no epoch."""
-    with open(metrics_path) as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    seconds = [r["epoch_seconds"] for r in records if r.get("type") == "epoch"]
-    if not seconds:
-        raise UsageError(f"{metrics_path}: no epoch record (did the run train?)")
+    seconds = [r["epoch_seconds"] for r in epoch_records(run_dir)]
     return statistics.median(seconds[1:] or seconds)
 
 
@@ -105,8 +102,8 @@ def run_sweep(executor: str, args, runner_flags: List[str]) -> Dict[str, object]
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise SweepFailed(f"the {executor} sweep failed (exit {done.returncode}): {' | '.join(tail)}")
-    cells = sorted(d for d in os.listdir(sweep_dir) if os.path.isfile(os.path.join(sweep_dir, d, "metrics.jsonl")))
-    epoch = {cell: steady_epoch_seconds(os.path.join(sweep_dir, cell, "metrics.jsonl")) for cell in cells}
+    cells = run_dirs(sweep_dir)
+    epoch = {cell: steady_epoch_seconds(os.path.join(sweep_dir, cell)) for cell in cells}
     # one process per fused group, one per local cell. A fused cell's epoch spans the group's fused epoch and the
     # validations of the cells before it (they take turns): the group's epoch is its longest
     groups = fused_groups(sweep_dir, cells) if executor == "fused" else [[cell] for cell in cells]
@@ -173,8 +170,6 @@ def parse_args(argv=None):
 
 
 SHARED_FLAGS = ("grid", "rounds", "epochs", "target_epochs", "fuse")  # what a merged file must have measured alike
-
-
 SWEEP_KEYS = ("wall_seconds", "cells", "processes", "epoch_seconds_per_process", "hours_at_target")
 
 
@@ -199,10 +194,10 @@ def read_merge(path: str) -> dict:
 
 
 def merged_sweeps(path: str, flags: dict, runner_flags: List[str], executors: Sequence[str],
-                  device: str) -> Dict[str, dict]:
-    """The sweeps of an earlier output `path`, checked to be measured as this run's: SHARED_FLAGS, the runner
-    flags (compared as the runner parses them: order does not matter) and the device (when this run measures a
-    sweep); UsageError naming the file and what differs, or an executor measured in both."""
+                  device: str) -> dict:
+    """The earlier output `path` (its sweeps and device), checked to be measured as this run's: SHARED_FLAGS, the
+    runner flags (compared as the runner parses them: order does not matter) and the device (when this run
+    measures a sweep); UsageError naming the file and what differs, or an executor measured in both."""
     earlier = read_merge(path)
     differ = [key for key in SHARED_FLAGS if earlier["flags"].get(key) != flags[key]]
     try:
@@ -216,7 +211,7 @@ def merged_sweeps(path: str, flags: dict, runner_flags: List[str], executors: Se
     both = sorted(set(earlier["sweeps"]) & set(executors))
     if both:
         raise UsageError(f"--merge {path}: already has the {', '.join(both)} sweep this run measures")
-    return earlier["sweeps"]
+    return earlier
 
 
 def run(argv=None) -> int:
@@ -226,10 +221,10 @@ def run(argv=None) -> int:
     flags = {k: v for k, v in vars(args).items() if k != "out"}
     for executor in args.executors:
         check_sweep(executor, args, runner_flags)
-    device = device_name(runner_flags)
-    earlier = merged_sweeps(args.merge, flags, runner_flags, args.executors, device) if args.merge else {}
-    if args.merge and not args.executors:
-        device = read_merge(args.merge)["device"]
+    device, earlier = device_name(runner_flags), {}
+    if args.merge:
+        merged = merged_sweeps(args.merge, flags, runner_flags, args.executors, device)
+        earlier, device = merged["sweeps"], device if args.executors else merged["device"]
     folder = os.path.dirname(os.path.abspath(args.out))
     try:
         os.makedirs(folder, exist_ok=True)

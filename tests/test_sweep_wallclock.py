@@ -21,18 +21,19 @@ def test_extrapolation_adds_the_missing_epochs_of_every_sequential_process():
         extrapolated_hours(1.0, [], rounds=1, epochs=1, target_epochs=2)
 
 
-def write_metrics(path, epoch_seconds):
+def write_metrics(run_dir, epoch_seconds):
+    run_dir.mkdir()
     records = [{"type": "epoch", "round": 0, "epoch": i + 1, "epoch_seconds": s} for i, s in enumerate(epoch_seconds)]
     records.append({"type": "round", "round": 0})
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(run_dir)
 
 
 def test_steady_epoch_seconds_leaves_the_first_epoch_out(tmp_path):
-    assert steady_epoch_seconds(write_metrics(tmp_path / "a.jsonl", [30.0, 2.0, 4.0, 3.0])) == 3.0
-    assert steady_epoch_seconds(write_metrics(tmp_path / "b.jsonl", [30.0])) == 30.0  # the only epoch
-    empty = write_metrics(tmp_path / "c.jsonl", [])
-    with pytest.raises(UsageError, match=r"c\.jsonl: no epoch record"):
+    assert steady_epoch_seconds(write_metrics(tmp_path / "a", [30.0, 2.0, 4.0, 3.0])) == 3.0
+    assert steady_epoch_seconds(write_metrics(tmp_path / "b", [30.0])) == 30.0  # the only epoch
+    empty = write_metrics(tmp_path / "c", [])
+    with pytest.raises(UsageError, match=r"c/metrics\.jsonl: no epoch record"):
         steady_epoch_seconds(empty)
 
 
@@ -109,8 +110,9 @@ def test_merge_takes_the_sweeps_of_a_file_measured_alike(tmp_path):
     # the runner flags in another order are the same run
     earlier = write_output(tmp_path / "local.json", dict(flags, executors=["local"]),
                            ["--batch_size", "64", "--dataset", "synthetic"], {"local": local})
-    assert merged_sweeps(earlier, flags, runner, ["fused"], "NVIDIA H200") == {"local": local}
-    assert merged_sweeps(earlier, flags, runner, [], "cpu") == {"local": local}  # nothing measured here
+    assert merged_sweeps(earlier, flags, runner, ["fused"], "NVIDIA H200")["sweeps"] == {"local": local}
+    merged = merged_sweeps(earlier, flags, runner, [], "cpu")  # nothing measured here: any device, the file's kept
+    assert merged["sweeps"] == {"local": local} and merged["device"] == "NVIDIA H200"
     with pytest.raises(UsageError, match=r"local\.json: already has the local sweep this run measures$"):
         merged_sweeps(earlier, flags, runner, ["fused", "local"], "NVIDIA H200")
     with pytest.raises(UsageError, match=r"local\.json: measured with other rounds, runner flags, device than this "
