@@ -21,9 +21,12 @@ def test_extrapolation_adds_the_missing_epochs_of_every_sequential_process():
         extrapolated_hours(1.0, [], rounds=1, epochs=1, target_epochs=2)
 
 
-def write_metrics(run_dir, epoch_seconds):
+def write_metrics(run_dir, epoch_seconds, epochs_a_round=None):
+    """metrics.jsonl of epochs taking `epoch_seconds`, `epochs_a_round` epochs in each round (default: one round)."""
     run_dir.mkdir()
-    records = [{"type": "epoch", "round": 0, "epoch": i + 1, "epoch_seconds": s} for i, s in enumerate(epoch_seconds)]
+    per_round = epochs_a_round or max(len(epoch_seconds), 1)
+    records = [{"type": "epoch", "round": i // per_round, "epoch": i % per_round + 1, "epoch_seconds": s}
+               for i, s in enumerate(epoch_seconds)]
     records.append({"type": "round", "round": 0})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(run_dir)
@@ -31,6 +34,11 @@ def write_metrics(run_dir, epoch_seconds):
 
 def test_steady_epoch_seconds_leaves_the_first_epoch_out(tmp_path):
     assert steady_epoch_seconds(write_metrics(tmp_path / "a", [30.0, 2.0, 4.0, 3.0])) == 3.0
+    # two epochs a round: each round's first epoch (the round's start, a fused group's waits for every cell's
+    # pruning and checkpoints) is left out, the median of the second epochs taken
+    assert steady_epoch_seconds(write_metrics(tmp_path / "r", [30.0, 2.0, 9.0, 2.5, 8.0, 2.2], 2)) == 2.2
+    # one epoch a round: all but the run's first (an upper bound)
+    assert steady_epoch_seconds(write_metrics(tmp_path / "one", [30.0, 9.0, 8.0, 7.0], 1)) == 8.0
     assert steady_epoch_seconds(write_metrics(tmp_path / "b", [30.0])) == 30.0  # the only epoch
     empty = write_metrics(tmp_path / "c", [])
     with pytest.raises(UsageError, match=r"c/metrics\.jsonl: no epoch record"):
@@ -105,10 +113,10 @@ def test_merge_takes_the_sweeps_of_a_file_measured_alike(tmp_path):
     args, runner = parse_args(["--out", "x.json", "--executors", "fused", "--", "--dataset", "synthetic",
                                "--batch_size", "64"])
     flags = {k: v for k, v in vars(args).items() if k != "out"}
-    local = {"wall_seconds": 10.0, "cells": 6, "processes": 6, "epoch_seconds_per_process": [1.0] * 6,
+    local = {"wall_seconds": 10.0, "epochs": 1, "cells": 6, "processes": 6, "epoch_seconds_per_process": [1.0] * 6,
              "hours_at_target": 0.1}
-    # the runner flags in another order are the same run
-    earlier = write_output(tmp_path / "local.json", dict(flags, executors=["local"]),
+    # the runner flags in another order are the same run; --epochs may differ (each sweep extrapolates its own)
+    earlier = write_output(tmp_path / "local.json", dict(flags, executors=["local"], epochs=1),
                            ["--batch_size", "64", "--dataset", "synthetic"], {"local": local})
     assert merged_sweeps(earlier, flags, runner, ["fused"], "NVIDIA H200")["sweeps"] == {"local": local}
     merged = merged_sweeps(earlier, flags, runner, [], "cpu")  # nothing measured here: any device, the file's kept
@@ -135,7 +143,7 @@ def test_merge_takes_the_sweeps_of_a_file_measured_alike(tmp_path):
 def test_defaults_and_runner_flags_after_the_separator():
     args, runner = parse_args(["--out", "x.json", "--", "--dataset", "synthetic"])
     assert args.grid == ["criteria=remain,magnitude,l1", "rate=0.2,0.3"] and args.executors == ["fused", "local"]
-    assert (args.rounds, args.epochs, args.target_epochs, args.fuse) == (20, 1, 20, 8)
+    assert (args.rounds, args.epochs, args.target_epochs, args.fuse) == (20, 2, 20, 8)
     assert runner == ["--dataset", "synthetic"]
 
 
@@ -150,10 +158,12 @@ def test_fused_and_local_sweeps_on_synthetic_data(tmp_path, monkeypatch):
     fused, local = record["sweeps"]["fused"], record["sweeps"]["local"]
     assert (fused["cells"], fused["processes"], local["cells"], local["processes"]) == (2, 1, 2, 2)
     assert set(fused["epoch_seconds_per_cell"]) == {"rate-0.2", "rate-0.3"}
-    # one epoch a round measured, 3 wanted: 1 round x 2 more epochs of each sequential process
+    # two epochs a round measured (the default), 3 wanted: 1 round x 1 more epoch of each sequential process
     for sweep in (fused, local):
+        assert sweep["epochs"] == 2
         assert sweep["hours_at_target"] == pytest.approx(
-            (sweep["wall_seconds"] + 2 * sum(sweep["epoch_seconds_per_process"])) / 3600)
+            (sweep["wall_seconds"] + sum(sweep["epoch_seconds_per_process"])) / 3600)
+    assert record["runner_flags"].count("--no_wandb") == 1
     assert fused["epoch_seconds_per_process"] == [max(fused["epoch_seconds_per_cell"].values())]
     assert record["fused_speedup"] == pytest.approx(local["hours_at_target"] / fused["hours_at_target"])
     for cell in ("rate-0.2", "rate-0.3"):

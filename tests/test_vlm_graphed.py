@@ -198,6 +198,32 @@ def first_differing_layer(cache, expected_cache, tolerance):
 STAGES = {"origin": (False, False), "merger": (True, False), "pruner": (False, True), "both": (True, True)}
 
 
+@torch.no_grad()
+def test_captured_inputs_hold_all_the_prefill_reads(one_thread):
+    """What a capture records is the prefill of the graph's own input copies (`_prefill()`); they must carry all
+    the prefill reads from a batch, or replay answers another question than the uncaptured call. Labels did not
+    travel (the H100 mismatch of the staged GPU test): with labels the answer positions leave the question mask,
+    so the pruner heads' cross-attention, and at layer 31 the keep decision, differed. Float64, exact keeps."""
+    model, merger, pruner = (m.double() for m in modules())
+    batch = to(make_batch([4, 4]), "cpu", torch.float64)
+    graphed = GraphedPrefill(model, batch, merger, pruner, temperature=0.1, capture=False)
+    recorded = graphed._prefill()  # what a capture would record
+    called = static_prefill(model, batch, graphed.plan, pruner, merger, 0.1, use_cache=True, last_only=True)
+    eager = pruned_forward(model, batch, "hard", pruner, merger, temperature=0.1, use_cache=True, static_keep=True)
+    for output in (called, eager):
+        assert all(torch.equal(recorded.keep[layer], output.keep[layer]) for layer in LAYERS)
+        assert (recorded.logits[:, -1] - output.logits[:, -1]).abs().max() <= 1e-12
+    assert (graphed(batch)[0] - eager.logits[:, -1]).abs().max() <= 1e-12
+    unlabelled = {key: value for key, value in batch.items() if key != "labels"}
+    without = GraphedPrefill(model, unlabelled, merger, pruner, temperature=0.1, capture=False)
+    assert not all(torch.equal(without._prefill().keep[layer], recorded.keep[layer]) for layer in LAYERS)
+    with pytest.raises(ValueError, match=r"^labels: the graph was captured from a batch without labels"):
+        without(batch)
+    with pytest.raises(ValueError, match=r"^labels: the graph was captured for \(\(2, \d+\), torch.int64, "
+                                         r"device\(type='cpu'\)\), got None$"):
+        graphed(unlabelled)
+
+
 @pytest.mark.gpu
 @cuda
 @torch.no_grad()

@@ -23,6 +23,7 @@ from vlm.pruned_forward import _attention, _check, static_prefill
 from vlm.static_plan import static_plan
 
 INPUTS = ("input_ids", "attention_mask", "pixel_values")
+OPTIONAL_INPUTS = ("labels",)  # read by the prefill when present: answer positions are not question tokens
 
 
 def _cache_view(cache):
@@ -39,12 +40,15 @@ def _cache_view(cache):
 class GraphedPrefill:
     """A hard-mode prefill of fixed shapes (batch size B, sequence length S, padded or not, keep counts),
     captured from an example `batch` (dict of input_ids long [B, S], attention_mask [B, S], pixel_values
-    [B, 3, H, W], all on one CUDA device) with `merger` and `decider` (None / None: the unpruned prefill).
+    [B, 3, H, W] and optionally labels long [B, S] (-100 off the answer: they take the answer positions out of
+    the question mask, as in pruned_forward), all on one CUDA device) with `merger` and `decider` (None / None:
+    the unpruned prefill).
 
     `__call__(batch) -> (logits [B, V] of the last position, cache)`: the batch must have the example's
-    shapes, dtypes and device, N image placeholders per sample and no padding unless the example had some
-    (checked with one host sync before the replay). The returned logits are a copy; the cache's key/value
-    tensors are the graph's outputs: the next call overwrites them (clone them to keep them).
+    shapes, dtypes and device, labels exactly when the example had them, N image placeholders per sample and
+    no padding unless the example had some (checked with one host sync before the replay). The returned
+    logits are a copy; the cache's key/value tensors are the graph's outputs: the next call overwrites them
+    (clone them to keep them).
     The graph reads the weights where they were at capture: in-place updates are seen, moved weights are not.
     `vision_tokens_per_layer` (L floats) and `plan` describe the captured shapes; `warmup`: eager runs on a
     side stream before the capture. capture=False: no graph, each call runs the same static prefill eagerly
@@ -77,7 +81,10 @@ class GraphedPrefill:
         _check(model, "hard", decider)
         self.model, self.merger, self.decider, self.temperature = model, merger, decider, temperature
         self.plan = static_plan(model, batch, decider, merger)
-        self.inputs = {key: batch[key].detach().clone() for key in INPUTS}
+        # everything the prefill reads from a batch is a captured input (labels too: they take the answer
+        # positions out of the question mask), so replay and the uncaptured call see the same batch
+        keys = INPUTS + tuple(key for key in OPTIONAL_INPUTS if batch.get(key) is not None)
+        self.inputs = {key: batch[key].detach().clone() for key in keys}
         self.graph = self.logits = self.cache = None
         if capture:
             with torch.no_grad(), torch.cuda.device(device):
@@ -96,6 +103,10 @@ class GraphedPrefill:
     def check(self, batch: dict) -> None:
         """ValueError naming the input when `batch` cannot be replayed in this graph (shape, dtype, device,
         placeholders, padding that the captured prefill does not mask)."""
+        extra = [key for key in OPTIONAL_INPUTS if key not in self.inputs and batch.get(key) is not None]
+        if extra:
+            raise ValueError(f"{extra[0]}: the graph was captured from a batch without {extra[0]} (they change the "
+                             f"question mask): capture with them or leave them out")
         for key, static in self.inputs.items():
             value = batch.get(key)
             if not isinstance(value, torch.Tensor) or (value.shape, value.dtype, value.device) != (
@@ -112,7 +123,7 @@ class GraphedPrefill:
         self.check(batch)
         if self.graph is None:
             with torch.no_grad():
-                output = self._prefill(batch)
+                output = self._prefill({key: batch[key] for key in self.inputs})
             return output.logits[:, -1], output.past_key_values
         for key, static in self.inputs.items():
             static.copy_(batch[key])
