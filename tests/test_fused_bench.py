@@ -71,15 +71,18 @@ WORKER = """
 import os, sys, time
 from benchmarks.concurrent import worker_config, ENV_RANK
 rank = int(os.environ[ENV_RANK])
+def window(steps):  # one clock reading: a second one would lengthen the window by the time between the two
+    now = time.time()
+    return now, now + 0.5
 def build():
     if rank == 1:
         raise MemoryError("cell too big")
     return lambda k: None
-worker_config(0, lambda: (lambda k: None), lambda s: None, lambda s: (time.time(), time.time() + 0.5), 64, str)
-worker_config(1, build, lambda s: None, lambda s: (time.time(), time.time() + 0.5), 64, repr)
+worker_config(0, lambda: (lambda k: None), lambda s: None, window, 64, str)
+worker_config(1, build, lambda s: None, window, 64, repr)
 if rank == 2:
     sys.exit("worker gave up")
-worker_config(2, lambda: (lambda k: None), lambda s: None, lambda s: (time.time(), time.time() + 0.5), 64, str)
+worker_config(2, lambda: (lambda k: None), lambda s: None, window, 64, str)
 """
 
 
