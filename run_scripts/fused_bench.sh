@@ -8,9 +8,9 @@
 #            on $DATASET in $DATA (runner_plain.log, runner_fused.log; runner.json: the last epoch's images/s of
 #            each cell and of the plain run, benchmarks/runner_rates.py)
 #   sweep    the end-to-end number: a real 3 criteria x 2 rates x 20-round res20s sweep.py run fused and
-#            one cell at a time, 1 epoch a round, extrapolated to 20 epochs a round with the measured epoch time
-#            (benchmarks/sweep_wallclock.py; sweep_wallclock.json; by the runner's rates about 3 minutes fused and
-#            7-10 one at a time on an H100). SWEEP_EXECUTORS=local (or fused) runs one of the two, and
+#            one cell at a time, 2 epochs a round, extrapolated to 20 epochs a round with the steady epoch time
+#            (benchmarks/sweep_wallclock.py; sweep_wallclock.json; H100, 1 epoch a round: 2.4 minutes fused, 4.5
+#            one at a time; 2 epochs add about 1 and 1.7 minutes). SWEEP_EXECUTORS=local (or fused) runs one of the two, and
 #            MERGE=<an earlier sweep_wallclock.json> adds the other's measurement (two calls of a 10-minute limit)
 #   table    1, 2, 4, 8, 16 fused cells at batch 128 and 512 next to one run and N separate processes, with the
 #            training-only sweep estimate (table.json; the longest part)
