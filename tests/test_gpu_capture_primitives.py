@@ -1,7 +1,8 @@
 """Each primitive of the pruned prefill's decision path, captured alone in a CUDA graph, equals the same call run
-eagerly, on the capture's inputs and on new ones copied into them (float64). The staged graph test
-(tests/test_vlm_graphed.py) found keep decisions that differ inside the graph on identical inputs (H100,
-2026-12-07); these name the op. CUDA only."""
+eagerly, on the capture's inputs and on new ones copied into them (float64). Written when the staged graph
+test (tests/test_vlm_graphed.py) found keep decisions differing between replay and the uncaptured prefill; all
+11 held on an H100 (2026-12-07), which pointed at the inputs instead: the graph lacked the batch's labels. Kept
+as the guard that these ops stay capture-safe. CUDA only."""
 import pytest
 import torch
 import torch.nn.functional as F
