@@ -1,14 +1,19 @@
-"""Fused evaluation (training/fused/evaluate.py): each cell's loss and top-1 equal its own model's plain
-evaluation, and the lockstep driver evaluates a group's cells as one fused forward."""
+"""Fused evaluation and BatchNorm recalibration (training/fused/evaluate.py): each cell's loss and top-1, and
+its recomputed statistics, equal its own model's plain ones, and the lockstep driver runs a group's
+evaluations and recalibrations as one fused forward each."""
+import copy
+import os
+
 import pytest
 import torch
 
 from models import create_model
 from training.fused import fuse_models
 from training.fused import runner as fused_runner
-from training.fused.evaluate import evaluate_cells
+from training import rounds
+from training.fused.evaluate import evaluate_cells, recalibrate_cells
 from training.fused.runner import run_cells
-from training.loop import evaluate
+from training.loop import evaluate, recalibrate_batchnorm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -67,3 +72,69 @@ def test_the_driver_evaluates_a_group_as_one_fused_forward(tmp_path, monkeypatch
     argvs = [[*base, "--seed", str(seed), "--save_dir", str(tmp_path / f"cell{seed}")] for seed in (1, 2)]
     assert run_cells(argvs, ["cell1", "cell2"]) == [0, 0]
     assert calls == [2, 2, 2]
+
+
+def test_recalibration_gives_each_cell_its_own_statistics():
+    """recalibrate_cells (one fused train-mode forward of the cells' stacked batches) leaves in each cell the
+    BatchNorm statistics training.loop.recalibrate_batchnorm computes for that cell alone: the sparse view of
+    an RSST round (here half of each conv's weights zeroed) on its own calibration batches. The streams route
+    keeps its statistics in stacked tensors, not BatchNorm modules: it says so (False, nothing changed) and
+    the driver leaves the recalibration to each cell."""
+    models = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        model = create_model("res20s", 10)
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.Conv2d):
+                    module.weight.mul_(torch.rand_like(module.weight) > 0.5)
+        models.append(model)
+    alone = [copy.deepcopy(m) for m in models]
+    data = [batches[:2] for batches in loaders(3, 3, 8)]  # 2 full batches per cell: recalibration draws those
+    streams = fuse_models(models, "streams")
+    before = streams.unfuse()
+    assert not recalibrate_cells(streams, data, CPU)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, streams.unfuse()) for k in a)
+    fused = fuse_models(models, "grouped")
+    assert recalibrate_cells(fused, data, CPU)
+    for model, batches in zip(alone, data):
+        assert recalibrate_batchnorm(model, batches)
+    for i, (state, model) in enumerate(zip(fused.unfuse(), alone)):
+        for name, tensor in model.state_dict().items():
+            if "running" in name:
+                assert torch.allclose(state[name], tensor, rtol=1e-5, atol=1e-6), (i, name)
+            elif "num_batches_tracked" in name:
+                assert int(state[name]) == int(tensor) == 2, name
+    means = [m.state_dict()["bn1.running_mean"] for m in alone]
+    assert not torch.allclose(means[0], means[1])  # three cells, three sets of statistics
+    assert fused.training  # the model's mode is left as it was
+    short = [data[0], data[1], data[2][:1]]
+    with pytest.raises(ValueError, match="differ in batch count or batch size"):
+        recalibrate_cells(fused, short, CPU)
+
+
+@pytest.mark.slow
+def test_the_driver_recalibrates_a_group_as_one_fused_forward(tmp_path, monkeypatch):
+    """Two res20s RSST cells, 2 rounds of 2 epochs: each sparse-view BatchNorm recalibration of round 1 (before
+    each epoch's validation and at the round's end) is one fused forward of both cells; no cell recalibrates
+    alone (70 s on 2 cores; the default suite's test_vit cells post the same requests, answered by the cells
+    alone as their model has no BatchNorm)."""
+    fused_calls, plain_calls = [], []
+
+    def fused_counted(fused, cell_loaders, device, amp="none"):
+        fused_calls.append(fused.cells)
+        return recalibrate_cells(fused, cell_loaders, device, amp)
+
+    def plain_counted(model, batches, amp="none", channels_last=False):
+        plain_calls.append(1)
+        return recalibrate_batchnorm(model, batches, amp, channels_last)
+    monkeypatch.setattr(fused_runner, "recalibrate_cells", fused_counted)
+    monkeypatch.setattr(rounds, "recalibrate_batchnorm", plain_counted)
+    base = ["--dataset", "synthetic", "--arch", "res20s", "--no_wandb", "--no_progress", "--batch_size", "128",
+            "--struct", "rsst", "--pruning_times", "2", "--epochs", "2", "--val_size", "2600",
+            "--checkpoint_interval", "0"]  # 3 steps an epoch
+    argvs = [[*base, "--seed", str(seed), "--save_dir", str(tmp_path / f"cell{seed}")] for seed in (1, 2)]
+    assert run_cells(argvs, ["cell1", "cell2"]) == [0, 0]
+    assert fused_calls == [2, 2, 2] and plain_calls == []
+    for seed in (1, 2):
+        assert {"0checkpoint.pth.tar", "1checkpoint.pth.tar"} <= set(os.listdir(tmp_path / f"cell{seed}"))

@@ -184,9 +184,14 @@ class RoundRunner(EpochTraining):
     def make_sparse(self, plan: RoundPlan) -> None:
         apply_masks(self.session.weights, plan.final_masks)
         if plan.penalty_masks is not None:
-            with self.session.dist.unsynced_batchnorm(self.session.model):  # every rank sees these batches whole
-                recalibrate_batchnorm(self.session.model, self.calibration_batches(BN_RECALIBRATION_BATCHES),
-                                      self.session.amp, self.session.channels_last)
+            self.recalibrate_norms()
+
+    def recalibrate_norms(self) -> None:
+        """BatchNorm running statistics of the model's current weights, recomputed over
+        BN_RECALIBRATION_BATCHES calibration batches (training.loop.recalibrate_batchnorm)."""
+        with self.session.dist.unsynced_batchnorm(self.session.model):  # every rank sees these batches whole
+            recalibrate_batchnorm(self.session.model, self.calibration_batches(BN_RECALIBRATION_BATCHES),
+                                  self.session.amp, self.session.channels_last)
 
     def evaluate(self, split: str) -> float:
         session = self.session

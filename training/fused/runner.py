@@ -10,7 +10,8 @@ sums into a FusedTrainStep (training/fused/step.py), trains the epoch with each 
 seed's order and augmentation) and schedule, and copies everything back (training/fused/transfer.py): the
 cells stay the source of truth, so a checkpoint is exactly what a separate run would save, and `--resume` of
 one cell alone works. The cells' validations after the epoch (and tests after the round) are posted the same
-way (`EvalRequest`) and run as one fused forward (training/fused/evaluate.py).
+way (`EvalRequest`) and run as one fused forward (training/fused/evaluate.py), as are the BatchNorm
+recalibrations of RSST's sparse view before them (`RecalibrationRequest`).
 
 Cells run in threads that take turns (one at a time, in cell order; the fused epoch runs in the main
 thread), so the process-wide RNG, `seed_everything` and the printed lines follow one deterministic
@@ -33,14 +34,14 @@ import torch
 
 from training.fused.clock import PhaseClock
 from training.fused.console import CellStream
-from training.fused.requests import EpochRequest, EvalRequest
+from training.fused.requests import EpochRequest, EvalRequest, RecalibrationRequest
 from training.fused.fuse import fuse_models
-from training.fused.evaluate import evaluate_cells
+from training.fused.evaluate import evaluate_cells, recalibrate_cells
 from training.fused.layout import conv_layout_summary, tune_conv_layouts
 from training.fused.step import FusedTrainStep
 from training.fused.transfer import load_group, store_group
 from training.loop import EpochResult, step_line
-from training.rounds import RoundRunner
+from training.rounds import BN_RECALIBRATION_BATCHES, RoundRunner
 from training.step import autocast
 from utils.interrupts import StopRequest
 from utils.tracking import progress as progress_bar
@@ -65,10 +66,20 @@ class FusedCellRunner(RoundRunner):
         forward; else (a resumed run whose round ends before any training here) as a plain run."""
         if self.trained is None:
             return super().evaluate(split)
-        position = (*self.trained, self.evaluations)
-        self.evaluations += 1
-        result = self.driver.post(EvalRequest(self.cell, self, position, split))
+        result = self.driver.post(EvalRequest(self.cell, self, self._next_position(), split))
         return super().evaluate(split) if result is None else result.accuracy  # None: a group of one
+
+    def recalibrate_norms(self) -> None:
+        """BatchNorm statistics of the current (sparse-view) weights: after an epoch trained in this process,
+        with the group's cells as one fused forward; else as a plain run."""
+        if self.trained is None or self.driver.post(RecalibrationRequest(self.cell, self,
+                                                                         self._next_position())) is None:
+            super().recalibrate_norms()
+
+    def _next_position(self) -> Tuple[int, int, int, int]:
+        """Position of the next evaluation or recalibration after the epoch trained here."""
+        self.evaluations += 1
+        return (*self.trained, self.evaluations - 1)
 
 
 class LockstepDriver:
@@ -174,6 +185,10 @@ class LockstepDriver:
 
     def _train_group(self, group: List[Union[EpochRequest, EvalRequest]]) -> None:
         try:
+            if isinstance(group[0], RecalibrationRequest):
+                with self.clock.phase("evaluation"):
+                    self._recalibrate_group(group)
+                return
             if isinstance(group[0], EvalRequest):
                 with self.clock.phase("evaluation"):
                     self._evaluate_group(group)
@@ -196,18 +211,39 @@ class LockstepDriver:
         if len(group) == 1:
             return
         sessions = [r.runner.session for r in group]
-        first, cells = sessions[0], tuple(r.cell for r in group)
+        fused = self._fused_copy(sessions, tuple(r.cell for r in group))
+        results = evaluate_cells(fused, [s.loaders[r.split] for s, r in zip(sessions, group)], sessions[0].device,
+                                 sessions[0].amp)
+        for request, result in zip(group, results):
+            request.result = result
+
+    def _recalibrate_group(self, group: List[RecalibrationRequest]) -> None:
+        """The cells' BatchNorm recalibrations (training.rounds.RoundRunner.recalibrate_norms: their current
+        weights, BN_RECALIBRATION_BATCHES of each cell's calibration batches) as one fused forward, the
+        statistics written back into each cell's model. A group of one, or a fused model without BatchNorm
+        modules (the streams route), gets no result: each cell recalibrates as a plain run."""
+        if len(group) == 1:
+            return
+        sessions = [r.runner.session for r in group]
+        fused = self._fused_copy(sessions, tuple(r.cell for r in group))
+        if not recalibrate_cells(fused, [r.runner.calibration_batches(BN_RECALIBRATION_BATCHES) for r in group],
+                                 sessions[0].device, sessions[0].amp):
+            return  # no BatchNorm module in the fused model (the streams route stacks the statistics): each alone
+        for request, session, state in zip(group, sessions, fused.unfuse()):
+            session.model.load_state_dict(state)
+            request.result = True
+
+    def _fused_copy(self, sessions, cells: Tuple[int, ...]):
+        """A fused model holding the cells' current state dicts: the group's training one when there is one
+        (the next epoch loads the cells into it again), else one made for it."""
         if cells in self.fused:
             fused = self.fused[cells][0]
             fused.load_cells([s.model.state_dict() for s in sessions])
-        else:
-            fused = fuse_models([s.model for s in sessions], first.config.fused_route)
-            if first.channels_last:
-                fused.to_channels_last()
-        results = evaluate_cells(fused, [s.loaders[r.split] for s, r in zip(sessions, group)], first.device,
-                                 first.amp)
-        for request, result in zip(group, results):
-            request.result = result
+            return fused
+        fused = fuse_models([s.model for s in sessions], sessions[0].config.fused_route)
+        if sessions[0].channels_last:
+            fused.to_channels_last()
+        return fused
 
     def _fused_for(self, group: List[EpochRequest]) -> Tuple[object, FusedTrainStep]:
         """The fused model and step of these cells (kept while the same cells train together: the step's
