@@ -218,6 +218,8 @@ def merged_sweeps(path: str, flags: dict, runner_flags: List[str], executors: Se
     both = sorted(set(earlier["sweeps"]) & set(executors))
     if both:
         raise UsageError(f"--merge {path}: already has the {', '.join(both)} sweep this run measures")
+    for sweep in earlier["sweeps"].values():  # files written before sweeps recorded their own --epochs
+        sweep.setdefault("epochs", earlier["flags"].get("epochs"))
     return earlier
 
 
@@ -251,10 +253,16 @@ def run(argv=None) -> int:
         ratio = results["local"]["hours_at_target"] / results["fused"]["hours_at_target"]
         record["fused_speedup"] = ratio
         line = f"fused: {faster_or_slower(ratio)} at {args.target_epochs} epochs a round"
-        if results["local"].get("epochs") == results["fused"].get("epochs"):
+        epochs = {executor: results[executor].get("epochs") for executor in ("fused", "local")}
+        if epochs["fused"] == epochs["local"]:
             measured = results["local"]["wall_seconds"] / results["fused"]["wall_seconds"]
             record["fused_speedup_measured"] = measured
             line += f" ({faster_or_slower(measured)} in the measured sweeps)"
+        else:  # each extrapolated from its own; a 1-epoch sweep's steady epoch is an upper bound
+            record["epochs_differ"] = epochs
+            line += (f" (the sweeps were measured at different epochs a round, fused {epochs['fused']}, local "
+                     f"{epochs['local']}: their wall clocks are not compared; a 1-epoch sweep's estimate is an "
+                     f"upper bound)")
         print(line)
     return save(record, args.out, indent=1)
 

@@ -95,7 +95,7 @@ def test_recalibration_gives_each_cell_its_own_statistics():
     before = streams.unfuse()
     assert not recalibrate_cells(streams, data, CPU)
     assert all(torch.equal(a[k], b[k]) for a, b in zip(before, streams.unfuse()) for k in a)
-    fused = fuse_models(models, "grouped")
+    fused = fuse_models(models, "grouped").eval()
     assert recalibrate_cells(fused, data, CPU)
     for model, batches in zip(alone, data):
         assert recalibrate_batchnorm(model, batches)
@@ -107,7 +107,7 @@ def test_recalibration_gives_each_cell_its_own_statistics():
                 assert int(state[name]) == int(tensor) == 2, name
     means = [m.state_dict()["bn1.running_mean"] for m in alone]
     assert not torch.allclose(means[0], means[1])  # three cells, three sets of statistics
-    assert fused.training  # the model's mode is left as it was
+    assert not fused.training  # the model's mode is left as it was (train-mode forwards inside)
     short = [data[0], data[1], data[2][:1]]
     with pytest.raises(ValueError, match="differ in batch count or batch size"):
         recalibrate_cells(fused, short, CPU)
@@ -116,8 +116,9 @@ def test_recalibration_gives_each_cell_its_own_statistics():
 @pytest.mark.slow
 def test_the_driver_recalibrates_a_group_as_one_fused_forward(tmp_path, monkeypatch):
     """Two res20s RSST cells, 2 rounds of 2 epochs: each sparse-view BatchNorm recalibration of round 1 (before
-    each epoch's validation and at the round's end) is one fused forward of both cells; no cell recalibrates
-    alone (70 s on 2 cores; the default suite's test_vit cells post the same requests, answered by the cells
+    each epoch's validation and at the round's end) is one fused forward of both cells, and leaves in each cell
+    the statistics a plain recalibration of its own weights on its own calibration batches gives; no cell
+    recalibrates alone (70 s on 2 cores; the default suite's test_vit cells post the same requests, answered by the cells
     alone as their model has no BatchNorm)."""
     fused_calls, plain_calls = [], []
 
@@ -129,12 +130,29 @@ def test_the_driver_recalibrates_a_group_as_one_fused_forward(tmp_path, monkeypa
         plain_calls.append(1)
         return recalibrate_batchnorm(model, batches, amp, channels_last)
     monkeypatch.setattr(fused_runner, "recalibrate_cells", fused_counted)
+    fused_group = fused_runner.LockstepDriver._recalibrate_group
+    compared = []
+
+    def checked(driver, group):  # each cell's plain recalibration, on a copy, against what the driver writes back
+        expected = []
+        for request in group:
+            alone = copy.deepcopy(request.runner.session.model)
+            recalibrate_batchnorm(alone, request.runner.calibration_batches(rounds.BN_RECALIBRATION_BATCHES))
+            expected.append(alone.state_dict())
+        fused_group(driver, group)
+        for request, want in zip(group, expected):
+            got = request.runner.session.model.state_dict()
+            assert request.result is True
+            for name, tensor in want.items():
+                assert torch.allclose(got[name].double(), tensor.double(), rtol=1e-5, atol=1e-6), name
+            compared.append(request.cell)
+    monkeypatch.setattr(fused_runner.LockstepDriver, "_recalibrate_group", checked)
     monkeypatch.setattr(rounds, "recalibrate_batchnorm", plain_counted)
     base = ["--dataset", "synthetic", "--arch", "res20s", "--no_wandb", "--no_progress", "--batch_size", "128",
             "--struct", "rsst", "--pruning_times", "2", "--epochs", "2", "--val_size", "2600",
             "--checkpoint_interval", "0"]  # 3 steps an epoch
     argvs = [[*base, "--seed", str(seed), "--save_dir", str(tmp_path / f"cell{seed}")] for seed in (1, 2)]
     assert run_cells(argvs, ["cell1", "cell2"]) == [0, 0]
-    assert fused_calls == [2, 2, 2] and plain_calls == []
+    assert fused_calls == [2, 2, 2] and compared == [0, 1] * 3 and plain_calls == []  # no cell alone
     for seed in (1, 2):
         assert {"0checkpoint.pth.tar", "1checkpoint.pth.tar"} <= set(os.listdir(tmp_path / f"cell{seed}"))

@@ -140,6 +140,30 @@ def test_merge_takes_the_sweeps_of_a_file_measured_alike(tmp_path):
     assert parse_args(["--out", "x.json", "--executors", "", "--merge", earlier])[0].executors == []
 
 
+def test_a_merge_of_sweeps_at_different_epochs_compares_estimates_only(tmp_path, capsys):
+    """Sweeps measured at other --epochs a round (e.g. a 1-epoch local sweep from an earlier call, whose file
+    predates the per-sweep record: its epochs come from its flags) join as estimates: the ratio of the hours at
+    --target_epochs is given, the measured wall clocks are not compared, and the record says why."""
+    runner = ["--dataset", "synthetic", "--batch_size", "64"]
+    args, _ = parse_args(["--out", "x.json", "--", *runner])
+    flags = {k: v for k, v in vars(args).items() if k != "out"}
+    fused = {"wall_seconds": 200.0, "epochs": 2, "cells": 6, "processes": 1, "epoch_seconds_per_process": [2.0],
+             "hours_at_target": 0.3}
+    local = {"wall_seconds": 270.0, "cells": 6, "processes": 6, "epoch_seconds_per_process": [0.8] * 6,
+             "hours_at_target": 0.6}  # no "epochs": written before sweeps recorded theirs
+    both = write_output(tmp_path / "both.json", dict(flags, epochs=1), [*runner, "--arch", "res20s", "--no_wandb"],
+                        {"fused": fused, "local": local})
+    assert merged_sweeps(both, flags, [*runner, "--arch", "res20s", "--no_wandb"], [],
+                         "cpu")["sweeps"]["local"]["epochs"] == 1
+    out = tmp_path / "w.json"
+    assert main(["--out", str(out), "--executors", "", "--merge", both, "--", *runner]) == 0
+    record = json.loads(out.read_text())
+    assert record["fused_speedup"] == pytest.approx(2.0) and "fused_speedup_measured" not in record
+    assert record["epochs_differ"] == {"fused": 2, "local": 1}
+    assert ("fused: 2.00x faster at 20 epochs a round (the sweeps were measured at different epochs a round, "
+            "fused 2, local 1:") in capsys.readouterr().out
+
+
 def test_defaults_and_runner_flags_after_the_separator():
     args, runner = parse_args(["--out", "x.json", "--", "--dataset", "synthetic"])
     assert args.grid == ["criteria=remain,magnitude,l1", "rate=0.2,0.3"] and args.executors == ["fused", "local"]

@@ -236,8 +236,9 @@ def test_graph_replay_equals_uncaptured_static(lengths, stages):
     unpadded ([4, 4]: SDPA causal without a mask) batches; the unpruned model, the merger alone, the pruner heads
     alone and both, so that a mismatch names its stage (and the failure message its first differing layer).
     Against pruned_forward itself the values are compared on the CPU (test_static_equals_dynamic above; 1e-17
-    apart there in float64). On an H100 four variants failed (1e-3 in float64) until the graph took the batch's
-    labels among its inputs (test_captured_inputs_hold_all_the_prefill_reads shows that fault on the CPU)."""
+    apart there in float64). On an H100 four variants failed (1e-3 in float64) with a graph that left the batch's
+    labels out of its inputs (test_captured_inputs_hold_all_the_prefill_reads shows that fault on the CPU); the
+    GPU run after the fix is pending."""
     use_merger, use_pruner = STAGES[stages]
     model, _, pruner = (m.double() for m in modules("cuda"))
     merger = LearnableTokenMerger(32, 576, d_internal=32, question_aware=True, assignment="others",

@@ -11,7 +11,7 @@ images are global (local count x ranks) and evaluation sums its counts over the 
 """
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -108,6 +108,11 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp: str
                        samples=seen)
 
 
+def tracked_batchnorms(model: nn.Module) -> List[nn.Module]:
+    """The BatchNorm modules of `model` that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable, amp: str = "none", channels_last: bool = False) -> bool:
     """Recompute BatchNorm running statistics as a plain average over `batches` (train-mode forwards).
@@ -116,7 +121,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, amp: str = "none"
     the stored statistics describe; without this the sparse model is evaluated with stale ones.
     Returns False (and does nothing) for models without BatchNorm.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = tracked_batchnorms(model)
     if not norms:
         return False
     momenta = [m.momentum for m in norms]

@@ -1,6 +1,6 @@
 """The requests a fused cell's thread posts to the lockstep driver (training/fused/runner.py): one epoch of
-training, or one evaluation or BatchNorm recalibration after an epoch trained there. The driver groups waiting requests by `key` (position,
-then fusion key) and fills in `result` or `error`."""
+training, or one evaluation or BatchNorm recalibration after an epoch trained there. The driver groups waiting
+requests by `key` (position, then fusion key) and fills in `result` or `error`."""
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
@@ -53,7 +53,8 @@ class RecalibrationRequest(EvalRequest):
     """One cell's BatchNorm recalibration of its current (sparse-view) weights on its calibration batches,
     posted like an evaluation (its `position` counts among the evaluations after the epoch); the driver
     recomputes the group's statistics in one fused forward, writes them into each cell's model and sets
-    `result` True (None for a group of one: the cell recalibrates as a plain run)."""
+    `result` True (None for a group of one, or where the fused model holds no BatchNorm module — no BatchNorm at
+    all, or the streams route's stacked statistics: the cell recalibrates as a plain run)."""
     split: str = "calibration"
     result: Optional[bool] = None
 

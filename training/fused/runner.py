@@ -40,11 +40,14 @@ from training.fused.evaluate import evaluate_cells, recalibrate_cells
 from training.fused.layout import conv_layout_summary, tune_conv_layouts
 from training.fused.step import FusedTrainStep
 from training.fused.transfer import load_group, store_group
-from training.loop import EpochResult, step_line
+from training.loop import EpochResult, step_line, tracked_batchnorms
 from training.rounds import BN_RECALIBRATION_BATCHES, RoundRunner
 from training.step import autocast
 from utils.interrupts import StopRequest
 from utils.tracking import progress as progress_bar
+
+
+NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # what a recalibration changes
 
 
 class FusedCellRunner(RoundRunner):
@@ -222,15 +225,16 @@ class LockstepDriver:
         weights, BN_RECALIBRATION_BATCHES of each cell's calibration batches) as one fused forward, the
         statistics written back into each cell's model. A group of one, or a fused model without BatchNorm
         modules (the streams route), gets no result: each cell recalibrates as a plain run."""
-        if len(group) == 1:
-            return
         sessions = [r.runner.session for r in group]
+        if len(group) == 1 or not tracked_batchnorms(sessions[0].model):
+            return  # a group of one, or nothing to recalibrate (each cell's own call returns at once)
         fused = self._fused_copy(sessions, tuple(r.cell for r in group))
         if not recalibrate_cells(fused, [r.runner.calibration_batches(BN_RECALIBRATION_BATCHES) for r in group],
                                  sessions[0].device, sessions[0].amp):
             return  # no BatchNorm module in the fused model (the streams route stacks the statistics): each alone
         for request, session, state in zip(group, sessions, fused.unfuse()):
-            session.model.load_state_dict(state)
+            statistics = {name: value for name, value in state.items() if name.rsplit(".", 1)[-1] in NORM_STATISTICS}
+            session.model.load_state_dict(statistics, strict=False)  # the weights are the cell's own already
             request.result = True
 
     def _fused_copy(self, sessions, cells: Tuple[int, ...]):
