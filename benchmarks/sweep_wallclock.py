@@ -18,7 +18,7 @@ where a fused group is one process (its cells' epochs are one fused epoch) and e
     python -m benchmarks.sweep_wallclock --out benchmarks/results/sweep_wallclock_h200.json -- \\
         --dataset cifar10 --data data
     python -m benchmarks.sweep_wallclock --out /tmp/w.json --rounds 2 --grid rate=0.2,0.3 --target_epochs 3 \\
-        -- --dataset synthetic --batch_size 64                            # CPU smoke run, about 3 minutes
+        -- --dataset synthetic --batch_size 64                            # CPU smoke run, a few minutes
 """
 import argparse
 import json
