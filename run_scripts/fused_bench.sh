@@ -10,8 +10,9 @@
 #   sweep    the end-to-end number: a real 3 criteria x 2 rates x 20-round res20s sweep.py run fused and
 #            one cell at a time, 2 epochs a round, extrapolated to 20 epochs a round with the steady epoch time
 #            (benchmarks/sweep_wallclock.py; sweep_wallclock.json; H100, 1 epoch a round: 2.4 minutes fused, 4.5
-#            one at a time; 2 epochs add about 1 and 1.7 minutes). SWEEP_EXECUTORS=local (or fused) runs one of the two, and
-#            MERGE=<an earlier sweep_wallclock.json> adds the other's measurement (two calls of a 10-minute limit)
+#            one at a time; the second epochs add about 1 and 1.7 minutes by the measured epoch times).
+#            SWEEP_EXECUTORS=local (or fused) runs one of the two, and MERGE=<an earlier sweep_wallclock.json>
+#            adds the other's measurement (two calls of a 10-minute limit)
 #   table    1, 2, 4, 8, 16 fused cells at batch 128 and 512 next to one run and N separate processes, with the
 #            training-only sweep estimate (table.json; the longest part)
 #   OUT=benchmarks/results/fused_h200 bash run_scripts/fused_bench.sh

@@ -118,8 +118,8 @@ def test_the_driver_recalibrates_a_group_as_one_fused_forward(tmp_path, monkeypa
     """Two res20s RSST cells, 2 rounds of 2 epochs: each sparse-view BatchNorm recalibration of round 1 (before
     each epoch's validation and at the round's end) is one fused forward of both cells, and leaves in each cell
     the statistics a plain recalibration of its own weights on its own calibration batches gives; no cell
-    recalibrates alone (70 s on 2 cores; the default suite's test_vit cells post the same requests, answered by the cells
-    alone as their model has no BatchNorm)."""
+    recalibrates alone (70 s on 2 cores; the default suite's test_vit cells post the same requests, answered
+    by the cells alone as their model has no BatchNorm)."""
     fused_calls, plain_calls = [], []
 
     def fused_counted(fused, cell_loaders, device, amp="none"):
