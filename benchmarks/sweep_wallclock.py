@@ -33,7 +33,7 @@ from typing import Dict, List, Sequence
 from benchmarks.fused_sweep import faster_or_slower
 from benchmarks.output import save
 from benchmarks.runner_rates import epoch_records, run_dirs
-from tokens.clip_paths import PathError, check_writable
+from utils.writable import PathError, check_writable
 from utils.cli import parse_config
 from utils.errors import UsageError, error_line, run_cli
 

@@ -14,7 +14,8 @@ import torch  # noqa: E402
 
 from tokens import clip_weights  # noqa: E402
 from tokens.clip_eval import CliError, Session, build_parser, main  # noqa: E402
-from tokens.clip_paths import PathError, output_path, wds_workers  # noqa: E402
+from tokens.clip_paths import output_path, wds_workers  # noqa: E402
+from utils.writable import PathError  # noqa: E402
 from tokens.smoke import TINY_CLIP, write_tiny_model  # noqa: E402
 from tokens.wds_data import main as write_wds_main  # noqa: E402
 

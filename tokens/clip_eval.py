@@ -24,8 +24,9 @@ if TYPE_CHECKING:  # names for annotations; Session.load imports what it needs w
     from tokens.patching import PruningHandle
     from tokens.stats import EncoderStats
 
-from tokens.clip_paths import PathError, check_writable, safe_outputs, wds_workers
+from tokens.clip_paths import safe_outputs, wds_workers
 from tokens.clip_weights import NO_WEIGHTS, check_pretrained, load_error
+from utils.writable import PathError, check_writable
 
 MODEL_TYPE = "open_clip_pruned"
 

@@ -17,33 +17,14 @@ from contextlib import contextmanager
 from copy import copy
 from typing import Callable, Iterator, List, Optional
 
+from utils.writable import PathError, check_writable
+
 UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]+")
-
-
-class PathError(ValueError):
-    """A result / attention path that cannot be written; the message names the flag and the path."""
 
 
 def slug(name: str) -> str:
     """A file-name-safe form of a model, weights or dataset name: 'local-dir:/a/b' -> 'local-dir_a_b'."""
     return UNSAFE.sub("_", str(name)).strip("._")
-
-
-def check_writable(path: str, flag: str, create_folders: bool = False) -> None:
-    """PathError unless `path` can be written: its folder exists (or, with create_folders, the nearest
-    existing ancestor) and is writable, and path itself is not a folder."""
-    if not path:
-        raise PathError(f"{flag}: empty path")
-    if os.path.isdir(path):
-        raise PathError(f"{flag} {path}: is a folder, expected a file path")
-    folder = os.path.dirname(os.path.abspath(path))
-    if create_folders:
-        while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-            folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise PathError(f"{flag} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise PathError(f"{flag} {path}: folder {folder} is not writable")
 
 
 def output_path(template: str, model: str, pretrained: str, dataset: str, language: str, task: str) -> str:

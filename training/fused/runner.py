@@ -28,13 +28,13 @@ import sys
 import threading
 import time
 import traceback
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from training.fused.clock import PhaseClock
 from training.fused.console import CellStream
-from training.fused.requests import EpochRequest, EvalRequest, RecalibrationRequest
+from training.fused.requests import CellRequest, EpochRequest, EvalRequest, RecalibrationRequest
 from training.fused.fuse import fuse_models
 from training.fused.evaluate import evaluate_cells, recalibrate_cells
 from training.fused.layout import conv_layout_summary, tune_conv_layouts
@@ -96,15 +96,15 @@ class LockstepDriver:
         self.idents: Dict[int, str] = {}  # thread -> the cell label its printed lines start with (CellStream)
         self.stop = StopRequest()
         self.codes: List[Optional[int]] = [None] * len(argvs)
-        self.requests: Dict[int, Union[EpochRequest, EvalRequest]] = {}
+        self.requests: Dict[int, CellRequest] = {}
         self.turn = [threading.Event() for _ in argvs]
         self.back = threading.Event()
         self.fused: Dict[Tuple[int, ...], Tuple[object, FusedTrainStep]] = {}
         self.clock = PhaseClock()  # where the group's time goes, printed when the run ends
 
     # ---- the cells' side ------------------------------------------------------------------
-    def post(self, request: Union[EpochRequest, EvalRequest]) -> Optional[EpochResult]:
-        """Called in a cell's thread: post the epoch or evaluation, hand the turn back, wait for the result."""
+    def post(self, request: CellRequest):
+        """Called in a cell's thread: post the request, hand the turn back, wait for its result (returned)."""
         self.requests[request.cell] = request
         self._wait_for_turn(request.cell, hand_back=True)
         if request.error is not None:
@@ -180,13 +180,13 @@ class LockstepDriver:
             return 128 + self.stop.signum
         return max(codes)
 
-    def _next_group(self) -> List[EpochRequest]:
+    def _next_group(self) -> List[CellRequest]:
         """The waiting requests of the earliest position that share the lowest waiting cell's fusion key."""
         ordered = sorted(self.requests.values(), key=lambda r: (r.position, r.cell))
         key = ordered[0].key
         return [r for r in ordered if r.key == key]
 
-    def _train_group(self, group: List[Union[EpochRequest, EvalRequest]]) -> None:
+    def _train_group(self, group: List[CellRequest]) -> None:
         try:
             if isinstance(group[0], RecalibrationRequest):
                 with self.clock.phase("evaluation"):
