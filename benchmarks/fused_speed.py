@@ -127,18 +127,20 @@ def plain_runner(arch: str, batch: int, device: torch.device, compiled: bool):
 def fused_runner(arch: str, batch: int, cells: int, device: torch.device, compiled: bool, layout: str,
                  route: str = "auto", conv_layout: str = "model", info: Optional[dict] = None):
     """(run_step(k), keep-alive objects) for `cells` fused cells: one fused step on pool batch k. `conv_layout`
-    "tuned": each grouped conv computes in its faster layout (training/fused/layout.py; CUDA, grouped route),
+    "tuned": each grouped conv computes in its fastest layout (training/fused/layout.py; CUDA, grouped route;
+    "cudnn": without the Triton kernels),
     timed before the step's first call captures its graph; `info` (if given) gets what was applied."""
     step, batch_layout = fused_step(arch, cells, device, compiled, channels_last=layout == "channels_last",
                                     route=route)
     data = SyntheticBatches(cells, batch, device, batch_layout)
     chosen = {}
-    if conv_layout == "tuned":
+    if conv_layout in ("tuned", "cudnn"):
         with autocast(device, step.amp):
-            chosen = tune_conv_layouts(step.model, data.batch(0)[0])
+            excluded = ("triton",) if conv_layout == "cudnn" else ()
+            chosen = tune_conv_layouts(step.model, data.batch(0)[0], exclude=excluded)
     if info is not None:
         info["route"] = step.model.route  # the route taken (auto: grouped for convnets, streams otherwise)
-        info["conv_layout"] = "tuned" if chosen else "model"  # tuning is a no-op on the CPU and other routes
+        info["conv_layout"] = conv_layout if chosen else "model"  # tuning is a no-op on the CPU and other routes
         if chosen:
             info["conv_layouts"] = dict(sorted(Counter(layout for layout, _ in chosen.values()).items()))
             info["conv_us"] = {name: [layout, {k: round(v, 1) for k, v in us.items()}]  # [chosen, {layout: us}]
@@ -264,9 +266,10 @@ def parse_args(argv=None):
     p.add_argument("--cudnn_benchmark", action="store_true", help="let cuDNN time its convolution algorithms")
     p.add_argument("--fused_layout", default="channels_last", choices=("channels_last", "contiguous"),
                    help="memory layout of the grouped route's [B, N*C, H, W] activations on CUDA")
-    p.add_argument("--conv_layout", default="tuned", choices=("tuned", "model"),
-                   help="tuned (default): each grouped-route conv computes in the faster of channels_last and NCHW, "
-                   "timed per conv on CUDA; model: every conv in --fused_layout")
+    p.add_argument("--conv_layout", default="tuned", choices=("tuned", "cudnn", "model"),
+                   help="tuned (default): each grouped-route conv computes in its fastest layout (NCHW, channels_last, "
+                   "block_diagonal, or the Triton grouped kernels), timed per conv on CUDA; cudnn: the same without "
+                   "the Triton kernels (the runner's choice); model: every conv in --fused_layout")
     p.add_argument("--fused_route", default="auto", choices=("auto", "grouped", "vmap", "streams"),
                    help="training/fused route: auto = grouped for convnets, streams otherwise; streams = one "
                    "CUDA stream per cell")

@@ -36,7 +36,10 @@ def make(arch, graph, amp, route="auto", channels_last=False, tuned=False):
     if tuned is True:  # as the runner does: each grouped conv in its faster layout, timed before the capture
         with autocast(CUDA, amp):
             chosen = tune_conv_layouts(fused, fused.stack_images([torch.zeros(32, 3, 32, 32, device=CUDA)] * 2))
-        assert len(chosen) == 21 and all(len(us) == 3 and min(us.values()) > 0 for _, us in chosen.values())
+        offered = {name: fused.get_submodule(name).layouts() for name in chosen}
+        assert len(chosen) == 21 and all(sorted(us) == sorted(offered[name]) and min(us.values()) > 0
+                                         for name, (_, us) in chosen.items())
+        assert sum("triton" in layouts for layouts in offered.values()) == 20  # all but the stem
     elif tuned:  # {module name: layout} chosen before: the same kernels in every run of a test
         for name, layout in tuned.items():
             fused.get_submodule(name).compute_layout = layout
@@ -109,3 +112,26 @@ def test_res20s_grouped_channels_last_tuned_graph_matches_eager():
     assert graph_loss == pytest.approx(eager_loss, rel=1e-3) and graph_loss[0] != graph_loss[1]
     for a, b in zip(eager, graphed):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_res20s_grouped_triton_kernels_match_cudnn():
+    """Every conv that offers the Triton grouped kernels computing in them (channels_last, fp32 with cuDNN's TF32
+    off; eager and graph replay) trains as cuDNN's default layout does; under bf16 the graph replays finitely."""
+    fused = make("res20s", graph=False, amp="none", channels_last=True)[0]
+    triton_layouts = {name: "triton" for name, m in fused.named_modules()
+                      if isinstance(m, LayoutConv2d) and "triton" in m.layouts()}
+    assert len(triton_layouts) == 20
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        reference_loss, _, reference = train("res20s", graph=False, amp="none", steps=4, channels_last=True)
+        for graph in (False, True):
+            loss, _, params = train("res20s", graph=graph, amp="none", steps=4, channels_last=True,
+                                    tuned=triton_layouts)
+            assert loss == pytest.approx(reference_loss, rel=1e-4), graph
+            for a, b in zip(reference, params):
+                assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), graph
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    loss, _, _ = train("res20s", graph=True, amp="bf16", steps=3, channels_last=True, tuned=triton_layouts)
+    assert all(torch.isfinite(torch.tensor(loss))) and loss[0] != loss[1]

@@ -2,9 +2,11 @@
 are faster in channels_last for some shapes, in NCHW for others (H100, 8 res20s cells, bf16, fwd + bwd: 16>16 k3
 s1 32x32 168 vs 366 us, 16>32 k3 s2 862 vs 465 us), and for strided and 1x1 convs both lose to one dense conv
 whose weight is block-diagonal (zeros between the groups: N times the FLOPs, but cuDNN's dense kernels): a
-model-wide choice loses either way. `LayoutConv2d` computes in a layout of its own and returns its input's
+model-wide choice loses either way; Triton kernels written for many narrow groups are a fourth way
+(training/fused/triton_conv.py). `LayoutConv2d` computes in a layout of its own and returns its input's
 memory format; `tune_conv_layouts` times each conv every way it can compute, keeps the fastest."""
 import copy
+import warnings
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -14,9 +16,14 @@ import torch.nn.functional as F
 from tokens.graphed import capture
 from utils.timing import median_ms
 
+try:  # the Triton kernels of the `triton` layout (triton ships with PyTorch's CUDA builds)
+    from training.fused.triton_conv_op import conv_supported, grouped_conv2d
+except ImportError:
+    conv_supported = grouped_conv2d = None
+
 # compute layout -> the memory format its conv runs in; a tie between timings goes to the earlier one
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
-           "block_diagonal": torch.channels_last}
+           "block_diagonal": torch.channels_last, "triton": torch.channels_last}
 MAX_DENSE_GROUPS = 32  # block_diagonal's weight holds `groups` times the grouped weight's numbers
 
 
@@ -44,7 +51,8 @@ class LayoutConv2d(nn.Conv2d):
     [B, C_in, H, W] and weight [C_out, C_in / groups, kH, kW] are copied (differentiably; the parameter
     and, through AccumulateGrad, its grad keep their own strides) into that format, where the conv runs
     (cuDNN's NHWC kernels when either is channels_last); "block_diagonal" (2 to MAX_DENSE_GROUPS groups):
-    one dense channels_last conv of the `block_diagonal` weight, the same sums plus exact zeros. The output
+    one dense channels_last conv of the `block_diagonal` weight, the same sums plus exact zeros; "triton"
+    (where offered, `layouts`): training/fused/triton_conv.py's grouped implicit-GEMM kernels. The output
     [B, C_out, H', W'] comes back in the input's format (`memory_format_of`). Setting a value the conv cannot
     compute in raises ValueError."""
     _compute_layout: Optional[str] = None
@@ -60,16 +68,23 @@ class LayoutConv2d(nn.Conv2d):
         self._compute_layout = layout
 
     def layouts(self) -> Sequence[str]:
-        """The compute layouts this conv offers (block_diagonal only with 2 to MAX_DENSE_GROUPS groups)."""
-        return [layout for layout in LAYOUTS
-                if layout != "block_diagonal" or 1 < self.groups <= MAX_DENSE_GROUPS]
+        """The compute layouts this conv offers: block_diagonal only with 2 to MAX_DENSE_GROUPS groups, triton
+        only where training.fused.triton_conv_op.conv_supported (Triton installed, a CUDA weight, its shapes)."""
+        offered = {"block_diagonal": 1 < self.groups <= MAX_DENSE_GROUPS,
+                   "triton": conv_supported is not None and conv_supported(self)}
+        return [layout for layout in LAYOUTS if offered.get(layout, True)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._compute_layout is None:
             return super().forward(x)
         fmt = LAYOUTS[self._compute_layout]
         inputs = x.contiguous(memory_format=fmt)
-        if self._compute_layout != "block_diagonal":
+        if self._compute_layout == "triton":  # an operator outside autocast's list: cast as autocast would
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            out = grouped_conv2d(inputs.to(dtype), self.weight.to(dtype), self.bias, self.stride, self.padding,
+                                 self.groups)
+        elif self._compute_layout != "block_diagonal":
             out = self._conv_forward(inputs, self.weight.contiguous(memory_format=fmt), self.bias)
         else:
             weight = block_diagonal(self.weight, self.groups).contiguous(memory_format=fmt)
@@ -154,9 +169,12 @@ def graph_fwd_bwd_us(conv: LayoutConv2d, spec: ConvInput, layout: str, repeats: 
 
 
 def choose_conv_layouts(fused: nn.Module, images: torch.Tensor,
-                        time_us: Callable[[LayoutConv2d, ConvInput, str, int], float], repeats: int) -> Choices:
+                        time_us: Callable[[LayoutConv2d, ConvInput, str, int], float], repeats: int,
+                        exclude: Sequence[str] = ()) -> Choices:
     """`tune_conv_layouts` with the timer `time_us(conv, input, layout, repeats) -> us` given (any device):
-    each distinct (conv configuration, weight format, ConvInput) is timed once per layout it offers."""
+    each distinct (conv configuration, weight format, ConvInput) is timed once per layout it offers, but those
+    in `exclude`. A `triton` layout whose timing raises (its kernels failed to compile or launch) is left out
+    with a warning; any other failure propagates."""
     convs, timings, chosen = dict(fused.named_modules()), {}, {}
     for name, spec in conv_inputs(fused, images).items():
         conv = convs[name]
@@ -164,13 +182,22 @@ def choose_conv_layouts(fused: nn.Module, images: torch.Tensor,
                conv.groups, conv.bias is not None, conv.padding_mode, conv.weight.dtype,
                memory_format_of(conv.weight), spec)
         if key not in timings:
-            timings[key] = {layout: time_us(conv, spec, layout, repeats) for layout in conv.layouts()}
+            timings[key] = {}
+            for layout in [layout for layout in conv.layouts() if layout not in exclude]:
+                try:
+                    timings[key][layout] = time_us(conv, spec, layout, repeats)
+                except Exception as exc:  # noqa: BLE001 - the Triton kernels are optional; cuDNN's are not
+                    if layout != "triton":
+                        raise
+                    warnings.warn(f"{name}: the triton conv layout failed ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); timed without it")
         conv.compute_layout = pick_layout(timings[key])
         chosen[name] = (conv.compute_layout, dict(timings[key]))
     return chosen
 
 
-def tune_conv_layouts(fused: nn.Module, images: torch.Tensor, repeats: int = 20) -> Choices:
+def tune_conv_layouts(fused: nn.Module, images: torch.Tensor, repeats: int = 20,
+                      exclude: Sequence[str] = ()) -> Choices:
     """Set each LayoutConv2d of `fused` (a grouped-route FusedModel) to compute in its faster layout.
 
     `images` [N, B, C, H, W] as the step gets them (dtype, device, memory format; values do not matter).
@@ -178,10 +205,11 @@ def tune_conv_layouts(fused: nn.Module, images: torch.Tensor, repeats: int = 20)
     Each distinct conv (`conv_inputs`) is timed fwd + bwd in each layout it offers, conversion copies included
     (`graph_fwd_bwd_us`); weights, grads and BatchNorm statistics are unchanged. Returns {module name:
     (layout chosen, {layout: us})}; on the CPU, or without LayoutConv2d (other routes), {}
-    and nothing changes. Errors of CUDA graph capture propagate."""
+    and nothing changes. `exclude`: layouts not to consider (e.g. ("triton",)). Errors of CUDA graph capture
+    propagate (`choose_conv_layouts` says which are caught)."""
     if images.device.type != "cuda" or not any(isinstance(m, LayoutConv2d) for m in fused.modules()):
         return {}
-    return choose_conv_layouts(fused, images, graph_fwd_bwd_us, repeats)
+    return choose_conv_layouts(fused, images, graph_fwd_bwd_us, repeats, exclude)
 
 
 def conv_layout_summary(chosen: Choices) -> str:

@@ -1,0 +1,199 @@
+"""Triton kernels for the grouped convolutions of horizontally fused cells (issue 15; docs/fused.md).
+
+N fused res20s cells turn each conv into one conv of N groups of 16-64 channels; cuDNN's grouped kernels
+treat those as small problems (training/fused/layout.py times them; README "Is 5x within reach"). Here each
+group is an implicit GEMM on tensor cores: output rows = pixels (B * H' * W'), K = the group's input channels,
+one `tl.dot` per kernel tap, over activations in any memory format (strides passed; channels_last is the fast
+one: a pixel's group channels are contiguous). Three kernels, each with fp32 accumulation:
+
+- `conv_forward`   y[b, g*O+o, i, j]   = sum_{c, kh, kw} x[b, g*I+c, i*s-p+kh, j*s-p+kw] * w[g*O+o, c, kh, kw]
+- `conv_grad_input`  dx = the transposed conv of dy (any stride: a tap contributes where (h+p-kh) % s == 0)
+- `conv_grad_weight` dw = sum over pixels of dy^T x per tap, split over pixel ranges, the partial sums added
+  in a fixed order (deterministic, no atomics)
+
+Supported (`supported_shape`): 2-D convs, dilation 1, zero padding, per-group input and output channels in
+CHANNELS. With TRITON_INTERPRET=1 set before the first import, the kernels run on CPU tensors (the tests).
+"""
+import os
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+CHANNELS = (16, 32, 64, 128)  # per-group channel counts the kernels take (tl.dot needs >= 16, powers of 2)
+MAX_KERNEL = 7
+GRAD_WEIGHT_PROGRAMS = 1024  # about how many grad-weight programs to launch (several per SM of any GPU)
+ROW_MULTIPLE = 256  # a grad-weight program's pixel range is a multiple of every config's BLOCK_M
+CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in ((64, 2), (128, 4), (256, 4), (256, 8))]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # numpy on the CPU: no autotuning (it needs a GPU)
+FIXED = {"BLOCK_M": 64} if INTERPRETED else {}  # the launch's own block size where nothing tunes it
+
+
+def _tuned(kernel):
+    """`kernel` autotuned over CONFIGS per problem shape (timed at its first launch), or as it is when
+    interpreted."""
+    if INTERPRETED:
+        return kernel
+    return triton.autotune(configs=CONFIGS, key=["B", "H", "W", "HO", "WO", "I", "O", "KH", "KW", "SH", "SW"])(kernel)
+
+
+def supported_shape(weight_shape: Tuple[int, ...], groups: int, dilation: Tuple[int, ...], padding_mode: str) -> bool:
+    """Whether these kernels compute a conv of weight [G*O, I, kH, kW] with `groups` G: per-group I and O in
+    CHANNELS, kernel sides <= MAX_KERNEL, dilation 1, zero padding."""
+    if len(weight_shape) != 4 or padding_mode != "zeros" or any(d != 1 for d in dilation):
+        return False
+    out_channels, per_group_in, kh, kw = weight_shape
+    return (out_channels % groups == 0 and out_channels // groups in CHANNELS and per_group_in in CHANNELS
+            and kh <= MAX_KERNEL and kw <= MAX_KERNEL)
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _pixels(m, HO, WO):
+    return m // (HO * WO), (m // WO) % HO, m % WO
+
+
+@_tuned
+@triton.jit
+def _forward_kernel(x, w, y, sxb, sxc, sxh, sxw, syb, syc, syh, syw, B, H, W, HO, WO,
+                    SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                    KH: tl.constexpr, KW: tl.constexpr, I: tl.constexpr, O: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    g = tl.program_id(1)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = m < B * HO * WO
+    b, oh, ow = _pixels(m, HO, WO)
+    c, o = tl.arange(0, I), tl.arange(0, O)
+    acc = tl.zeros((BLOCK_M, O), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            ih, iw = oh * SH - PH + kh, ow * SW - PW + kw
+            ok = rows & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            tile = tl.load(x + b[:, None] * sxb + (g * I + c)[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                           mask=ok[:, None], other=0.0)
+            taps = tl.load(w + (((g * KH + kh) * KW + kw) * I + c[:, None]) * O + o[None, :])  # packed [I, O]
+            acc += tl.dot(tile, taps, input_precision=PRECISION)
+    tl.store(y + b[:, None] * syb + (g * O + o)[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw,
+             acc.to(y.dtype.element_ty), mask=rows[:, None])
+
+
+@_tuned
+@triton.jit
+def _grad_input_kernel(dy, w, dx, sdb, sdc, sdh, sdw, sxb, sxc, sxh, sxw, B, H, W, HO, WO,
+                       SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                       KH: tl.constexpr, KW: tl.constexpr, I: tl.constexpr, O: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    g = tl.program_id(1)
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = m < B * H * W
+    b, ih, iw = _pixels(m, H, W)
+    c, o = tl.arange(0, I), tl.arange(0, O)
+    acc = tl.zeros((BLOCK_M, I), dtype=tl.float32)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            th, tw = ih + PH - kh, iw + PW - kw  # = oh * SH, ow * SW where this tap met this pixel
+            oh, ow = th // SH, tw // SW
+            ok = rows & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0) & (oh < HO) & (ow < WO)
+            grads = tl.load(dy + b[:, None] * sdb + (g * O + o)[None, :] * sdc + oh[:, None] * sdh
+                            + ow[:, None] * sdw, mask=ok[:, None], other=0.0)
+            taps = tl.load(w + (((g * KH + kh) * KW + kw) * I + c[None, :]) * O + o[:, None])  # [O, I]
+            acc += tl.dot(grads, taps, input_precision=PRECISION)
+    tl.store(dx + b[:, None] * sxb + (g * I + c)[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+             acc.to(dx.dtype.element_ty), mask=rows[:, None])
+
+
+@_tuned
+@triton.jit
+def _grad_weight_kernel(x, dy, partial, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw, B, H, W, HO, WO,
+                        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                        KH: tl.constexpr, KW: tl.constexpr, I: tl.constexpr, O: tl.constexpr,
+                        PRECISION: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+    tap, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # taps fastest: they share their tiles in L2
+    kh, kw = tap // KW, tap % KW
+    c, o = tl.arange(0, I), tl.arange(0, O)
+    acc = tl.zeros((O, I), dtype=tl.float32)
+    for start in range(split * ROWS, tl.minimum((split + 1) * ROWS, B * HO * WO), BLOCK_M):
+        m = start + tl.arange(0, BLOCK_M)
+        rows = m < B * HO * WO
+        b, oh, ow = _pixels(m, HO, WO)
+        ih, iw = oh * SH - PH + kh, ow * SW - PW + kw
+        ok = rows & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        tile = tl.load(x + b[:, None] * sxb + (g * I + c)[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                       mask=ok[:, None], other=0.0)
+        grads = tl.load(dy + b[:, None] * sdb + (g * O + o)[None, :] * sdc + oh[:, None] * sdh + ow[:, None] * sdw,
+                        mask=rows[:, None], other=0.0)
+        acc += tl.dot(tl.trans(grads), tile, input_precision=PRECISION)
+    tl.store(partial + ((split * tl.num_programs(1) + g) * KH * KW + tap) * O * I + o[:, None] * I + c[None, :], acc)
+
+
+def packed_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Weight [G*O, I, kH, kW] as the kernels read it: contiguous [G, kH, kW, I, O]."""
+    out_channels, per_group_in, kh, kw = weight.shape
+    return weight.view(groups, out_channels // groups, per_group_in, kh, kw).permute(0, 3, 4, 2, 1).contiguous()
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 convs stay fp32 (bf16 / fp16 tiles ignore it)
+
+
+def _geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> dict:
+    (batch, _, height, width), (_, _, kh, kw) = x.shape, weight.shape
+    return dict(B=batch, H=height, W=width, HO=output_size(height, kh, stride[0], padding[0]),
+                WO=output_size(width, kw, stride[1], padding[1]), SH=stride[0], SW=stride[1], PH=padding[0],
+                PW=padding[1], KH=kh, KW=kw, PRECISION=_precision(x.dtype))
+
+
+def conv_forward(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int], padding: Tuple[int, int],
+                 groups: int) -> torch.Tensor:
+    """conv2d(x, weight, None, stride, padding, groups=groups) without bias: x [B, G*I, H, W] (any strides;
+    channels_last is the fast layout), weight [G*O, I, kH, kW] in x's dtype -> y [B, G*O, H', W'] channels_last,
+    x's dtype, fp32 accumulation. The caller checks `supported_shape`."""
+    geo = _geometry(x, weight, stride, padding)
+    out_channels, per_group_in = weight.shape[:2]
+    y = torch.empty((geo["B"], out_channels, geo["HO"], geo["WO"]), device=x.device, dtype=x.dtype,
+                    memory_format=torch.channels_last)
+    grid = lambda meta: (triton.cdiv(geo["B"] * geo["HO"] * geo["WO"], meta["BLOCK_M"]), groups)  # noqa: E731
+    _forward_kernel[grid](x, packed_weight(weight, groups), y, *x.stride(), *y.stride(), I=per_group_in,
+                          O=out_channels // groups, **geo, **FIXED)
+    return y
+
+
+def conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_shape: Tuple[int, ...],
+                    stride: Tuple[int, int], padding: Tuple[int, int], groups: int) -> torch.Tensor:
+    """Gradient of `conv_forward`'s x: grad [B, G*O, H', W'] -> [B, G*I, H, W] (`input_shape`), channels_last,
+    grad's dtype."""
+    dx = torch.empty(input_shape, device=grad.device, dtype=grad.dtype, memory_format=torch.channels_last)
+    geo = _geometry(dx, weight, stride, padding)
+    out_channels, per_group_in = weight.shape[:2]
+    grid = lambda meta: (triton.cdiv(geo["B"] * geo["H"] * geo["W"], meta["BLOCK_M"]), groups)  # noqa: E731
+    _grad_input_kernel[grid](grad, packed_weight(weight, groups), dx, *grad.stride(), *dx.stride(),
+                             I=per_group_in, O=out_channels // groups, **geo, **FIXED)
+    return dx
+
+
+def pixel_splits(pixels: int, programs_per_split: int) -> Tuple[int, int]:
+    """(splits, pixels a split) for the grad-weight sum over `pixels` output pixels: about
+    GRAD_WEIGHT_PROGRAMS programs in all, each range a multiple of ROW_MULTIPLE, the splits covering every pixel."""
+    wanted = max(1, min(triton.cdiv(GRAD_WEIGHT_PROGRAMS, programs_per_split), triton.cdiv(pixels, ROW_MULTIPLE)))
+    rows = triton.cdiv(triton.cdiv(pixels, wanted), ROW_MULTIPLE) * ROW_MULTIPLE
+    return triton.cdiv(pixels, rows), rows
+
+
+def conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, weight_shape: Tuple[int, ...],
+                     stride: Tuple[int, int], padding: Tuple[int, int], groups: int) -> torch.Tensor:
+    """Gradient of `conv_forward`'s weight: grad [B, G*O, H', W'], x [B, G*I, H, W] -> [G*O, I, kH, kW]
+    (`weight_shape`) in x's dtype, summed in fp32: one program per tap, group and pixel range (`pixel_splits`),
+    the ranges' partial sums then added in order (deterministic)."""
+    out_channels, per_group_in, kh, kw = weight_shape
+    per_group_out = out_channels // groups
+    geo = _geometry(x, torch.empty(weight_shape, device="meta"), stride, padding)
+    splits, rows = pixel_splits(geo["B"] * geo["HO"] * geo["WO"], kh * kw * groups)
+    partial = torch.empty((splits, groups, kh, kw, per_group_out, per_group_in), device=x.device,
+                          dtype=torch.float32)
+    _grad_weight_kernel[(kh * kw, groups, splits)](x, grad, partial, *x.stride(), *grad.stride(), I=per_group_in,
+                                                   O=per_group_out, ROWS=rows, **geo, **FIXED)
+    dw = partial.sum(0).permute(0, 3, 4, 1, 2)  # [G, O, I, kH, kW]
+    return dw.reshape(weight_shape).to(x.dtype)
