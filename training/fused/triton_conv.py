@@ -52,18 +52,27 @@ def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+@triton.jit
 def _pixels(m, HO, WO):
     return m // (HO * WO), (m // WO) % HO, m % WO
 
 
+@triton.jit
+def _group_and_block(G):
+    """(group, pixel block) of a 1-D grid whose groups vary fastest: the G programs of one pixel block run
+    side by side and together read whole pixel rows (G groups' channels) of a channels_last tensor."""
+    pid = tl.program_id(0)
+    return pid % G, pid // G
+
+
 @_tuned
 @triton.jit
-def _forward_kernel(x, w, y, sxb, sxc, sxh, sxw, syb, syc, syh, syw, B, H, W, HO, WO,
+def _forward_kernel(x, w, y, sxb, sxc, sxh, sxw, syb, syc, syh, syw, B, H, W, HO, WO, G,
                     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                     KH: tl.constexpr, KW: tl.constexpr, I: tl.constexpr, O: tl.constexpr,
                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    g = tl.program_id(1)
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g, block = _group_and_block(G)
+    m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = m < B * HO * WO
     b, oh, ow = _pixels(m, HO, WO)
     c, o = tl.arange(0, I), tl.arange(0, O)
@@ -82,12 +91,12 @@ def _forward_kernel(x, w, y, sxb, sxc, sxh, sxw, syb, syc, syh, syw, B, H, W, HO
 
 @_tuned
 @triton.jit
-def _grad_input_kernel(dy, w, dx, sdb, sdc, sdh, sdw, sxb, sxc, sxh, sxw, B, H, W, HO, WO,
+def _grad_input_kernel(dy, w, dx, sdb, sdc, sdh, sdw, sxb, sxc, sxh, sxw, B, H, W, HO, WO, G,
                        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                        KH: tl.constexpr, KW: tl.constexpr, I: tl.constexpr, O: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    g = tl.program_id(1)
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    g, block = _group_and_block(G)
+    m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = m < B * H * W
     b, ih, iw = _pixels(m, H, W)
     c, o = tl.arange(0, I), tl.arange(0, O)
@@ -155,8 +164,8 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int],
     out_channels, per_group_in = weight.shape[:2]
     y = torch.empty((geo["B"], out_channels, geo["HO"], geo["WO"]), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last)
-    grid = lambda meta: (triton.cdiv(geo["B"] * geo["HO"] * geo["WO"], meta["BLOCK_M"]), groups)  # noqa: E731
-    _forward_kernel[grid](x, packed_weight(weight, groups), y, *x.stride(), *y.stride(), I=per_group_in,
+    grid = lambda meta: (groups * triton.cdiv(geo["B"] * geo["HO"] * geo["WO"], meta["BLOCK_M"]),)  # noqa: E731
+    _forward_kernel[grid](x, packed_weight(weight, groups), y, *x.stride(), *y.stride(), G=groups, I=per_group_in,
                           O=out_channels // groups, **geo, **FIXED)
     return y
 
@@ -168,8 +177,8 @@ def conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_shape: Tuple
     dx = torch.empty(input_shape, device=grad.device, dtype=grad.dtype, memory_format=torch.channels_last)
     geo = _geometry(dx, weight, stride, padding)
     out_channels, per_group_in = weight.shape[:2]
-    grid = lambda meta: (triton.cdiv(geo["B"] * geo["H"] * geo["W"], meta["BLOCK_M"]), groups)  # noqa: E731
-    _grad_input_kernel[grid](grad, packed_weight(weight, groups), dx, *grad.stride(), *dx.stride(),
+    grid = lambda meta: (groups * triton.cdiv(geo["B"] * geo["H"] * geo["W"], meta["BLOCK_M"]),)  # noqa: E731
+    _grad_input_kernel[grid](grad, packed_weight(weight, groups), dx, *grad.stride(), *dx.stride(), G=groups,
                              I=per_group_in, O=out_channels // groups, **geo, **FIXED)
     return dx
 
