@@ -30,6 +30,13 @@ from training.fused.layout import LayoutConv2d
 Index = Union[int, slice, Tuple[()]]
 
 
+def copy_tensors(targets: List[torch.Tensor], sources: List[torch.Tensor]) -> None:
+    """targets[k].copy_(sources[k]) for every k, as one multi-tensor copy (a few kernels instead of one launch
+    and one Python call per tensor: the driver copies some 10^3 tensors around each fused epoch)."""
+    if targets:
+        torch._foreach_copy_(targets, sources)
+
+
 def cell_index(fused_shape: torch.Size, cell_shape: torch.Size, cells: int, cell: int) -> Index:
     """Where cell `cell` of `cells` lives in a fused tensor: i for [N, *cell_shape], a slice of
     dim 0 for [N*k, *cell_shape[1:]], () for a shared 0-dim tensor. Raises ValueError otherwise."""
@@ -155,21 +162,47 @@ class FusedModel(nn.Module, ABC):
         return [{name: tensor[index[i]].detach().clone() for name, (tensor, index) in state.items()}
                 for i in range(self.cells)]
 
-    @torch.no_grad()
-    def load_cells(self, states: Sequence[Dict[str, torch.Tensor]]) -> None:
-        """Copy N cell state_dicts into the fused tensors. Raises ValueError on a count/key mismatch."""
+    def _check_states(self, states: Sequence[Dict[str, torch.Tensor]]) -> None:
         if len(states) != self.cells:
             raise ValueError(f"{len(states)} cell states for {self.cells} cells")
         for i, cell_state in enumerate(states):
             if set(cell_state) != set(self.cell_shapes):
                 missing = sorted(set(self.cell_shapes) ^ set(cell_state))
                 raise ValueError(f"cell {i}: state keys differ from the fused model's ({', '.join(missing[:5])})")
+
+    def _cell_pairs(self, states: Sequence[Dict[str, torch.Tensor]]):
+        """(fused views, cell tensors) of every per-cell entry, and the shared counters' (fused, cell 0's)."""
+        views, cell_tensors, shared = [], [], []
         for name, (tensor, index) in self.fused_state.items():
             if index[0] == ():  # shared counter (num_batches_tracked): the cells run in lockstep
-                tensor.copy_(states[0][name])
+                shared.append((tensor, states[0][name]))
                 continue
-            for i in range(self.cells):
-                tensor[index[i]].copy_(states[i][name])
+            views += [tensor[index[i]] for i in range(self.cells)]
+            cell_tensors += [states[i][name] for i in range(self.cells)]
+        return views, cell_tensors, shared
+
+    @torch.no_grad()
+    def load_cells(self, states: Sequence[Dict[str, torch.Tensor]]) -> None:
+        """Copy N cell state_dicts into the fused tensors (shared counters from cell 0), in one multi-tensor copy.
+        Raises ValueError on a count/key mismatch."""
+        self._check_states(states)
+        views, cell_tensors, shared = self._cell_pairs(states)
+        copy_tensors(views + [fused for fused, _ in shared], cell_tensors + [cell for _, cell in shared])
+
+    @torch.no_grad()
+    def store_cells(self, states: Sequence[Dict[str, torch.Tensor]]) -> None:
+        """Copy the fused tensors into N cell state_dicts in place, the inverse of `load_cells` in one
+        multi-tensor copy: pass each cell model's `state_dict()` (its tensors alias the model's) to update the
+        models. A shared counter (num_batches_tracked on the grouped route) adds its change since `load_cells`
+        (fused minus cell 0's value) to every cell's own. Raises ValueError on a count/key mismatch."""
+        self._check_states(states)
+        views, cell_tensors, shared = self._cell_pairs(states)
+        changes = [fused - cell_zero for fused, cell_zero in shared]  # before cell 0's own value is stored
+        copy_tensors(cell_tensors, views)
+        names = [name for name, (_, index) in self.fused_state.items() if index[0] == ()]
+        for name, change in zip(names, changes):
+            for state in states:
+                state[name].add_(change)
 
 
 class GroupedFusedModel(FusedModel):

@@ -8,13 +8,13 @@ are applied through [N, 1] views of the [N, numel / N] flat views of every fused
 body has no host sync and one captured CUDA graph serves every step (TrainStep's capture and
 warm-up are reused). On the CPU it runs eagerly.
 """
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from pruners.base import RoundPlan
-from training.fused.models import FusedModel
+from training.fused.models import FusedModel, copy_tensors
 from training.step import TrainStep, autocast
 
 
@@ -105,6 +105,52 @@ class FusedTrainStep(TrainStep):
                 if self.penalty_masks:
                     target = self.penalty_masks[k][self.index[name][i]]
                     target.zero_() if plan.penalty_masks is None else target.copy_(plan.penalty_masks[name])
+
+    COUNTERS = ("loss_sum", "correct", "first_bad")  # per cell; step_index is shared (cells step in lockstep)
+
+    @torch.no_grad()
+    def load_cell_steps(self, cell_steps: Sequence) -> None:
+        """The cells' own TrainSteps (cell order) into the fused state, in one multi-tensor copy: masks, penalty
+        masks, momentum buffers and running sums (step_index from cell 0). Raises ValueError for a count that is
+        not N or a cell without one of the masked names."""
+        targets, sources = self._cell_step_pairs(cell_steps, with_masks=True)
+        copy_tensors(targets + [self.step_index], sources + [cell_steps[0].step_index])
+
+    @torch.no_grad()
+    def store_cell_steps(self, cell_steps: Sequence) -> None:
+        """Momentum buffers, running sums and step_index back into the cells' TrainSteps (the masks do not change
+        in a step), in one multi-tensor copy; the inverse of `load_cell_steps`."""
+        cell_side, fused_side = self._cell_step_pairs(cell_steps, with_masks=False)[::-1]
+        copy_tensors(cell_side + [s.step_index for s in cell_steps], fused_side + [self.step_index] * len(cell_steps))
+
+    def _cell_step_pairs(self, cell_steps: Sequence, with_masks: bool) -> Tuple[list, list]:
+        """(fused views, the cells' tensors) of the momentum buffers (positional: both in the cells'
+        `parameters()` order), the counters and, `with_masks`, the masks and penalty masks (by name)."""
+        if len(cell_steps) != self.cells:
+            raise ValueError(f"{len(cell_steps)} cell steps for {self.cells} cells")
+        fused_side, cell_side = [], []
+        for i, cell_step in enumerate(cell_steps):
+            if len(cell_step.buffers) != len(self.buffers):
+                raise ValueError(f"cell {i}: {len(cell_step.buffers)} momentum buffers, the fused step has "
+                                 f"{len(self.buffers)} a cell")
+            fused_side += [buf[self.index[name][i]] for name, buf in zip(self.cell_names, self.buffers)]
+            cell_side += list(cell_step.buffers)
+            fused_side += [getattr(self, name)[i] for name in self.COUNTERS]
+            cell_side += [getattr(cell_step, name) for name in self.COUNTERS]
+            if not with_masks:
+                continue
+            masks = dict(zip(cell_step.masked_names, cell_step.masks))
+            penalties = dict(zip(cell_step.masked_names, cell_step.penalty_masks))
+            missing = [name for name in self.masked_names if name not in masks]
+            if missing:
+                raise ValueError(f"cell {i}: no mask for {', '.join(missing[:5])}")
+            for k, name in enumerate(self.masked_names):
+                fused_side.append(self.masks[k][self.index[name][i]])
+                cell_side.append(masks[name])
+                if self.penalty_masks:  # a cell without penalty masks (not regularized) has all zeros
+                    fused_side.append(self.penalty_masks[k][self.index[name][i]])
+                    cell_side.append(penalties[name] if name in penalties else torch.zeros_like(masks[name]))
+        return fused_side, cell_side
 
     def cell_state_dict(self, cell: int) -> dict:
         """Cell `cell`'s optimiser state in TrainStep.state_dict()'s form (loadable into its TrainStep)."""
