@@ -158,14 +158,6 @@ class FusedTrainStep(TrainStep):
                                      for name, buf in zip(self.cell_names, self.buffers)]}
 
     @torch.no_grad()
-    def load_cell_state_dict(self, cell: int, state: dict) -> None:
-        saved = state["momentum_buffers"]
-        if len(saved) != len(self.buffers):
-            raise ValueError(f"optimizer state has {len(saved)} momentum buffers, a cell needs {len(self.buffers)}")
-        for name, buf, value in zip(self.cell_names, self.buffers, saved):
-            buf[self.index[name][cell]].copy_(value)
-
-    @torch.no_grad()
     def penalized_norm(self) -> List[float]:
         """Per cell: the L2 norm of the penalised weights (0 without regularisation)."""
         if not self.penalty_masks:
