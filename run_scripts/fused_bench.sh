@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Issue 15's measurements of fused training (training/fused, docs/fused.md) on one GPU, in one command; JSON and
 # logs under $OUT, the run dirs of the runner and sweep parts under $RUNS (default runs/fused_bench_runs; each
-# run of a part replaces its own). PARTS picks the parts and their order (default "compile runner sweep table"):
+# run of a part replaces its own). PARTS picks the parts and their order (default "compile kernels runner sweep
+# table"):
 #   compile  8 fused cells at batch 128 against one run: res20s eager (eager.json) and compiled (compile.json),
 #            vit_tiny on the grouped route compiled (compile_vit.json): the headline rows of the README's table
+#   kernels  the same res20s row with the convolutions tuned among cuDNN's layouts only (kernels_cudnn*.json) and
+#            with the Triton grouped kernels too (kernels_tuned*.json), eager and compiled; and the driver's copies
+#            around an epoch for 2, 4, 8 cells (transfer.json, benchmarks/fused_transfer.py)
 #   runner   main_imp_fillback.py --fused_grid seed=1..8 against one plain run, res20s, EPOCHS epochs of round 0
 #            on $DATASET in $DATA (runner_plain.log, runner_fused.log; runner.json: the last epoch's images/s of
 #            each cell and of the plain run, benchmarks/runner_rates.py)
@@ -29,18 +33,18 @@ OUT=$(absolute "${OUT:-runs/fused_bench}"); RUNS=$(absolute "${RUNS:-runs/fused_
 DATA=$(absolute "${DATA:-data}"); MERGE=${MERGE:+$(absolute "$MERGE")}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
-DEVICE=${DEVICE:-cuda}; DATASET=${DATASET:-cifar10}; PARTS=${PARTS-compile runner sweep table}
+DEVICE=${DEVICE:-cuda}; DATASET=${DATASET:-cifar10}; PARTS=${PARTS-compile kernels runner sweep table}
 case "$DEVICE" in
     cuda) CELLS=8 COMPILE=--compile VIT=vit_tiny; BATCH=${BATCH:-128}; EPOCHS=${EPOCHS:-3} ;;
     cpu) CELLS=2 COMPILE= VIT=test_vit; BATCH=${BATCH:-64}; EPOCHS=${EPOCHS:-1} ;;
     *) fail "DEVICE=$DEVICE: cuda or cpu" ;;
 esac
 STEPS=${STEPS:-15}; WARMUP=${WARMUP:-3}; SWEEP_EXECUTORS=${SWEEP_EXECUTORS:-fused,local}
-[ -n "${PARTS// /}" ] || fail "PARTS is empty: name one or more of compile runner sweep table"
+[ -n "${PARTS// /}" ] || fail "PARTS is empty: name one or more of compile kernels runner sweep table"
 for part in $PARTS; do
     case "$part" in
-        compile|runner|sweep|table) ;;
-        *) fail "PARTS: $part is not one of compile runner sweep table" ;;
+        compile|kernels|runner|sweep|table) ;;
+        *) fail "PARTS: $part is not one of compile kernels runner sweep table" ;;
     esac
 done
 for name in STEPS BATCH EPOCHS; do
@@ -74,6 +78,14 @@ for part in $PARTS; do
         "${SPEED[@]}" --archs res20s "${row[@]}" --out "$OUT/eager.json"
         "${SPEED[@]}" --archs res20s "${row[@]}" $COMPILE --out "$OUT/compile.json"
         "${SPEED[@]}" --archs "$VIT" "${row[@]}" $COMPILE --fused_route grouped --out "$OUT/compile_vit.json" ;;
+    kernels)
+        row=(--archs res20s --cells "$CELLS" --batch_sizes "$BATCH" --max_processes 1)
+        for layout in cudnn tuned; do
+            "${SPEED[@]}" "${row[@]}" --conv_layout "$layout" --out "$OUT/kernels_$layout.json"
+            [ -z "$COMPILE" ] || "${SPEED[@]}" "${row[@]}" --conv_layout "$layout" $COMPILE \
+                --out "$OUT/kernels_${layout}_compile.json"
+        done
+        "$PYTHON" -m benchmarks.fused_transfer --cells 2,4,8 --device "$DEVICE" --out "$OUT/transfer.json" ;;
     runner)
         rm -rf "$RUNS/runner"
         flags=("${runner[@]}" --pruning_times 1 --epochs "$EPOCHS" --rate 0.2 --print_freq 50)

@@ -67,8 +67,8 @@ def test_fused_bench_script_refuses_bad_settings_before_any_work(tmp_path):
     """run_scripts/fused_bench.sh: every setting is checked first (the runner part's flags by the runner's own
     parser); anything wrong stops it in one line (exit 2) before any measurement, and nothing is written."""
     script = os.path.join(ROOT, "run_scripts", "fused_bench.sh")
-    cases = [({"PARTS": "compile speed"}, [], "error: PARTS: speed is not one of compile runner sweep table"),
-             ({"PARTS": ""}, [], "error: PARTS is empty: name one or more of compile runner sweep table"),
+    cases = [({"PARTS": "compile speed"}, [], "error: PARTS: speed is not one of compile kernels runner sweep table"),
+             ({"PARTS": ""}, [], "error: PARTS is empty: name one or more of compile kernels runner sweep table"),
              ({"DEVICE": "tpu"}, [], "error: DEVICE=tpu: cuda or cpu"),
              ({"STEPS": "abc"}, [], "error: STEPS=abc: a positive whole number"),
              ({"DEVICE": "cpu", "EPOCHS": "0"}, [], "error: EPOCHS=0: a positive whole number"),
