@@ -72,7 +72,7 @@ def test_out_is_checked_before_any_work(tmp_path):
     with pytest.raises(UsageError, match=r"^--out .*: is a folder, expected a file path$"):
         parse_args(["--out", str(tmp_path)])
     (tmp_path / "file").write_text("")
-    with pytest.raises(UsageError, match=r"^--out .*file/w\.json: folder .*file does not exist$"):
+    with pytest.raises(UsageError, match=r"^--out .*file/w\.json: .*file is a file, not a folder$"):
         parse_args(["--out", str(tmp_path / "file" / "w.json")])
     args, runner = parse_args(["--out", str(tmp_path / "w.json"), "--root", str(tmp_path), "--grid", "rate=0.2",
                                "--", "--dataset", "synthetic"])
