@@ -54,12 +54,15 @@ def test_fused_res20s_on_triton_equals_the_default_layout(interpreted):
     assert interpreted["fused_grads_relative"] <= 2e-5
 
 
-@pytest.mark.parametrize("pixels,programs", [(131072, 72), (8192, 72), (32768, 8), (50, 18), (256, 9), (257, 1)])
+@pytest.mark.parametrize("pixels,programs", [(131072, 72), (8192, 72), (32768, 8), (50, 18), (4608, 2), (8192, 2), (257, 1)])
 def test_pixel_splits_cover_every_pixel_once(pixels, programs):
     splits, rows = kernels.pixel_splits(pixels, programs)
-    assert rows % kernels.ROW_MULTIPLE == 0 and splits * rows >= pixels > (splits - 1) * rows  # no empty range
+    assert rows % kernels.GRAD_WEIGHT_BLOCK == 0 and splits * rows >= pixels > (splits - 1) * rows  # none empty
     assert splits * programs <= max(kernels.GRAD_WEIGHT_PROGRAMS + programs, programs)
-    assert kernels.pixel_splits(16 * 8192, 2) == (512, 256)  # many ranges where the taps and groups are few
+    assert rows >= min(kernels.MIN_SPLIT_ROWS, pixels)  # the fp32 partial sums stay a fraction of the inputs
+    assert kernels.pixel_splits(131072, 72) == (15, 8832)  # 8 groups x 9 taps: about 1,024 programs
+    assert kernels.pixel_splits(8192, 72) == (2, 4096)  # 8x8 images: ranges no shorter than MIN_SPLIT_ROWS
+    assert kernels.pixel_splits(8191, 72) == (1, 8192)
 
 
 def test_supported_shapes():
@@ -79,6 +82,22 @@ def test_grouped_conv2d_refuses_what_it_cannot_compute():
         grouped_conv2d(torch.randn(1, 32, 4, 4), torch.randn(32, 8, 3, 3), None, (1, 1), (1, 1), 4)
     with pytest.raises(ValueError, match="x is torch.float32, weight torch.bfloat16: cast them to one dtype"):
         grouped_conv2d(x, torch.randn(32, 16, 3, 3, dtype=torch.bfloat16), None, (1, 1), (1, 1), 2)
+
+
+def test_named_padding_is_not_offered(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRETED", True)  # as if the kernels could run here: only the shape decides
+    assert conv_supported(torch.nn.Conv2d(32, 32, 3, padding=1, groups=2))
+    assert not conv_supported(torch.nn.Conv2d(32, 32, 3, padding="same", groups=2))
+    assert not conv_supported(torch.nn.Conv2d(32, 32, 3, padding="valid", groups=2))
+    assert not conv_supported(torch.nn.Conv2d(32, 32, 3, padding=1, groups=1))  # a dense conv: cuDNN's
+
+
+def test_offsets_past_32_bits_are_refused():
+    # 512 numbers, but channel c at offset c * 2**27: a sliced view of a huge tensor reaches past 2**31 (its
+    # storage is never read: the check looks at shape and strides only)
+    wide = torch.empty(2 ** 33, device="meta").as_strided((1, 32, 4, 4), (0, 2 ** 27, 4, 1))
+    with pytest.raises(ValueError, match=r"input \(1, 32, 4, 4\) too large for 32-bit indexing"):
+        grouped_conv2d(wide, torch.randn(32, 16, 3, 3), None, (1, 1), (1, 1), 2)
 
 
 @pytest.mark.skipif(kernels.INTERPRETED or torch.cuda.is_available(), reason="the kernels can run here")

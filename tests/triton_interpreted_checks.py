@@ -23,7 +23,7 @@ CASES = {  # name -> groups, per-group in, per-group out, kernel, stride, paddin
     "k1s2_shortcut": (3, 32, 16, 1, 2, 0, 5, True),
     "k3s1_nchw_input": (2, 16, 16, 3, 1, 1, 5, False),
     "k5s1p2_odd_side": (2, 16, 16, 5, 1, 2, 5, True),
-    "k1s1_two_pixel_splits": (2, 16, 16, 1, 1, 0, 16, True),  # 512 pixels: the grad-weight sum in 2 ranges
+    "k1s1_two_pixel_splits": (2, 16, 16, 1, 1, 0, 64, True),  # 8,192 pixels: the grad-weight sum in 2 ranges
 }
 
 

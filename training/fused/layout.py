@@ -20,6 +20,9 @@ try:  # the Triton kernels of the `triton` layout (triton ships with PyTorch's C
     from training.fused.triton_conv_op import conv_supported, grouped_conv2d
 except ImportError:
     conv_supported = grouped_conv2d = None
+except Exception as exc:  # noqa: BLE001 - a broken Triton install must not stop the cuDNN layouts
+    warnings.warn(f"the triton conv layout is off: its kernels failed to load ({type(exc).__name__}: {exc})")
+    conv_supported = grouped_conv2d = None
 
 # compute layout -> the memory format its conv runs in; a tie between timings goes to the earlier one
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
@@ -78,13 +81,14 @@ class LayoutConv2d(nn.Conv2d):
         if self._compute_layout is None:
             return super().forward(x)
         fmt = LAYOUTS[self._compute_layout]
-        inputs = x.contiguous(memory_format=fmt)
         if self._compute_layout == "triton":  # an operator outside autocast's list: cast as autocast would
             device = x.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-            out = grouped_conv2d(inputs.to(dtype), self.weight.to(dtype), self.bias, self.stride, self.padding,
-                                 self.groups)
-        elif self._compute_layout != "block_diagonal":
+            out = grouped_conv2d(x.to(dtype=dtype, memory_format=fmt), self.weight.to(dtype), self.bias,
+                                 self.stride, self.padding, self.groups)  # one copy: the cast and the layout
+            return out.contiguous(memory_format=memory_format_of(x))
+        inputs = x.contiguous(memory_format=fmt)
+        if self._compute_layout != "block_diagonal":
             out = self._conv_forward(inputs, self.weight.contiguous(memory_format=fmt), self.bias)
         else:
             weight = block_diagonal(self.weight, self.groups).contiguous(memory_format=fmt)

@@ -31,10 +31,17 @@ Index = Union[int, slice, Tuple[()]]
 
 
 def copy_tensors(targets: List[torch.Tensor], sources: List[torch.Tensor]) -> None:
-    """targets[k].copy_(sources[k]) for every k, as one multi-tensor copy (a few kernels instead of one launch
-    and one Python call per tensor: the driver copies some 10^3 tensors around each fused epoch)."""
-    if targets:
-        torch._foreach_copy_(targets, sources)
+    """targets[k].copy_(sources[k]) for every k, as multi-tensor copies, one per (device, dtype) of the
+    sources: the lockstep driver copies some 10^3 tensors around each fused epoch, and CUDA's fused
+    multi-tensor kernel takes a list only when its tensors share device and dtype (pairs of unlike strides
+    still go one copy each, inside the same call)."""
+    groups: Dict[tuple, Tuple[list, list]] = {}
+    for target, source in zip(targets, sources):
+        pair = groups.setdefault((source.device, source.dtype, target.dtype), ([], []))
+        pair[0].append(target)
+        pair[1].append(source)
+    for group_targets, group_sources in groups.values():
+        torch._foreach_copy_(group_targets, group_sources)
 
 
 def cell_index(fused_shape: torch.Size, cell_shape: torch.Size, cells: int, cell: int) -> Index:
@@ -200,9 +207,8 @@ class FusedModel(nn.Module, ABC):
         changes = [fused - cell_zero for fused, cell_zero in shared]  # before cell 0's own value is stored
         copy_tensors(cell_tensors, views)
         names = [name for name, (_, index) in self.fused_state.items() if index[0] == ()]
-        for name, change in zip(names, changes):
-            for state in states:
-                state[name].add_(change)
+        if names:
+            torch._foreach_add_([state[name] for state in states for name in names], changes * len(states))
 
 
 class GroupedFusedModel(FusedModel):

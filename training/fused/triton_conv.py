@@ -9,7 +9,11 @@ one: a pixel's group channels are contiguous). Three kernels, each with fp32 acc
 - `conv_forward`   y[b, g*O+o, i, j]   = sum_{c, kh, kw} x[b, g*I+c, i*s-p+kh, j*s-p+kw] * w[g*O+o, c, kh, kw]
 - `conv_grad_input`  dx = the transposed conv of dy (any stride: a tap contributes where (h+p-kh) % s == 0)
 - `conv_grad_weight` dw = sum over pixels of dy^T x per tap, split over pixel ranges, the partial sums added
-  in a fixed order (deterministic, no atomics)
+  in a fixed order (deterministic, no atomics; its block size is fixed, so the order does not depend on what
+  the autotuner picks)
+
+The weight is read through its strides (no packed copy; it stays in L2); image sizes are compile-time
+constants (index division by shifts), as is the group count.
 
 Supported (`supported_shape`): 2-D convs, dilation 1, zero padding, per-group input and output channels in
 CHANNELS. With TRITON_INTERPRET=1 set before the first import, the kernels run on CPU tensors (the tests).
@@ -24,18 +28,21 @@ import triton.language as tl
 CHANNELS = (16, 32, 64, 128)  # per-group channel counts the kernels take (tl.dot needs >= 16, powers of 2)
 MAX_KERNEL = 7
 GRAD_WEIGHT_PROGRAMS = 1024  # about how many grad-weight programs to launch (several per SM of any GPU)
-ROW_MULTIPLE = 256  # a grad-weight program's pixel range is a multiple of every config's BLOCK_M
-CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in ((64, 2), (128, 4), (256, 4), (256, 8))]
+GRAD_WEIGHT_BLOCK = 128  # pixels a grad-weight dot sums: fixed, so the summation order is too
+MIN_SPLIT_ROWS = 4096  # a grad-weight pixel range is at least this long (fp32 partial sums stay small)
+# at most 128 fp32 accumulators a thread for O = 128 (BLOCK_M * O / (32 * num_warps))
+CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m, w in ((64, 2), (128, 4), (256, 8))]
+WARPS_ONLY = [triton.Config({}, num_warps=w) for w in (2, 4, 8)]
+KEY = ["B", "H", "W", "HO", "WO", "G", "I", "O", "KH", "KW", "SH", "SW"]
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # numpy on the CPU: no autotuning (it needs a GPU)
-FIXED = {"BLOCK_M": 64} if INTERPRETED else {}  # the launch's own block size where nothing tunes it
 
 
-def _tuned(kernel):
-    """`kernel` autotuned over CONFIGS per problem shape (timed at its first launch), or as it is when
+def _tuned(configs):
+    """The kernel autotuned over `configs` per problem shape (timed at its first launch), or as it is when
     interpreted."""
-    if INTERPRETED:
-        return kernel
-    return triton.autotune(configs=CONFIGS, key=["B", "H", "W", "HO", "WO", "I", "O", "KH", "KW", "SH", "SW"])(kernel)
+    def wrap(kernel):
+        return kernel if INTERPRETED else triton.autotune(configs=configs, key=KEY)(kernel)
+    return wrap
 
 
 def supported_shape(weight_shape: Tuple[int, ...], groups: int, dilation: Tuple[int, ...], padding_mode: str) -> bool:
@@ -53,21 +60,22 @@ def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
 
 
 @triton.jit
-def _pixels(m, HO, WO):
+def _pixels(m, HO: tl.constexpr, WO: tl.constexpr):
     return m // (HO * WO), (m // WO) % HO, m % WO
 
 
 @triton.jit
-def _group_and_block(G):
+def _group_and_block(G: tl.constexpr):
     """(group, pixel block) of a 1-D grid whose groups vary fastest: the G programs of one pixel block run
     side by side and together read whole pixel rows (G groups' channels) of a channels_last tensor."""
     pid = tl.program_id(0)
     return pid % G, pid // G
 
 
-@_tuned
+@_tuned(CONFIGS)
 @triton.jit
-def _forward_kernel(x, w, y, sxb, sxc, sxh, sxw, syb, syc, syh, syw, B, H, W, HO, WO, G,
+def _forward_kernel(x, w, y, sxb, sxc, sxh, sxw, swo, swi, swh, sww, syb, syc, syh, syw, B,
+                    H: tl.constexpr, W: tl.constexpr, HO: tl.constexpr, WO: tl.constexpr, G: tl.constexpr,
                     SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                     KH: tl.constexpr, KW: tl.constexpr, I: tl.constexpr, O: tl.constexpr,
                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -83,15 +91,16 @@ def _forward_kernel(x, w, y, sxb, sxc, sxh, sxw, syb, syc, syh, syw, B, H, W, HO
             ok = rows & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             tile = tl.load(x + b[:, None] * sxb + (g * I + c)[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
                            mask=ok[:, None], other=0.0)
-            taps = tl.load(w + (((g * KH + kh) * KW + kw) * I + c[:, None]) * O + o[None, :])  # packed [I, O]
+            taps = tl.load(w + (g * O + o)[None, :] * swo + c[:, None] * swi + kh * swh + kw * sww)  # [I, O]
             acc += tl.dot(tile, taps, input_precision=PRECISION)
     tl.store(y + b[:, None] * syb + (g * O + o)[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw,
              acc.to(y.dtype.element_ty), mask=rows[:, None])
 
 
-@_tuned
+@_tuned(CONFIGS)
 @triton.jit
-def _grad_input_kernel(dy, w, dx, sdb, sdc, sdh, sdw, sxb, sxc, sxh, sxw, B, H, W, HO, WO, G,
+def _grad_input_kernel(dy, w, dx, sdb, sdc, sdh, sdw, swo, swi, swh, sww, sxb, sxc, sxh, sxw, B,
+                       H: tl.constexpr, W: tl.constexpr, HO: tl.constexpr, WO: tl.constexpr, G: tl.constexpr,
                        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                        KH: tl.constexpr, KW: tl.constexpr, I: tl.constexpr, O: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -108,18 +117,19 @@ def _grad_input_kernel(dy, w, dx, sdb, sdc, sdh, sdw, sxb, sxc, sxh, sxw, B, H, 
             ok = rows & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0) & (oh < HO) & (ow < WO)
             grads = tl.load(dy + b[:, None] * sdb + (g * O + o)[None, :] * sdc + oh[:, None] * sdh
                             + ow[:, None] * sdw, mask=ok[:, None], other=0.0)
-            taps = tl.load(w + (((g * KH + kh) * KW + kw) * I + c[None, :]) * O + o[:, None])  # [O, I]
+            taps = tl.load(w + (g * O + o)[:, None] * swo + c[None, :] * swi + kh * swh + kw * sww)  # [O, I]
             acc += tl.dot(grads, taps, input_precision=PRECISION)
     tl.store(dx + b[:, None] * sxb + (g * I + c)[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
              acc.to(dx.dtype.element_ty), mask=rows[:, None])
 
 
-@_tuned
+@_tuned(WARPS_ONLY)
 @triton.jit
-def _grad_weight_kernel(x, dy, partial, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw, B, H, W, HO, WO,
+def _grad_weight_kernel(x, dy, partial, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw, B, ROWS,
+                        H: tl.constexpr, W: tl.constexpr, HO: tl.constexpr, WO: tl.constexpr, G: tl.constexpr,
                         SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                         KH: tl.constexpr, KW: tl.constexpr, I: tl.constexpr, O: tl.constexpr,
-                        PRECISION: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     tap, g, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # taps fastest: they share their tiles in L2
     kh, kw = tap // KW, tap % KW
     c, o = tl.arange(0, I), tl.arange(0, O)
@@ -135,24 +145,21 @@ def _grad_weight_kernel(x, dy, partial, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw, 
         grads = tl.load(dy + b[:, None] * sdb + (g * O + o)[None, :] * sdc + oh[:, None] * sdh + ow[:, None] * sdw,
                         mask=rows[:, None], other=0.0)
         acc += tl.dot(tl.trans(grads), tile, input_precision=PRECISION)
-    tl.store(partial + ((split * tl.num_programs(1) + g) * KH * KW + tap) * O * I + o[:, None] * I + c[None, :], acc)
-
-
-def packed_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """Weight [G*O, I, kH, kW] as the kernels read it: contiguous [G, kH, kW, I, O]."""
-    out_channels, per_group_in, kh, kw = weight.shape
-    return weight.view(groups, out_channels // groups, per_group_in, kh, kw).permute(0, 3, 4, 2, 1).contiguous()
+    # partial [splits, G, O, I, KH, KW]: summed over splits it is the weight's own layout
+    tl.store(partial + (((split * G + g) * O + o[:, None]) * I + c[None, :]) * (KH * KW) + tap, acc)
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 convs stay fp32 (bf16 / fp16 tiles ignore it)
+    """fp32 tiles as cuDNN's convolutions compute them (TF32 while torch.backends.cudnn.allow_tf32, the
+    default); bf16 / fp16 tiles ignore it."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cudnn.allow_tf32 else "ieee"
 
 
-def _geometry(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> dict:
-    (batch, _, height, width), (_, _, kh, kw) = x.shape, weight.shape
+def _geometry(input_shape, weight_shape, stride, padding, dtype: torch.dtype) -> dict:
+    (batch, _, height, width), (out_channels, per_group_in, kh, kw) = input_shape, weight_shape
     return dict(B=batch, H=height, W=width, HO=output_size(height, kh, stride[0], padding[0]),
                 WO=output_size(width, kw, stride[1], padding[1]), SH=stride[0], SW=stride[1], PH=padding[0],
-                PW=padding[1], KH=kh, KW=kw, PRECISION=_precision(x.dtype))
+                PW=padding[1], KH=kh, KW=kw, I=per_group_in, PRECISION=_precision(dtype))
 
 
 def conv_forward(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int], padding: Tuple[int, int],
@@ -160,13 +167,12 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, stride: Tuple[int, int],
     """conv2d(x, weight, None, stride, padding, groups=groups) without bias: x [B, G*I, H, W] (any strides;
     channels_last is the fast layout), weight [G*O, I, kH, kW] in x's dtype -> y [B, G*O, H', W'] channels_last,
     x's dtype, fp32 accumulation. The caller checks `supported_shape`."""
-    geo = _geometry(x, weight, stride, padding)
-    out_channels, per_group_in = weight.shape[:2]
-    y = torch.empty((geo["B"], out_channels, geo["HO"], geo["WO"]), device=x.device, dtype=x.dtype,
+    geo = _geometry(x.shape, weight.shape, stride, padding, x.dtype)
+    y = torch.empty((geo["B"], weight.shape[0], geo["HO"], geo["WO"]), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last)
     grid = lambda meta: (groups * triton.cdiv(geo["B"] * geo["HO"] * geo["WO"], meta["BLOCK_M"]),)  # noqa: E731
-    _forward_kernel[grid](x, packed_weight(weight, groups), y, *x.stride(), *y.stride(), G=groups, I=per_group_in,
-                          O=out_channels // groups, **geo, **FIXED)
+    _forward_kernel[grid](x, weight, y, *x.stride(), *weight.stride(), *y.stride(), G=groups,
+                          O=weight.shape[0] // groups, **geo, **({"BLOCK_M": 64} if INTERPRETED else {}))
     return y
 
 
@@ -175,19 +181,19 @@ def conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_shape: Tuple
     """Gradient of `conv_forward`'s x: grad [B, G*O, H', W'] -> [B, G*I, H, W] (`input_shape`), channels_last,
     grad's dtype."""
     dx = torch.empty(input_shape, device=grad.device, dtype=grad.dtype, memory_format=torch.channels_last)
-    geo = _geometry(dx, weight, stride, padding)
-    out_channels, per_group_in = weight.shape[:2]
+    geo = _geometry(input_shape, weight.shape, stride, padding, grad.dtype)
     grid = lambda meta: (groups * triton.cdiv(geo["B"] * geo["H"] * geo["W"], meta["BLOCK_M"]),)  # noqa: E731
-    _grad_input_kernel[grid](grad, packed_weight(weight, groups), dx, *grad.stride(), *dx.stride(), G=groups,
-                             I=per_group_in, O=out_channels // groups, **geo, **FIXED)
+    _grad_input_kernel[grid](grad, weight, dx, *grad.stride(), *weight.stride(), *dx.stride(), G=groups,
+                             O=weight.shape[0] // groups, **geo, **({"BLOCK_M": 64} if INTERPRETED else {}))
     return dx
 
 
 def pixel_splits(pixels: int, programs_per_split: int) -> Tuple[int, int]:
     """(splits, pixels a split) for the grad-weight sum over `pixels` output pixels: about
-    GRAD_WEIGHT_PROGRAMS programs in all, each range a multiple of ROW_MULTIPLE, the splits covering every pixel."""
-    wanted = max(1, min(triton.cdiv(GRAD_WEIGHT_PROGRAMS, programs_per_split), triton.cdiv(pixels, ROW_MULTIPLE)))
-    rows = triton.cdiv(triton.cdiv(pixels, wanted), ROW_MULTIPLE) * ROW_MULTIPLE
+    GRAD_WEIGHT_PROGRAMS programs in all, each range a multiple of GRAD_WEIGHT_BLOCK and at least MIN_SPLIT_ROWS
+    long (or all the pixels), the splits covering every pixel."""
+    wanted = max(1, min(triton.cdiv(GRAD_WEIGHT_PROGRAMS, programs_per_split), pixels // MIN_SPLIT_ROWS))
+    rows = triton.cdiv(triton.cdiv(pixels, wanted), GRAD_WEIGHT_BLOCK) * GRAD_WEIGHT_BLOCK
     return triton.cdiv(pixels, rows), rows
 
 
@@ -197,12 +203,10 @@ def conv_grad_weight(grad: torch.Tensor, x: torch.Tensor, weight_shape: Tuple[in
     (`weight_shape`) in x's dtype, summed in fp32: one program per tap, group and pixel range (`pixel_splits`),
     the ranges' partial sums then added in order (deterministic)."""
     out_channels, per_group_in, kh, kw = weight_shape
-    per_group_out = out_channels // groups
-    geo = _geometry(x, torch.empty(weight_shape, device="meta"), stride, padding)
+    geo = _geometry(x.shape, weight_shape, stride, padding, x.dtype)
     splits, rows = pixel_splits(geo["B"] * geo["HO"] * geo["WO"], kh * kw * groups)
-    partial = torch.empty((splits, groups, kh, kw, per_group_out, per_group_in), device=x.device,
-                          dtype=torch.float32)
-    _grad_weight_kernel[(kh * kw, groups, splits)](x, grad, partial, *x.stride(), *grad.stride(), I=per_group_in,
-                                                   O=per_group_out, ROWS=rows, **geo, **FIXED)
-    dw = partial.sum(0).permute(0, 3, 4, 1, 2)  # [G, O, I, kH, kW]
-    return dw.reshape(weight_shape).to(x.dtype)
+    partial = torch.empty((splits, out_channels, per_group_in, kh, kw), device=x.device, dtype=torch.float32)
+    _grad_weight_kernel[(kh * kw, groups, splits)](x, grad, partial, *x.stride(), *grad.stride(), ROWS=rows,
+                                                   G=groups, O=out_channels // groups, BLOCK_M=GRAD_WEIGHT_BLOCK,
+                                                   **geo)
+    return partial.sum(0).to(x.dtype)

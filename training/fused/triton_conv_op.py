@@ -71,10 +71,17 @@ def runs_on(device: torch.device) -> bool:
 
 
 def conv_supported(conv: torch.nn.Conv2d) -> bool:
-    """Whether `grouped_conv2d` computes this conv on its weight's device: 2 or more groups, the shapes
-    training.fused.triton_conv.supported_shape takes, activations indexable in 32 bits."""
+    """Whether `grouped_conv2d` computes this conv on its weight's device: 2 or more groups, numeric padding
+    (not "same" / "valid"), the shapes training.fused.triton_conv.supported_shape takes. (Whether an input is
+    small enough for 32-bit indexing is checked per call.)"""
     return (conv.groups > 1 and runs_on(conv.weight.device)
+            and all(isinstance(p, int) for p in conv.padding)
             and kernels.supported_shape(tuple(conv.weight.shape), conv.groups, conv.dilation, conv.padding_mode))
+
+
+def _span(tensor_shape: Sequence[int], strides: Sequence[int]) -> int:
+    """Elements between a tensor's first and last addressed element, plus one: what its int32 offsets reach."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(tensor_shape, strides))
 
 
 def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
@@ -84,7 +91,8 @@ def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     channels_last, fp32 accumulation; differentiable in x, weight and bias.
 
     Raises ValueError for a conv the kernels do not take (`conv_supported`'s shape rules), dtypes that differ,
-    or more than 2**31 elements in an activation."""
+    or an activation whose offsets reach 2**31 elements. (Gradients arrive as autograd hands them over; an
+    output the size of this conv's output stays within that bound.)"""
     if not kernels.supported_shape(tuple(weight.shape), groups, (1, 1), "zeros"):
         raise ValueError(f"grouped_conv2d: weight {tuple(weight.shape)} with {groups} groups: the kernels take "
                          f"per-group channels in {kernels.CHANNELS} and kernels up to {kernels.MAX_KERNEL}")
@@ -92,7 +100,7 @@ def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         raise ValueError(f"grouped_conv2d: x is {x.dtype}, weight {weight.dtype}: cast them to one dtype")
     out = _out_size(x.shape[2], weight.shape[2], stride[0], padding[0]) * _out_size(x.shape[3], weight.shape[3],
                                                                                     stride[1], padding[1])
-    if max(x.numel(), x.shape[0] * weight.shape[0] * out) >= 2 ** 31:
+    if max(_span(x.shape, x.stride()), x.numel(), x.shape[0] * weight.shape[0] * out) >= 2 ** 31:
         raise ValueError(f"grouped_conv2d: input {tuple(x.shape)} too large for 32-bit indexing")
     y = torch.ops.imp_runner.grouped_conv2d(x, weight, list(stride), list(padding), groups)
     return y if bias is None else y + bias.to(y.dtype).view(1, -1, 1, 1)
