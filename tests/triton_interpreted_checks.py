@@ -23,6 +23,8 @@ CASES = {  # name -> groups, per-group in, per-group out, kernel, stride, paddin
     "k1s2_shortcut": (3, 32, 16, 1, 2, 0, 5, True),
     "k3s1_nchw_input": (2, 16, 16, 3, 1, 1, 5, False),
     "k5s1p2_odd_side": (2, 16, 16, 5, 1, 2, 5, True),
+    "k3s2_odd_side": (2, 16, 16, 3, 2, 1, 7, True),  # stride classes of unequal sizes (4 and 3 a side)
+    "k3s3_no_padding": (2, 16, 16, 3, 3, 0, 8, True),  # taps reaching no class at stride 3
     "k1s1_two_pixel_splits": (2, 16, 16, 1, 1, 0, 64, True),  # 8,192 pixels: the grad-weight sum in 2 ranges
 }
 

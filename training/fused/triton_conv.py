@@ -7,7 +7,8 @@ one `tl.dot` per kernel tap, over activations in any memory format (strides pass
 one: a pixel's group channels are contiguous). Three kernels, each with fp32 accumulation:
 
 - `conv_forward`   y[b, g*O+o, i, j]   = sum_{c, kh, kw} x[b, g*I+c, i*s-p+kh, j*s-p+kw] * w[g*O+o, c, kh, kw]
-- `conv_grad_input`  dx = the transposed conv of dy (any stride: a tap contributes where (h+p-kh) % s == 0)
+- `conv_grad_input`  dx = the transposed conv of dy (any stride: the input pixels go by stride class, each
+  class running only the taps that reach it, 1 in stride^2 of them)
 - `conv_grad_weight` dw = sum over pixels of dy^T x per tap, split over pixel ranges, the partial sums added
   in a fixed order (deterministic, no atomics; its block size is fixed, so the order does not depend on what
   the autotuner picks)
@@ -104,21 +105,29 @@ def _grad_input_kernel(dy, w, dx, sdb, sdc, sdh, sdw, swo, swi, swh, sww, sxb, s
                        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                        KH: tl.constexpr, KW: tl.constexpr, I: tl.constexpr, O: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
-    g, block = _group_and_block(G)
+    # A program takes input pixels of one stride class (h % SH, w % SW) = (rh, rw): a tap (kh, kw) reaches
+    # them all or none ((rh + PH - kh) % SH == 0), so a strided conv runs only the taps that contribute.
+    HC: tl.constexpr = (H + SH - 1) // SH  # pixels a class has along each side (at most)
+    WC: tl.constexpr = (W + SW - 1) // SW
+    pid = tl.program_id(0)
+    g, rest = pid % G, pid // G
+    rh, rw, block = (rest % (SH * SW)) // SW, rest % SW, rest // (SH * SW)
     m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = m < B * H * W
-    b, ih, iw = _pixels(m, H, W)
+    b, i, j = _pixels(m, HC, WC)
+    ih, iw = rh + SH * i, rw + SW * j
+    rows = (m < B * HC * WC) & (ih < H) & (iw < W)
     c, o = tl.arange(0, I), tl.arange(0, O)
     acc = tl.zeros((BLOCK_M, I), dtype=tl.float32)
     for kh in tl.static_range(KH):
         for kw in tl.static_range(KW):
-            th, tw = ih + PH - kh, iw + PW - kw  # = oh * SH, ow * SW where this tap met this pixel
-            oh, ow = th // SH, tw // SW
-            ok = rows & (th >= 0) & (tw >= 0) & (th % SH == 0) & (tw % SW == 0) & (oh < HO) & (ow < WO)
-            grads = tl.load(dy + b[:, None] * sdb + (g * O + o)[None, :] * sdc + oh[:, None] * sdh
-                            + ow[:, None] * sdw, mask=ok[:, None], other=0.0)
-            taps = tl.load(w + (g * O + o)[:, None] * swo + c[None, :] * swi + kh * swh + kw * sww)  # [O, I]
-            acc += tl.dot(grads, taps, input_precision=PRECISION)
+            dh, dw = rh + PH - kh, rw + PW - kw  # oh * SH - SH * i, where this tap met these pixels
+            if (dh % SH == 0) & (dw % SW == 0):
+                oh, ow = i + dh // SH, j + dw // SW
+                ok = rows & (oh >= 0) & (oh < HO) & (ow >= 0) & (ow < WO)
+                grads = tl.load(dy + b[:, None] * sdb + (g * O + o)[None, :] * sdc + oh[:, None] * sdh
+                                + ow[:, None] * sdw, mask=ok[:, None], other=0.0)
+                taps = tl.load(w + (g * O + o)[:, None] * swo + c[None, :] * swi + kh * swh + kw * sww)  # [O, I]
+                acc += tl.dot(grads, taps, input_precision=PRECISION)
     tl.store(dx + b[:, None] * sxb + (g * I + c)[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
              acc.to(dx.dtype.element_ty), mask=rows[:, None])
 
@@ -182,7 +191,8 @@ def conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_shape: Tuple
     grad's dtype."""
     dx = torch.empty(input_shape, device=grad.device, dtype=grad.dtype, memory_format=torch.channels_last)
     geo = _geometry(input_shape, weight.shape, stride, padding, grad.dtype)
-    grid = lambda meta: (groups * triton.cdiv(geo["B"] * geo["H"] * geo["W"], meta["BLOCK_M"]),)  # noqa: E731
+    classes, class_pixels = stride[0] * stride[1], triton.cdiv(geo["H"], stride[0]) * triton.cdiv(geo["W"], stride[1])
+    grid = lambda meta: (groups * classes * triton.cdiv(geo["B"] * class_pixels, meta["BLOCK_M"]),)  # noqa: E731
     _grad_input_kernel[grid](grad, weight, dx, *grad.stride(), *weight.stride(), *dx.stride(), G=groups,
                              O=weight.shape[0] // groups, **geo, **({"BLOCK_M": 64} if INTERPRETED else {}))
     return dx
