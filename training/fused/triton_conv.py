@@ -104,11 +104,10 @@ def _grad_input_kernel(dy, w, dx, sdb, sdc, sdh, sdw, swo, swi, swh, sww, sxb, s
                        H: tl.constexpr, W: tl.constexpr, HO: tl.constexpr, WO: tl.constexpr, G: tl.constexpr,
                        SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                        KH: tl.constexpr, KW: tl.constexpr, I: tl.constexpr, O: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                       HC: tl.constexpr, WC: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     # A program takes input pixels of one stride class (h % SH, w % SW) = (rh, rw): a tap (kh, kw) reaches
     # them all or none ((rh + PH - kh) % SH == 0), so a strided conv runs only the taps that contribute.
-    HC: tl.constexpr = (H + SH - 1) // SH  # pixels a class has along each side (at most)
-    WC: tl.constexpr = (W + SW - 1) // SW
+    # HC, WC: pixels a class has along each side (at most: ceil(H / SH), ceil(W / SW)).
     pid = tl.program_id(0)
     g, rest = pid % G, pid // G
     rh, rw, block = (rest % (SH * SW)) // SW, rest % SW, rest // (SH * SW)
@@ -191,9 +190,10 @@ def conv_grad_input(grad: torch.Tensor, weight: torch.Tensor, input_shape: Tuple
     grad's dtype."""
     dx = torch.empty(input_shape, device=grad.device, dtype=grad.dtype, memory_format=torch.channels_last)
     geo = _geometry(input_shape, weight.shape, stride, padding, grad.dtype)
-    classes, class_pixels = stride[0] * stride[1], triton.cdiv(geo["H"], stride[0]) * triton.cdiv(geo["W"], stride[1])
-    grid = lambda meta: (groups * classes * triton.cdiv(geo["B"] * class_pixels, meta["BLOCK_M"]),)  # noqa: E731
-    _grad_input_kernel[grid](grad, weight, dx, *grad.stride(), *weight.stride(), *dx.stride(), G=groups,
+    side = dict(HC=triton.cdiv(geo["H"], stride[0]), WC=triton.cdiv(geo["W"], stride[1]))  # a stride class's
+    programs = groups * stride[0] * stride[1]  # a pixel block of each group and stride class
+    grid = lambda meta: (programs * triton.cdiv(geo["B"] * side["HC"] * side["WC"], meta["BLOCK_M"]),)  # noqa: E731
+    _grad_input_kernel[grid](grad, weight, dx, *grad.stride(), *weight.stride(), *dx.stride(), G=groups, **side,
                              O=weight.shape[0] // groups, **geo, **({"BLOCK_M": 64} if INTERPRETED else {}))
     return dx
 
