@@ -9,10 +9,6 @@ import torch
 from training.fused import triton_conv as kernels
 
 
-def _out_size(size, kernel: int, stride: int, padding: int):
-    return (size + 2 * padding - kernel) // stride + 1
-
-
 @torch.library.custom_op("imp_runner::grouped_conv2d", mutates_args=())
 def _conv(x: torch.Tensor, weight: torch.Tensor, stride: List[int], padding: List[int], groups: int) -> torch.Tensor:
     return kernels.conv_forward(x, weight, tuple(stride), tuple(padding), groups)
@@ -21,8 +17,8 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, stride: List[int], padding: Lis
 @_conv.register_fake
 def _conv_fake(x, weight, stride, padding, groups):
     (batch, _, height, width), (out_channels, _, kh, kw) = x.shape, weight.shape
-    shape = (batch, out_channels, _out_size(height, kh, stride[0], padding[0]),
-             _out_size(width, kw, stride[1], padding[1]))
+    shape = (batch, out_channels, kernels.output_size(height, kh, stride[0], padding[0]),
+             kernels.output_size(width, kw, stride[1], padding[1]))
     return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
 
 
@@ -98,8 +94,8 @@ def grouped_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                          f"per-group channels in {kernels.CHANNELS} and kernels up to {kernels.MAX_KERNEL}")
     if x.dtype != weight.dtype:
         raise ValueError(f"grouped_conv2d: x is {x.dtype}, weight {weight.dtype}: cast them to one dtype")
-    out = _out_size(x.shape[2], weight.shape[2], stride[0], padding[0]) * _out_size(x.shape[3], weight.shape[3],
-                                                                                    stride[1], padding[1])
+    out = (kernels.output_size(x.shape[2], weight.shape[2], stride[0], padding[0])
+           * kernels.output_size(x.shape[3], weight.shape[3], stride[1], padding[1]))
     if max(_span(x.shape, x.stride()), x.numel(), x.shape[0] * weight.shape[0] * out) >= 2 ** 31:
         raise ValueError(f"grouped_conv2d: input {tuple(x.shape)} too large for 32-bit indexing")
     y = torch.ops.imp_runner.grouped_conv2d(x, weight, list(stride), list(padding), groups)
