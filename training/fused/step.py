@@ -110,7 +110,7 @@ class FusedTrainStep(TrainStep):
 
     @torch.no_grad()
     def load_cell_steps(self, cell_steps: Sequence) -> None:
-        """The cells' own TrainSteps (cell order) into the fused state, in one multi-tensor copy: masks, penalty
+        """The cells' own TrainSteps (cell order) into the fused state as multi-tensor copies: masks, penalty
         masks, momentum buffers and running sums (step_index from cell 0). Raises ValueError for a count that is
         not N or a cell without one of the masked names."""
         targets, sources = self._cell_step_pairs(cell_steps, with_masks=True)
@@ -119,7 +119,7 @@ class FusedTrainStep(TrainStep):
     @torch.no_grad()
     def store_cell_steps(self, cell_steps: Sequence) -> None:
         """Momentum buffers, running sums and step_index back into the cells' TrainSteps (the masks do not change
-        in a step), in one multi-tensor copy; the inverse of `load_cell_steps`."""
+        in a step), as multi-tensor copies; the inverse of `load_cell_steps`."""
         cell_side, fused_side = self._cell_step_pairs(cell_steps, with_masks=False)[::-1]
         copy_tensors(cell_side + [s.step_index for s in cell_steps], fused_side + [self.step_index] * len(cell_steps))
 

@@ -15,7 +15,7 @@ from training.loop import EpochResult
 
 @torch.no_grad()
 def load_group(fused: FusedModel, step: FusedTrainStep, group: Sequence) -> None:
-    """The cells' weights, masks, momentum and running sums into the fused tensors (in place; two multi-tensor
+    """The cells' weights, masks, momentum and running sums into the fused tensors (in place; a few multi-tensor
     copies). group: the EpochRequests (training/fused/requests.py) of the cells, in the fused model's cell order."""
     sessions = [r.runner.session for r in group]
     fused.load_cells([s.model.state_dict() for s in sessions])
@@ -25,7 +25,7 @@ def load_group(fused: FusedModel, step: FusedTrainStep, group: Sequence) -> None
 
 @torch.no_grad()
 def store_group(fused: FusedModel, step: FusedTrainStep, group: Sequence, stopped: Optional[int], seen: int) -> None:
-    """Weights, momentum and running sums back into each cell (in place; two multi-tensor copies), and each
+    """Weights, momentum and running sums back into each cell (in place; a few multi-tensor copies), and each
     request's EpochResult: `seen` images per cell this call (`stopped`: the batch a stop ended the epoch at, or
     None)."""
     sessions = [r.runner.session for r in group]
