@@ -130,3 +130,19 @@ def test_counts_and_masks_must_match():
     lacking.masks = lacking.masks[1:]
     with pytest.raises(ValueError, match=f"^cell 1: no mask for {first}$"):
         step.load_cell_steps([r.runner.session.step for r in group])
+
+
+def test_transfer_benchmark_writes_its_rows_and_refuses_bad_flags(tmp_path, capsys):
+    from benchmarks import fused_transfer
+    out = tmp_path / "t.json"
+    assert fused_transfer.main(["--cells", "2", "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    rows = __import__("json").loads(out.read_text())["rows"]
+    assert [r["cells"] for r in rows] == [2] and rows[0]["ms_per_epoch"] > 0
+    assert 1000 < rows[0]["aten_ops"] < 2000  # 1,336 measured: a few multi-tensor copies, not one per tensor
+    for flags, message in ((["--cells", "x"], "error: --cells 'x': expected comma-separated positive integers"),
+                           (["--cells", "0"], "error: --cells '0': every value must be between 1 and 64"),
+                           (["--repeats", "0"], "error: --repeats 0: must be at least 1"),
+                           (["--device", "gpu"], "error: --device 'gpu': choose cuda or cpu")):
+        bad = tmp_path / "bad" / "t.json"
+        assert fused_transfer.main([*flags, "--out", str(bad)]) == 2
+        assert message in capsys.readouterr().err and not bad.parent.exists()
