@@ -178,11 +178,11 @@ class FusedModel(nn.Module, ABC):
                 raise ValueError(f"cell {i}: state keys differ from the fused model's ({', '.join(missing[:5])})")
 
     def _cell_pairs(self, states: Sequence[Dict[str, torch.Tensor]]):
-        """(fused views, cell tensors) of every per-cell entry, and the shared counters' (fused, cell 0's)."""
+        """(fused views, cell tensors) of every per-cell entry, and the shared counters' (name, fused, cell 0's)."""
         views, cell_tensors, shared = [], [], []
         for name, (tensor, index) in self.fused_state.items():
             if index[0] == ():  # shared counter (num_batches_tracked): the cells run in lockstep
-                shared.append((tensor, states[0][name]))
+                shared.append((name, tensor, states[0][name]))
                 continue
             views += [tensor[index[i]] for i in range(self.cells)]
             cell_tensors += [states[i][name] for i in range(self.cells)]
@@ -194,7 +194,7 @@ class FusedModel(nn.Module, ABC):
         Raises ValueError on a count/key mismatch."""
         self._check_states(states)
         views, cell_tensors, shared = self._cell_pairs(states)
-        copy_tensors(views + [fused for fused, _ in shared], cell_tensors + [cell for _, cell in shared])
+        copy_tensors(views + [fused for _, fused, _ in shared], cell_tensors + [cell for _, _, cell in shared])
 
     @torch.no_grad()
     def store_cells(self, states: Sequence[Dict[str, torch.Tensor]]) -> None:
@@ -204,11 +204,10 @@ class FusedModel(nn.Module, ABC):
         (fused minus cell 0's value) to every cell's own. Raises ValueError on a count/key mismatch."""
         self._check_states(states)
         views, cell_tensors, shared = self._cell_pairs(states)
-        changes = [fused - cell_zero for fused, cell_zero in shared]  # before cell 0's own value is stored
+        changes = [fused - cell_zero for _, fused, cell_zero in shared]  # before cell 0's own value is stored
         copy_tensors(cell_tensors, views)
-        names = [name for name, (_, index) in self.fused_state.items() if index[0] == ()]
-        if names:
-            torch._foreach_add_([state[name] for state in states for name in names], changes * len(states))
+        if shared:
+            torch._foreach_add_([state[name] for state in states for name, _, _ in shared], changes * len(states))
 
 
 class GroupedFusedModel(FusedModel):

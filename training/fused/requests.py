@@ -1,6 +1,7 @@
 """The requests a fused cell's thread posts to the lockstep driver (training/fused/runner.py): one epoch of
 training, or one evaluation or BatchNorm recalibration after an epoch trained there. The driver groups waiting
 requests by `key` (kind, position, then fusion key) and fills in `result` or `error`."""
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
@@ -12,7 +13,7 @@ if TYPE_CHECKING:  # the runner imports this module
 
 
 @dataclass
-class CellRequest:
+class CellRequest(ABC):
     """What every request holds: the posting `cell` (its index in the group), its `runner`, its `position` in
     the cell's run (ordered: the driver serves the earliest first), and the driver's answer: `result`, or
     `error` (raised in the cell's thread)."""
@@ -23,9 +24,9 @@ class CellRequest:
     error: Optional[BaseException] = field(default=None, kw_only=True)
 
     @property
+    @abstractmethod
     def key(self) -> tuple:
         """Requests with equal keys are served together, as one fused call."""
-        raise NotImplementedError(f"{type(self).__name__} defines no key")
 
 
 @dataclass
